@@ -1,0 +1,159 @@
+"""The ``still`` command line: parse, dispatch to a stage, print a summary.
+
+Each verb is a thin shim over an importable function that tests call directly; the
+stage packages are imported lazily so ``still --help`` stays fast. With ``--json``
+the last line of stdout is one JSON object; errors are one line on stderr and a
+non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from still.errors import StillError
+
+EXAMPLES = """\
+verbs, with an example each:
+  infer    run the teacher once, write a soft-label store
+           still infer data.source=builtin:mnist teacher.uri=teacher.pt store.mode=topk store.k=5
+  train    train a student from a store (or supervised from data.source)
+           still train store.uri=stores/<key> student.family=mlp student.width=800 kd.temperature=20
+  tune     sweep temperature, KD weight and width over one store
+           still tune store.uri=stores/<key> tune.num_samples=8 tune.searcher=optuna
+  run      run a pipeline of stages (infer, train, tune) from one YAML file
+           still run configs/mnist.yaml --fast
+  store    inspect or verify a store
+           still store verify stores/<key>
+  submit   submit any still command to a Ray cluster's job server
+           still submit --address http://127.0.0.1:8265 --working-dir . -- still train --config c.yaml
+  jobs     list, follow or stop submitted jobs
+           still jobs list --address http://127.0.0.1:8265
+  cluster  start or stop a multi-node Ray cluster on this machine
+           still cluster local up --workers 1
+
+Every config verb takes --config FILE.yaml, dotted key=value overrides and --json.
+"""
+
+# verb -> (module, function, config class "module:Class") for config-driven verbs.
+_CONFIG_VERBS: dict[str, tuple[str, str, str]] = {
+    "infer": ("teacher_infer.infer", "run_infer", "teacher_infer.config:InferConfig"),
+    "train": ("student_train.driver", "run_train", "student_train.config:TrainConfig"),
+    "tune": ("tuning.driver", "run_tune", "tuning.config:TuneConfig"),
+}
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of config keys")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of the ``still`` command."""
+    parser = argparse.ArgumentParser(
+        prog="still",
+        description="Offline knowledge distillation on Ray: one teacher pass, many students.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    for verb in _CONFIG_VERBS:
+        _add_config_args(verbs.add_parser(verb, help=f"{verb} (see still --help)"))
+
+    run = verbs.add_parser("run", help="run a pipeline YAML (infer → train → tune)")
+    run.add_argument("pipeline", help="pipeline YAML file")
+    run.add_argument("overrides", nargs="*", metavar="stage.key=value", help="e.g. train.train.epochs=3")
+    run.add_argument("--fast", action="store_true", help="use the pipeline's fast settings")
+    run.add_argument("--address", default="")
+    run.add_argument("--json", action="store_true")
+
+    store = verbs.add_parser("store", help="inspect or verify a soft-label store")
+    store.add_argument("action", choices=["inspect", "verify"])
+    store.add_argument("uri")
+    store.add_argument("--json", action="store_true")
+
+    submit = verbs.add_parser("submit", help="submit a still command as a Ray job")
+    submit.add_argument("--address", default="", help="job server, e.g. http://HEAD:8265 (default $RAY_ADDRESS)")
+    submit.add_argument("--working-dir", default="", help="directory uploaded as the job's working_dir")
+    submit.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the job")
+    submit.add_argument("--pip", action="append", default=[], metavar="PKG", help="pip package for the job")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--json", action="store_true")
+    submit.add_argument("command", nargs=argparse.REMAINDER, help="-- still VERB ...")
+
+    jobs = verbs.add_parser("jobs", help="list | status ID | logs ID | stop ID")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", default="")
+    jobs.add_argument("--address", default="")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs.add_argument("--json", action="store_true")
+
+    cluster = verbs.add_parser("cluster", help="local up|down: a multi-node Ray cluster on this machine")
+    cluster.add_argument("kind", choices=["local"])
+    cluster.add_argument("action", choices=["up", "down", "status"])
+    cluster.add_argument("--workers", type=int, default=1)
+    cluster.add_argument("--cpus-per-node", type=int, default=0)
+    cluster.add_argument("--state-dir", default="", help="where the cluster's pid file lives")
+    cluster.add_argument("--json", action="store_true")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> dict[str, Any]:
+    if args.verb in _CONFIG_VERBS:
+        module, function, config_ref = _CONFIG_VERBS[args.verb]
+        from still.config import load_config
+
+        overrides = list(args.overrides)
+        if args.address:
+            overrides.append(f"ray.address={args.address}")
+        config = load_config(_load(config_ref), args.config, overrides)
+        return getattr(importlib.import_module(module), function)(config)
+    handlers: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+        "run": lambda a: _load("still.pipeline:run_pipeline_cli")(a),
+        "store": lambda a: _load("teacher_infer.store:cli_store")(a.action, a.uri),
+        "submit": lambda a: _load("cluster.submit:cli_submit")(a),
+        "jobs": lambda a: _load("cluster.submit:cli_jobs")(a),
+        "cluster": lambda a: _load("cluster.local:cli_cluster")(a),
+    }
+    return handlers[args.verb](args)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if not as_json:
+        for key, value in summary.items():
+            if not isinstance(value, (dict, list)):
+                print(f"{key}: {value}")
+        return
+    print(json.dumps(summary, default=str))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``still`` command; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = _dispatch(args)
+    except StillError as exc:
+        print(f"still: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("still: interrupted", file=sys.stderr)
+        return 130
+    sys.stdout.flush()
+    exit_code = int(summary.pop("_exit_code", 0)) if isinstance(summary, dict) else 0
+    _print_summary(summary, getattr(args, "json", False))
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

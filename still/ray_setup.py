@@ -1,0 +1,44 @@
+"""Connecting to Ray: an embedded local cluster by default, a real one when named."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from still.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
+    """Starts or joins Ray once per process and returns how it was reached.
+
+    Order of precedence: ``address`` (the CLI's ``--address``), ``ray.address`` in the
+    config, ``$RAY_ADDRESS``, else an embedded local cluster. A process already
+    connected (a Ray Jobs driver, a test's session fixture) is left as it is.
+
+    Args:
+        config: The verb's ``ray`` section.
+        address: An explicit address that wins over everything else.
+
+    Returns:
+        The address in use, or ``"local"`` for an embedded cluster.
+    """
+    import ray
+
+    config = config or RayConfig()
+    target = address or config.address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        return target or "local"
+    # Workers inherit the driver's environment; keep Ray's own logging quiet on the
+    # console but leave progress bars alone.
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if target:
+        ray.init(address=target, **kwargs)
+        return target
+    if config.num_cpus:
+        kwargs["num_cpus"] = config.num_cpus
+    # The dashboard is what cleans up a finished trial's placement group in Tune
+    # (RAY-NOTES.md); keep it, bound to loopback only.
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    return "local"

@@ -1,0 +1,237 @@
+"""MLflow tracking shared by every stage: one run per job, the same tags everywhere.
+
+``open_run`` starts (or, for Tune trials, nests) an MLflow run and records what every
+run must carry: the flattened resolved config as params, the git SHA and package
+versions as tags. ``NullTracker`` has the same methods and does nothing; it stands in
+on non-zero ranks and when tracking is disabled, so callers never branch on rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from still.config import TrackingConfig, flatten
+from still.errors import StillError
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+_PARAM_VALUE_LIMIT = 6000
+
+
+def tracking_uri(config: TrackingConfig | None = None) -> str:
+    """Returns the tracking URI: config, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    if config is not None and config.uri:
+        return config.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_name(config: TrackingConfig | None, default: str) -> str:
+    """Returns the experiment: config, else $MLFLOW_EXPERIMENT_NAME, else ``default``."""
+    if config is not None and config.experiment:
+        return config.experiment
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or default
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fails fast when an HTTP tracking server does not answer.
+
+    Raises:
+        StillError: ``uri`` is http(s) and its ``/health`` endpoint is unreachable.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StillError(f"MLflow tracking URI {uri!r} is unreachable ({reason})") from None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Returns the id of experiment ``name`` on ``uri``, creating it when missing.
+
+    Experiments are created here, on the driver, with an absolute artifact location
+    for local backends: one first created inside a Ray worker would otherwise put its
+    artifacts in Ray's temporary session folder.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        db_path = Path(uri[len("sqlite:///"):])
+        location = (db_path.parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it between the lookup and now
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+@functools.cache
+def git_sha() -> str:
+    """Returns the git SHA of the still checkout, or ``unknown`` outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+@functools.cache
+def package_versions() -> dict[str, str]:
+    """Returns the versions of the packages a run's results depend on."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("still", "torch", "ray", "pyarrow", "mlflow", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+class Tracker:
+    """An active MLflow run; thin methods that callers use instead of ``mlflow.*``."""
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str, uri: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.tracking_uri = uri
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Logs params, stringified and truncated to MLflow's limit."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Logs numeric metrics at an optional step."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Sets string tags."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        """Logs a JSON/YAML-serialisable object as an artifact."""
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Logs a local file as an artifact."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class NullTracker:
+    """Same methods as :class:`Tracker`; records nothing."""
+
+    run_id = ""
+    experiment_id = ""
+    tracking_uri = ""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Does nothing."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Does nothing."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Does nothing."""
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        """Does nothing."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Does nothing."""
+
+
+@contextlib.contextmanager
+def open_run(
+    config: Any,
+    tracking: TrackingConfig,
+    *,
+    default_experiment: str,
+    run_name: str,
+    parent_run_id: str = "",
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[Tracker | NullTracker]:
+    """Opens one MLflow run for a job and closes it with the job's outcome.
+
+    The run gets the flattened resolved ``config`` as params and the git SHA and
+    package versions as tags. It ends FINISHED when the block exits normally,
+    FAILED on an exception, KILLED on Ctrl-C.
+
+    Args:
+        config: The verb's resolved config dataclass.
+        tracking: Its tracking section (``enabled: false`` yields a NullTracker).
+        default_experiment: Experiment when neither config nor env names one.
+        run_name: A deterministic, human-readable run name.
+        parent_run_id: Makes this a child run (tag ``mlflow.parentRunId``).
+        tags: Extra tags.
+
+    Yields:
+        The tracker of the open run.
+    """
+    if not tracking.enabled:
+        yield NullTracker()
+        return
+    import mlflow
+
+    uri = tracking_uri(tracking)
+    check_reachable(uri)
+    experiment_id = ensure_experiment(uri, experiment_name(tracking, default_experiment))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    all_tags = {"git_sha": git_sha(), **{f"version.{k}": v for k, v in package_versions().items()}}
+    if parent_run_id:
+        all_tags[PARENT_RUN_TAG] = parent_run_id
+    all_tags.update(tags or {})
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    tracker = Tracker(client, run.info.run_id, experiment_id, uri)
+    status = "FAILED"
+    try:
+        tracker.log_params(flatten(config))
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run.info.run_id, status=status)
+
+
+def ui_command(uri: str) -> str:
+    """Returns the shell command that opens the MLflow UI on ``uri``'s runs."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
