@@ -153,7 +153,7 @@ def build_dataclass(cls: type[T], raw: Any, prefix: str) -> T:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         valid = ", ".join(prefix + name for name in fields)
-        raise StillError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {valid}")
+        raise StillError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {valid}")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _convert(hints[name], value, prefix + name)

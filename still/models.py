@@ -1,0 +1,134 @@
+"""Model families shared by teachers and students, in one small registry.
+
+A still checkpoint names its family and constructor arguments, so whoever loads it
+(``still infer`` loading a teacher, ``still train`` loading a student or an init)
+rebuilds the same module. That is why the registry lives in ``still`` and not in
+``student_train``: ``teacher_infer`` must not import the training package.
+
+Every family has ``features(x)`` (the penultimate activations, used for hint
+losses and feature stores) and ``forward(x)`` (the logits). ``width`` is the knob
+sweeps turn: hidden units for ``mlp``, a channel multiplier for ``cnn``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from still.errors import StillError
+
+
+class MLP(nn.Module):
+    """A fully connected network: ``depth`` hidden layers of ``width`` ReLU units.
+
+    Hinton et al. (2015) used 784-1200-1200-10 (teacher) and 784-800-800-10
+    (student) on MNIST: ``MLP((1, 28, 28), 10, width=1200, depth=2, dropout=0.5)``.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        width: float = 256,
+        depth: int = 2,
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        in_features = math.prod(input_shape)
+        hidden = max(1, int(round(width)))
+        layers: list[nn.Module] = [nn.Flatten()]
+        if input_dropout > 0:
+            layers.append(nn.Dropout(input_dropout))
+        for _ in range(depth):
+            layers += [nn.Linear(in_features, hidden), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_features = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(in_features, num_classes)
+        self.feature_dim = in_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the last hidden layer's activations."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns logits."""
+        return self.head(self.body(x))
+
+
+class CNN(nn.Module):
+    """A small conv net for images: two conv blocks whose channels scale with ``width``.
+
+    ``width=1`` gives 32 and 64 channels and a 128-unit hidden layer; ``depth`` adds
+    3x3 conv layers (without pooling) to the second block.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        width: float = 1.0,
+        depth: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise StillError(
+                f"student.family=cnn needs image inputs (channels, height, width), got input shape {input_shape}"
+            )
+        channels, height, width_px = input_shape
+        c1, c2 = max(1, round(32 * width)), max(1, round(64 * width))
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+        ]
+        for _ in range(max(0, depth - 2)):
+            layers += [nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU()]
+        layers += [nn.MaxPool2d(2), nn.Flatten()]
+        flat = c2 * (height // 4) * (width_px // 4)
+        hidden = max(1, round(128 * width))
+        layers += [nn.Linear(flat, hidden), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, num_classes)
+        self.feature_dim = hidden
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the hidden layer's activations."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns logits."""
+        return self.head(self.body(x))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN}
+
+
+def build_model(family: str, **model_args: Any) -> nn.Module:
+    """Builds a model of a registered family.
+
+    Args:
+        family: A key of :data:`MODELS`.
+        **model_args: The family's constructor arguments (``input_shape``,
+            ``num_classes``, ``width``, ``depth``, ``dropout``...).
+
+    Raises:
+        StillError: The family is unknown.
+    """
+    if family not in MODELS:
+        raise StillError(f"unknown model family {family!r}; known families: {', '.join(sorted(MODELS))}")
+    if "input_shape" in model_args:
+        model_args["input_shape"] = tuple(model_args["input_shape"])
+    return MODELS[family](**model_args)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Returns the number of parameters of a model."""
+    return sum(p.numel() for p in model.parameters())
