@@ -1,0 +1,190 @@
+"""The ``still train`` config: a frozen TrainConfig made of one dataclass per section.
+
+Contract keys (DESIGN.md): ``store.uri``, ``student.family``, ``student.width``,
+``student.depth``, ``kd.temperature``, ``kd.weight``, ``train.epochs``,
+``train.batch_size``, ``train.lr``, ``train.seed``, ``scaling.num_workers``,
+``tracking.experiment``. Every value check names its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from still.config import DataConfig, RayConfig, TrackingConfig
+from still.errors import StillError
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Where the teacher's soft labels come from."""
+
+    uri: tuple[str, ...] = ()
+    """One store URI, or several (an ensemble: teacher probabilities averaged at
+    temperature T, rows joined by id). Empty: plain supervised training on data.source."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """The student model (a family of still.models)."""
+
+    family: str = "mlp"
+    """Registry key in still.models.MODELS: ``mlp`` or ``cnn``."""
+    width: float = 256
+    """Hidden units (mlp) or channel multiplier (cnn)."""
+    depth: int = 2
+    """Hidden layers (mlp) or conv layers in the second block (cnn)."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer."""
+    input_dropout: float = 0.0
+    """Dropout on the inputs (mlp only; Hinton et al. used 0.2 for the MNIST teacher)."""
+    num_classes: int = 0
+    """Output size; 0 takes the store's (or dataset's) classes. Any other value must match them."""
+    init: str = ""
+    """Initial weights: a still checkpoint or an MLflow model URI (runs:/…, models:/…).
+    Every parameter whose name and shape match is loaded; the rest are reported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KDConfig:
+    """The distillation loss (DESIGN.md): (1−λ)·CE + λ·T²·KL + β·hint."""
+
+    temperature: float = 4.0
+    """T: softmax temperature of teacher and student in the KL term."""
+    weight: float = 0.5
+    """λ (kd_weight) in [0, 1]; 0 is plain supervised training."""
+    hint_weight: float = 0.0
+    """β: weight of MSE(projector(student features), stored teacher features)."""
+    online_teacher: str = ""
+    """A teacher checkpoint forwarded every step instead of a store (online KD; for the
+    bench's comparison only — the point of still is not to do this)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoopConfig:
+    """The optimisation loop and its outputs."""
+
+    epochs: int = 10
+    """Passes over the training split."""
+    batch_size: int = 128
+    """Global batch size (split evenly across workers)."""
+    lr: float = 1e-3
+    """Learning rate."""
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimizer; sgd uses momentum 0.9."""
+    weight_decay: float = 0.0
+    """L2 weight decay."""
+    seed: int = 0
+    """Seed of weight init, shuffling, dropout and jitter."""
+    jitter: int = 0
+    """Random translation of image inputs by up to ±jitter pixels (Hinton et al.: 2)."""
+    resume: bool = False
+    """Continue a stopped run of the same name from its last checkpoint."""
+    output_dir: str = ""
+    """Where the student (still checkpoint + TorchScript) goes; empty: runs/<name>/."""
+    name: str = ""
+    """Run name; empty: derived deterministically from the config."""
+    ingest: Literal["auto", "memory", "stream"] = "auto"
+    """Per-worker data: ``memory`` reads the shard once into tensors, ``stream``
+    iterates Ray Data every epoch, ``auto`` picks memory below 1 GiB per worker."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the job fails."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+    """How many Ray Train workers, and what each gets."""
+
+    num_workers: tuple[int, ...] = (2,)
+    """N workers, or [min, max] for elastic training; 0: in-process (no TorchTrainer)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 0.0
+    """CPUs reserved per worker; 0: 1 when the cluster has CPUs to spare, else a fraction."""
+
+    def __post_init__(self) -> None:
+        if len(self.num_workers) not in (1, 2):
+            raise StillError(f"scaling.num_workers must be an int or [min, max], got {list(self.num_workers)}")
+        if any(n < 0 for n in self.num_workers):
+            raise StillError(f"scaling.num_workers must be >= 0, got {list(self.num_workers)}")
+        if len(self.num_workers) == 2 and not 1 <= self.num_workers[0] <= self.num_workers[1]:
+            raise StillError(f"scaling.num_workers [min, max] needs 1 <= min <= max, got {list(self.num_workers)}")
+        if self.cpus_per_worker < 0:
+            raise StillError(f"scaling.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+
+    @property
+    def in_process(self) -> bool:
+        """True when training runs in the calling process (num_workers 0)."""
+        return self.num_workers == (0,)
+
+    @property
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """The value for ``ray.train.ScalingConfig(num_workers=...)``."""
+        if len(self.num_workers) == 2:
+            return (self.num_workers[0], self.num_workers[1])
+        return self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The largest number of workers the job may run on."""
+        return max(1, self.num_workers[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterConfig:
+    """Optional MLflow model registration of the final student."""
+
+    name: str = ""
+    """Registered model name; empty: do not register."""
+    alias: str = ""
+    """Alias set on the new version (e.g. ``champion``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Root config of ``still train``."""
+
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    kd: KDConfig = dataclasses.field(default_factory=KDConfig)
+    train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
+    register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.kd.temperature > 0, f"kd.temperature must be > 0, got {self.kd.temperature}"),
+            (0.0 <= self.kd.weight <= 1.0, f"kd.weight must be in [0, 1], got {self.kd.weight}"),
+            (self.kd.hint_weight >= 0, f"kd.hint_weight must be >= 0, got {self.kd.hint_weight}"),
+            (self.student.width > 0, f"student.width must be > 0, got {self.student.width}"),
+            (self.student.depth >= 0, f"student.depth must be >= 0, got {self.student.depth}"),
+            (0.0 <= self.student.dropout < 1.0, f"student.dropout must be in [0, 1), got {self.student.dropout}"),
+            (0.0 <= self.student.input_dropout < 1.0,
+             f"student.input_dropout must be in [0, 1), got {self.student.input_dropout}"),
+            (self.student.num_classes >= 0, f"student.num_classes must be >= 0, got {self.student.num_classes}"),
+            (self.train.epochs >= 1, f"train.epochs must be >= 1, got {self.train.epochs}"),
+            (self.train.batch_size >= 1, f"train.batch_size must be >= 1, got {self.train.batch_size}"),
+            (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr}"),
+            (self.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.train.weight_decay}"),
+            (self.train.jitter >= 0, f"train.jitter must be >= 0, got {self.train.jitter}"),
+            (self.train.max_failures >= 0, f"train.max_failures must be >= 0, got {self.train.max_failures}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise StillError(message)
+        from still.models import MODELS
+
+        if self.student.family not in MODELS:
+            raise StillError(
+                f"student.family must be one of {', '.join(sorted(MODELS))}; got {self.student.family!r}"
+            )
+        if self.kd.online_teacher and self.store.uri:
+            raise StillError("kd.online_teacher and store.uri are exclusive: pick a store or an online teacher")
+
+    @property
+    def distills(self) -> bool:
+        """True when a teacher signal (store or online teacher) enters the loss."""
+        return bool(self.store.uri or self.kd.online_teacher)
