@@ -1,0 +1,91 @@
+"""Datasets: every source becomes Parquet with known columns (docs/internals.md, "Datasets").
+
+Typical use::
+
+    spec = resolve_dataset(DataConfig(source="builtin:mnist"))
+    ids, x, y = load_arrays(spec, splits=("test",))            # small data, in memory
+    fs, paths = spec.arrow_files()
+    ds = ray.data.read_parquet(paths, filesystem=fs)           # anything, streamed
+
+Built-ins and id-less Parquet are cached under ``$STILL_CACHE_DIR`` (default
+``~/.cache/still``) in ``datasets/<name>/parquet/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from still.config import DataConfig
+from still.datasets.arrays import features_to_numpy
+from still.datasets.builtin import BUILTINS, resolve_builtin, resolve_idx_dir
+from still.datasets.cache import cache_root
+from still.datasets.idx import find_idx_files
+from still.datasets.parquet import resolve_parquet
+from still.datasets.spec import DatasetSpec
+from still.datasets.splits import SPLIT_CODES, assign_splits
+from still.errors import StillError
+from still.storage import resolve
+
+__all__ = [
+    "BUILTINS",
+    "SPLIT_CODES",
+    "DatasetSpec",
+    "assign_splits",
+    "cache_root",
+    "features_to_numpy",
+    "load_arrays",
+    "resolve_dataset",
+]
+
+
+def resolve_dataset(cfg: DataConfig) -> DatasetSpec:
+    """Resolves ``cfg.source`` to a :class:`DatasetSpec`, checking it before any work.
+
+    Args:
+        cfg: ``source`` is ``builtin:<name>``, a local directory of the four MNIST-layout
+            IDX files, or a Parquet file/directory URI whose columns ``cfg`` names.
+
+    Raises:
+        StillError: The source is unknown, missing, unreadable or lacks a column.
+    """
+    if cfg.source.startswith("builtin:"):
+        return resolve_builtin(cfg.source.removeprefix("builtin:"), cfg)
+    location = resolve(cfg.source)
+    if location.is_local and find_idx_files(Path(location.path)) is not None:
+        return resolve_idx_dir(Path(location.path), cfg)
+    return resolve_parquet(cfg)
+
+
+def load_arrays(
+    spec: DatasetSpec, splits: Sequence[str] = ("train",)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads the rows of the given splits into memory (for small data and baselines).
+
+    Args:
+        spec: A resolved dataset.
+        splits: Any of "train", "val", "test" (as :func:`assign_splits` assigns them).
+
+    Returns:
+        ``(ids, x, y)``: ids, float32 features ``(n, *input_shape)`` already scaled by
+        ``input_scale``, and int64 labels, in file order.
+    """
+    unknown = sorted(set(splits) - set(SPLIT_CODES))
+    if unknown:
+        raise StillError(f"unknown split {unknown[0]!r}; choose from {', '.join(SPLIT_CODES)}")
+    fs, paths = spec.arrow_files()
+    columns = [spec.id_column, spec.feature_column, spec.label_column]
+    table = pq.read_table(
+        paths, columns=columns + ([spec.split_column] if spec.split_column else []), filesystem=fs
+    )
+    ids = table[spec.id_column].to_numpy()
+    source = table[spec.split_column].to_numpy() if spec.split_column else None
+    keep = np.isin(assign_splits(ids, source, spec.split_rule), [SPLIT_CODES[s] for s in splits])
+    x = features_to_numpy(
+        table[spec.feature_column].filter(pa.array(keep)), spec.input_shape, spec.input_scale
+    )
+    return ids[keep], x, table[spec.label_column].to_numpy()[keep].astype(np.int64)
