@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     for verb in _CONFIG_VERBS:
-        _add_config_args(verbs.add_parser(verb, help=f"{verb} (see still --help)"))
+        sub = verbs.add_parser(verb, help=f"{verb} (see still --help)")
+        _add_config_args(sub)
+        if verb == "tune":
+            sub.add_argument("--retrain-best", action="store_true",
+                             help="train the best config on train+val afterwards (tune.retrain_best=true)")
 
     run = verbs.add_parser("run", help="run a pipeline YAML (infer → train → tune)")
     run.add_argument("pipeline", help="pipeline YAML file")
@@ -117,6 +121,8 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any]:
         overrides = list(args.overrides)
         if args.address:
             overrides.append(f"ray.address={args.address}")
+        if getattr(args, "retrain_best", False):
+            overrides.append("tune.retrain_best=true")
         config = load_config(_load(config_ref), args.config, overrides)
         return getattr(importlib.import_module(module), function)(config)
     handlers: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {

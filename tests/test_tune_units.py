@@ -1,0 +1,255 @@
+"""still tune without Ray: config, search space, up-front checks, report, trial names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from still.config import load_config
+from still.errors import StillError
+from still.storage import resolve
+from teacher_infer import store as st
+from tuning import space as sp
+from tuning.config import TuneConfig, check_sections_cover_train_config
+from tuning.driver import pick_best, plan_sweep
+from tuning.report import format_table, pareto_front, plot_pareto
+from tuning.trainable import TrialNamer, TrialSpec, trial_train_config
+
+STORE = "stores/x"
+
+
+def _cfg(*overrides, store=STORE):
+    return load_config(TuneConfig, None, [f"store.uri={store}", *overrides])
+
+
+def _tiny_store(directory):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(10, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 10)
+    splits = (np.arange(10) % 3).astype(np.int8)
+    stats = st.empty_stats()
+    st.accumulate_stats(stats, st.row_stats(logits, labels), splits, True)
+    table = st.build_table(np.arange(10), labels, splits, st.compress(logits, "topk", 3, "float16"),
+                           inputs=rng.integers(0, 255, (10, 4)).astype(np.uint8))
+    data = st.shard_bytes(table, stats)
+    loc = resolve(str(directory))
+    loc.join(st.shard_name(0)).write_atomic(data)
+    st.write_manifest(loc, {
+        "format": st.FORMAT_NAME, "format_version": st.FORMAT_VERSION, "key": "k" * 16, "rows": 10,
+        "num_classes": 5, "storage": {"mode": "topk", "k": 3, "dtype": "float16", "include_inputs": True,
+                                      "feature_layer": ""},
+        "preprocessing": {"input_shape": [4], "input_scale": 1 / 255},
+        "teacher": {"fingerprint": "f" * 64}, "dataset": {"name": "x", "fingerprint": "d"},
+        "shards": [st.shard_record(st.shard_name(0), data, 10)], "teacher_metrics": st.finish_metrics(stats),
+    })
+    return str(directory)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_defaults_and_sections():
+    check_sections_cover_train_config()
+    cfg = _cfg()
+    assert cfg.tune.searcher == "random" and cfg.tune.metric == "val_accuracy"
+    assert cfg.tune.resolved_mode == "max" and _cfg("tune.metric=val_loss").tune.resolved_mode == "min"
+    assert cfg.tune.trial_mode == "in_process" and cfg.scaling.num_workers == (1,)
+    assert cfg.sweep_name.startswith("sweep-") and cfg.sweep_name == _cfg("tune.resume=true").sweep_name
+    assert cfg.sweep_name != _cfg("space.width=[8]").sweep_name
+    assert _cfg("tune.name=abc").output_dir == "runs/tune-abc"
+    assert cfg.base_train_config().kd.temperature == cfg.kd.temperature
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tune.searcher=bayes", "tune.searcher must be one of 'grid', 'random', 'optuna'; got 'bayes'"),
+        ("tune.metric=val_f1", "tune.metric must be one of val_accuracy, val_loss; got 'val_f1'"),
+        ("tune.num_samples=0", "tune.num_samples must be >= 1, got 0"),
+        ("tune.reduction_factor=1", "tune.reduction_factor must be > 1"),
+        ("tune.grace_period=20", "tune.grace_period (20) must be <= train.epochs (10)"),
+        ("scaling.num_workers=2", "needs tune.trial_mode=trainer"),
+        ("tune.nmu_samples=3", "unknown config key 'tune.nmu_samples'"),
+        ("space.depth=[1]", "unknown config key 'space.depth'"),
+    ],
+)
+def test_bad_tune_keys(override, message):
+    with pytest.raises(StillError, match=None) as info:
+        _cfg(override)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_store_is_required():
+    with pytest.raises(StillError, match="store.uri is required"):
+        load_config(TuneConfig, None, [])
+
+
+# ------------------------------------------------------------------ space
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("space.temperature=[]", "space.temperature is an empty list"),
+        ("space.temperature={low: 5, high: 1}", "space.temperature: low must be < high, got low=5 high=1"),
+        ("space.weight={low: 0.5, high: 0.5}", "space.weight: low must be < high"),
+        ("space.lr={low: 0, high: 0.1, log: true}", "space.lr: bounds must be > 0, got 0"),
+        ("space.weight=[0.5, 1.5]", "space.weight values must be in [0, 1], got 1.5"),
+        ("space.width={low: 8}", "space.width: a range needs both low and high"),
+        ("space.width={lo: 8, high: 9}", "space.width: unknown range key 'lo'"),
+        ("space.temperature=[1, 1]", "space.temperature lists a value twice"),
+        ("space.temperature=hot", "space.temperature must be a list of values or a range"),
+    ],
+)
+def test_bad_space(override, message):
+    cfg = _cfg(override)
+    with pytest.raises(StillError) as info:
+        sp.resolve_space(cfg.space, cfg.tune.searcher, cfg.student.family)
+    assert message in str(info.value)
+
+
+def test_grid_needs_lists():
+    cfg = _cfg("tune.searcher=grid", "space.temperature={low: 1, high: 4}")
+    with pytest.raises(StillError, match="tune.searcher=grid needs a list"):
+        sp.resolve_space(cfg.space, "grid", "mlp")
+
+
+def test_space_resolution_and_tune_objects():
+    from ray import tune
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    cfg = _cfg("space.temperature={low: 1, high: 20, log: true}", "space.width={low: 16, high: 64}",
+               "space.weight=[0.5, 0.9]")
+    dims = sp.resolve_space(cfg.space, "random", "mlp")
+    assert list(dims) == ["temperature", "weight", "width"]  # lr not swept by default
+    assert dims["width"].integer and not dims["temperature"].integer and dims["temperature"].log
+    space = sp.param_space(dims, "random")
+    assert isinstance(space["temperature"], Float) and isinstance(space["width"], Integer)
+    assert isinstance(space["weight"], Categorical)
+    assert space["width"].upper == 65  # randint excludes its upper bound; width ranges include it
+    grid = sp.param_space(sp.resolve_space(_cfg().space, "grid", "mlp"), "grid")
+    assert grid["temperature"] == tune.grid_search([1.0, 2.0, 4.0, 8.0])
+    assert sp.num_trials(sp.resolve_space(_cfg().space, "grid", "mlp"), "grid", 2) == 2 * 4 * 3 * 4
+    assert sp.resolve_space(_cfg("student.family=cnn").space, "random", "cnn")["width"].values == (0.25, 0.5, 1.0)
+    assert sp.num_trials(dims, "optuna", 7) == 7
+
+
+def test_searchers_build():
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    assert isinstance(sp.build_search_alg("random", seed=0, max_concurrent=2), BasicVariantGenerator)
+    assert isinstance(sp.build_search_alg("optuna", seed=0, max_concurrent=2), ConcurrencyLimiter)
+    with pytest.raises(StillError, match="tune.searcher must be one of"):
+        sp.build_search_alg("bayes", seed=0, max_concurrent=0)
+
+
+# ------------------------------------------------------------------ up-front checks
+
+
+def test_plan_checks_store_before_any_trial(tmp_path):
+    good = _tiny_store(tmp_path / "store")
+    plan = plan_sweep(_cfg(f"tune.output_dir={tmp_path / 'out'}", store=good))
+    assert plan.store_key == "k" * 16 and plan.input_shape == (4,) and plan.num_classes == 5
+    assert plan.num_trials == 8 and plan.metric == "val_accuracy" and plan.mode == "max"
+    with pytest.raises(StillError, match="does not exist"):
+        plan_sweep(_cfg(store=str(tmp_path / "missing")))
+    shard = tmp_path / "store" / "part-00000.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StillError, match=r"failed verification: part-00000.parquet: checksum mismatch"):
+        plan_sweep(_cfg(store=good))
+
+
+def test_plan_refuses_to_overwrite_a_sweep(tmp_path):
+    good = _tiny_store(tmp_path / "store")
+    (tmp_path / "out" / "trials" / "trial-0000").mkdir(parents=True)
+    with pytest.raises(StillError, match="pass tune.resume=true"):
+        plan_sweep(_cfg(f"tune.output_dir={tmp_path / 'out'}", store=good))
+    plan_sweep(_cfg(f"tune.output_dir={tmp_path / 'out'}", "tune.resume=true", store=good))
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from still.cli import main
+
+    good = _tiny_store(tmp_path / "store")
+    code = main(["tune", f"store.uri={good}", "space.temperature={low: 4, high: 2}", "--retrain-best"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("still: error: space.temperature: low must be < high")
+
+
+def test_cli_retrain_best_flag_sets_the_key():
+    from still.cli import build_parser
+
+    args = build_parser().parse_args(["tune", "store.uri=x", "--retrain-best", "--json"])
+    assert args.retrain_best and args.json
+
+
+# ------------------------------------------------------------------ report
+
+
+ROWS = [
+    {"trial": "trial-0000", "params": 1000, "val_accuracy": 0.90, "status": "completed"},
+    {"trial": "trial-0001", "params": 2000, "val_accuracy": 0.85, "status": "completed"},  # dominated by 0
+    {"trial": "trial-0002", "params": 4000, "val_accuracy": 0.95, "status": "stopped"},
+    {"trial": "trial-0003", "params": 500, "val_accuracy": 0.70, "status": "completed"},
+    {"trial": "trial-0004", "params": 1000, "val_accuracy": 0.90, "status": "completed"},  # tie with 0
+    {"trial": "trial-0005", "params": 800, "val_accuracy": None, "status": "error"},
+]
+
+
+def test_pareto_front():
+    assert pareto_front(ROWS) == [3, 0, 4, 2]
+    assert pareto_front([]) == []
+
+
+def test_pick_best_prefers_completed():
+    assert pick_best(ROWS, "val_accuracy", "max") == 0
+    assert pick_best(ROWS, "val_accuracy", "min") == 3
+    assert pick_best([ROWS[2]], "val_accuracy", "max") == 0
+    assert pick_best([ROWS[5]], "val_accuracy", "max") is None
+
+
+def test_table_and_plot(tmp_path):
+    table = format_table(ROWS, front=pareto_front(ROWS), best=0)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(ROWS) + 1
+    assert lines[2].lstrip().startswith("B*") and "trial-0001" in lines[3] and "*" not in lines[3][:3]
+    assert "lr" not in lines[0]
+    png = plot_pareto(ROWS, tmp_path / "p.png", title="t", best=0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ trials
+
+
+class _Trial:
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
+
+
+def test_trial_names_are_deterministic_and_resume_continues(tmp_path):
+    namer = TrialNamer(str(tmp_path))
+    assert [namer(_Trial(i)) for i in ("a", "b", "a")] == ["trial-0000", "trial-0001", "trial-0000"]
+    (tmp_path / "trial-0000").mkdir()
+    (tmp_path / "experiment_state-x.json").write_text(json.dumps({"trials": ["trial-0003"]}))
+    import pickle
+
+    restored = pickle.loads(pickle.dumps(namer))
+    assert restored(_Trial("c")) == "trial-0004"
+
+
+def test_trial_train_config(tmp_path):
+    from still.config import to_dict
+
+    cfg = _cfg("kd.temperature=3")
+    spec = TrialSpec(base=to_dict(cfg.base_train_config()), sweep_name="s", parent_run_id="p",
+                     trial_mode="in_process", models_dir=str(tmp_path))
+    trial = trial_train_config(spec, {"temperature": 7.0, "weight": 0.3, "width": 48}, "trial-0002")
+    assert (trial.kd.temperature, trial.kd.weight, trial.student.width) == (7.0, 0.3, 48)
+    assert trial.train.name == "s-trial-0002" and trial.scaling.num_workers == (0,)
+    assert trial.train.output_dir == str(tmp_path / "trial-0002")

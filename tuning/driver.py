@@ -1,0 +1,505 @@
+"""``still tune``: a Ray Tune sweep of students over one soft-label store.
+
+Reads top to bottom: check the config, the space and the store (every bad input
+fails here, before any trial) → start or join Ray → open the MLflow parent run →
+run (or restore) the Tuner → collect one row per trial → table, Pareto plot,
+results JSON, logged to the parent → optionally retrain the best config on
+train+val.
+
+Launch::
+
+    still tune store.uri=stores/<key> tune.num_samples=8 tune.searcher=optuna
+    still tune --config sweep.yaml tune.resume=true          # continue an interrupted sweep
+    still tune --config sweep.yaml --retrain-best --json
+
+Outputs in ``tune.output_dir`` (default ``runs/tune-<name>/``): ``trials/`` (Tune's
+experiment folder, one ``trial-NNNN`` folder per trial: what resume reads),
+``models/trial-NNNN/`` (each trial's student), ``trials.txt`` (the table),
+``results.json`` (rows, best, figures), ``pareto.png``, ``config.yaml`` and
+``sweep_state.json`` (the parent run id, so a resumed sweep logs to the same run).
+
+MLflow: one parent run per sweep (tags ``still.sweep``, ``store.key``; the resolved
+config as params; the table, plot and results as artifacts) and one child run per
+trial (tag ``mlflow.parentRunId``, per-epoch metrics, opened by the trial). Trials
+that ASHA stops are killed mid-run, so their child runs would stay RUNNING; the
+:class:`EndChildRuns` callback ends them (FINISHED, tag ``still.stopped_early``) as
+each trial completes, and a final pass ends any left over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from still.config import to_dict
+from still.errors import StillError
+from tuning.config import TuneConfig
+from tuning.space import CONFIG_KEYS, Dimension, build_search_alg, num_trials, param_space, resolve_space
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "still-tune"
+STATE_FILE = "sweep_state.json"
+TRIALS_DIR = "trials"
+SWEEP_TAG = "still.sweep"
+STORE_KEY_TAG = "store.key"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """Everything checked before any trial starts.
+
+    Attributes:
+        name: The sweep name.
+        output_dir: Absolute output folder.
+        dims: The resolved search space.
+        num_trials: Trials the searcher will create.
+        metric: Tune metric; mode: ``max``/``min``.
+        store_uri: The store ("" for an online-teacher sweep); store_key: its cache key.
+        input_shape / num_classes: What the student models are built for.
+    """
+
+    name: str
+    output_dir: Path
+    dims: dict[str, Dimension]
+    num_trials: int
+    metric: str
+    mode: str
+    store_uri: str
+    store_key: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def experiment_dir(self) -> Path:
+        """Tune's experiment folder (``<output_dir>/trials``)."""
+        return self.output_dir / TRIALS_DIR
+
+
+def plan_sweep(config: TuneConfig) -> SweepPlan:
+    """Checks the space and the store; raises one-line StillErrors before any work.
+
+    Raises:
+        StillError: A bad space (empty or inverted range, bad values, a range under
+            the grid searcher), an output folder that is not local, a store that does
+            not open or fails verification, or a finished sweep in the output folder
+            without ``tune.resume=true``.
+    """
+    dims = resolve_space(config.space, config.tune.searcher, config.student.family)
+    if "://" in config.output_dir:
+        raise StillError(f"tune.output_dir must be a local folder, got {config.output_dir!r}")
+    output_dir = Path(config.output_dir).expanduser().resolve()
+    store_uri, store_key = "", ""
+    if config.store.uri:
+        from teacher_infer.store import open_store, verify_store
+
+        store_uri = config.store.uri[0]
+        store = open_store(store_uri)
+        verdict = verify_store(store_uri)
+        if not verdict["ok"]:
+            problems = verdict["problems"]
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StillError(f"store {store_uri!r} failed verification: {problems[0]}{more}")
+        store_key, input_shape, num_classes = store.key, tuple(store.input_shape), store.num_classes
+    else:
+        from still.datasets import resolve_dataset
+
+        spec = resolve_dataset(config.data)
+        input_shape, num_classes = tuple(spec.input_shape), spec.num_classes
+    if config.student.num_classes and config.student.num_classes != num_classes:
+        raise StillError(
+            f"student.num_classes={config.student.num_classes} but the store has {num_classes} classes"
+        )
+    experiment_dir = output_dir / TRIALS_DIR
+    if experiment_dir.exists() and any(experiment_dir.iterdir()) and not config.tune.resume:
+        raise StillError(
+            f"{experiment_dir} already holds a sweep; pass tune.resume=true to continue it, "
+            "or pick another tune.name or tune.output_dir"
+        )
+    return SweepPlan(
+        name=config.sweep_name,
+        output_dir=output_dir,
+        dims=dims,
+        num_trials=num_trials(dims, config.tune.searcher, config.tune.num_samples),
+        metric=config.tune.metric,
+        mode=config.tune.resolved_mode,
+        store_uri=store_uri,
+        store_key=store_key,
+        input_shape=input_shape,
+        num_classes=num_classes,
+    )
+
+
+# ------------------------------------------------------------------ MLflow parent run
+
+
+class ParentRun:
+    """The sweep's MLflow parent run: created once, reopened by a resumed sweep."""
+
+    def __init__(self, config: TuneConfig, plan: SweepPlan) -> None:
+        self.enabled = config.tracking.enabled
+        self.run_id = ""
+        self.client: Any = None
+        self.experiment_id = ""
+        if not self.enabled:
+            return
+        import mlflow
+
+        from still.tracking import (
+            check_reachable,
+            ensure_experiment,
+            experiment_name,
+            git_sha,
+            package_versions,
+            tracking_uri,
+        )
+        from still.config import flatten
+
+        uri = tracking_uri(config.tracking)
+        check_reachable(uri)
+        self.uri = uri
+        self.experiment_id = ensure_experiment(uri, experiment_name(config.tracking, DEFAULT_EXPERIMENT))
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        state_file = plan.output_dir / STATE_FILE
+        previous = _read_json(state_file).get("parent_run_id", "") if config.tune.resume else ""
+        if previous:
+            try:
+                self.client.get_run(previous)
+                self.run_id = previous
+                self.client.update_run(previous, status="RUNNING")
+            except Exception:  # the run was deleted or lives in another tracking store
+                self.run_id = ""
+        if not self.run_id:
+            tags = {
+                SWEEP_TAG: plan.name,
+                STORE_KEY_TAG: plan.store_key,
+                "still.searcher": config.tune.searcher,
+                "git_sha": git_sha(),
+                **{f"version.{k}": v for k, v in package_versions().items()},
+            }
+            run = self.client.create_run(self.experiment_id, run_name=plan.name, tags={k: str(v) for k, v in tags.items()})
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()
+                      if k not in ("tune.resume", "tune.retrain_best")]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(self.run_id, params=params[start:start + 100])
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(state_file, {"parent_run_id": self.run_id, "sweep": plan.name, "tracking_uri": uri})
+
+    def children(self, status: str = "") -> list[Any]:
+        """The child runs of this sweep (optionally only those with ``status``)."""
+        if not self.enabled:
+            return []
+        query = f"tags.`mlflow.parentRunId` = '{self.run_id}'"
+        if status:
+            query += f" and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], filter_string=query, max_results=5000)
+
+    def end(self, status: str) -> None:
+        """Ends the parent run with ``status`` (FINISHED, FAILED, KILLED)."""
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+# ------------------------------------------------------------------ Tuner
+
+
+def _trainable(config: TuneConfig, plan: SweepPlan, parent_run_id: str) -> Any:
+    from ray import tune
+
+    from tuning.trainable import TrialSpec, run_trial
+
+    spec = TrialSpec(
+        base=to_dict(config.base_train_config()),
+        sweep_name=plan.name,
+        parent_run_id=parent_run_id,
+        trial_mode=config.tune.trial_mode,
+        models_dir=str(plan.output_dir / "models"),
+    )
+    fn = tune.with_parameters(run_trial, spec=spec)
+    if config.tune.trial_mode == "in_process":
+        resources = {"CPU": config.tune.cpus_per_trial}
+        if config.tune.gpus_per_trial:
+            resources["GPU"] = config.tune.gpus_per_trial
+    else:  # the TorchTrainer's workers reserve the real resources
+        resources = {"CPU": 0.01}
+    return tune.with_resources(fn, resources)
+
+
+def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun) -> Any:
+    """Returns a fresh Tuner, or the restored one when ``tune.resume`` finds a saved sweep."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tuning.callbacks import EndChildRuns
+    from tuning.trainable import TrialNamer
+
+    trainable = _trainable(config, plan, parent.run_id)
+    experiment_dir = plan.experiment_dir
+    if config.tune.resume and tune.Tuner.can_restore(str(experiment_dir)):
+        print(f"still tune: resuming {experiment_dir} (finished trials are kept)", flush=True)
+        return tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    if config.tune.scheduler == "asha":
+        scheduler: Any = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=config.train.epochs,
+            grace_period=config.tune.grace_period,
+            reduction_factor=config.tune.reduction_factor,
+            stop_last_trials=False,  # a trial at max_t finishes on its own (test eval, model, run end)
+        )
+    else:
+        scheduler = FIFOScheduler()
+    namer = TrialNamer(str(experiment_dir))
+    callbacks = [EndChildRuns(parent.uri, parent.experiment_id, parent.run_id, plan.name)] if parent.enabled else []
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(plan.dims, config.tune.searcher),
+        tune_config=tune.TuneConfig(
+            metric=plan.metric,
+            mode=plan.mode,
+            search_alg=build_search_alg(config.tune.searcher, seed=config.tune.seed,
+                                        max_concurrent=config.tune.max_concurrent_trials),
+            scheduler=scheduler,
+            num_samples=config.tune.num_samples,
+            trial_name_creator=namer,
+            trial_dirname_creator=namer,
+        ),
+        run_config=tune.RunConfig(
+            name=TRIALS_DIR,
+            storage_path=str(plan.output_dir),
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+# ------------------------------------------------------------------ results
+
+
+def _student_params(config: TuneConfig, plan: SweepPlan, width: float, cache: dict) -> int:
+    from still.models import build_model, count_parameters
+
+    if width not in cache:
+        args: dict[str, Any] = {"input_shape": plan.input_shape, "num_classes": plan.num_classes,
+                                "width": width, "depth": config.student.depth}
+        if config.student.family == "mlp":
+            args["dropout"] = config.student.dropout
+        cache[width] = count_parameters(build_model(config.student.family, **args))
+    return cache[width]
+
+
+def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, Any]], int]:
+    """Reads every trial of the experiment folder into a table row.
+
+    Returns:
+        The rows sorted by trial name, and how many trials did not end (interrupted).
+    """
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(plan.experiment_dir), default_metric=plan.metric, default_mode=plan.mode)
+    base = config.base_train_config()
+    size_cache: dict = {}
+    rows = []
+    unfinished = 0
+    for trial in analysis.trials:
+        last = dict(trial.last_result or {})
+        params = {key: trial.config.get(key) for key in CONFIG_KEYS if key in trial.config}
+        width = params.get("width", base.student.width)
+        if trial.status == "ERROR":
+            status = "error"
+        elif last.get("finished"):
+            status = "completed"
+        elif trial.status == "TERMINATED":
+            status = "stopped"
+        else:
+            status = "unfinished"
+            unfinished += 1
+        epochs = last.get("epoch", last.get("training_iteration", 0) - (1 if last.get("finished") else 0))
+        row = {
+            "trial": str(trial),
+            "temperature": params.get("temperature", base.kd.temperature),
+            "weight": params.get("weight", base.kd.weight),
+            "width": width,
+            "lr": params.get("lr"),
+            "params": int(last.get("student_params") or _student_params(config, plan, width, size_cache)),
+            "val_accuracy": _num(last.get("val_accuracy")),
+            "val_loss": _num(last.get("val_loss")),
+            "test_accuracy": _num(last.get("test_accuracy", last.get("student_test_accuracy"))),
+            "test_errors": last.get("test_errors"),
+            "epochs": int(epochs) if epochs is not None else None,
+            "status": status,
+            "run_id": last.get("run_id", ""),
+        }
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial"])
+    return rows, unfinished
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def pick_best(rows: list[dict[str, Any]], metric: str, mode: str) -> int | None:
+    """Index of the best row by ``metric`` (completed trials first, then any with the metric)."""
+    for pool_status in (("completed",), ("completed", "stopped")):
+        pool = [i for i, r in enumerate(rows) if r["status"] in pool_status and r.get(metric) is not None]
+        if pool:
+            sign = 1 if mode == "max" else -1
+            return max(pool, key=lambda i: sign * rows[i][metric])
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ retrain best
+
+
+def retrain_best(config: TuneConfig, plan: SweepPlan, best_row: dict[str, Any], parent: ParentRun) -> dict[str, Any]:
+    """Trains the best config on train+val (in this process) as the sweep's model."""
+    from student_train.driver import train_job
+
+    from tuning.trainable import TrialSpec, trial_train_config
+
+    spec = TrialSpec(base=to_dict(config.base_train_config()), sweep_name=plan.name,
+                     parent_run_id=parent.run_id, trial_mode=config.tune.trial_mode,
+                     models_dir=str(plan.output_dir))
+    params = {k: best_row[k] for k in CONFIG_KEYS if best_row.get(k) is not None}
+    cfg = trial_train_config(spec, params, "best")
+    summary = train_job(cfg, run_name=cfg.train.name, parent_run_id=parent.run_id, include_val=True)
+    if parent.enabled:
+        parent.client.set_tag(parent.run_id, "still.best_model_run_id", summary.get("run_id", ""))
+        if summary.get("checkpoint") and Path(str(summary["checkpoint"])).is_file():
+            parent.client.log_artifact(parent.run_id, str(summary["checkpoint"]), "model")
+    return summary
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def run_tune(config: TuneConfig) -> dict[str, Any]:
+    """Runs a sweep and returns its summary (what ``still tune --json`` prints).
+
+    Args:
+        config: The resolved ``still tune`` config.
+
+    Returns:
+        ``parent_run_id``, ``trials`` (one row per trial), ``best`` (config and
+        metrics), ``plot`` (PNG path), plus ``table``, ``results``, ``output_dir``,
+        ``store_key``, ``num_trials``, ``wall_s`` and, when retrained, ``retrained``.
+
+    Raises:
+        StillError: Bad input (before any trial), or an interrupted sweep (resume it
+            with ``tune.resume=true``).
+    """
+    from still.ray_setup import init_ray
+
+    from tuning.callbacks import end_running_children
+    from tuning.report import format_table, pareto_front, plot_pareto
+
+    started = time.monotonic()
+    plan = plan_sweep(config)
+    init_ray(config.ray)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (plan.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    print(f"still tune: {plan.name}: {plan.num_trials} trial(s), searcher {config.tune.searcher}, "
+          f"space {', '.join(f'{k}={d.describe()}' for k, d in plan.dims.items())} -> {plan.output_dir}", flush=True)
+    parent = ParentRun(config, plan)
+    status = "FAILED"
+    try:
+        if parent.enabled and config.tune.resume:
+            # Trials interrupted last time restart from scratch with a new child run.
+            end_running_children(parent.uri, parent.experiment_id, parent.run_id, status="KILLED", stopped=False)
+        tuner = build_tuner(config, plan, parent)
+        tuner.fit()
+        rows, unfinished = collect_rows(config, plan)
+        if parent.enabled:
+            end_running_children(parent.uri, parent.experiment_id, parent.run_id)
+        if unfinished:
+            status = "KILLED"
+            raise StillError(
+                f"sweep {plan.name!r} was interrupted with {unfinished} of {len(rows)} trial(s) unfinished; "
+                "rerun with tune.resume=true to finish it"
+            )
+        best = pick_best(rows, plan.metric, plan.mode)
+        front = pareto_front(rows)
+        table = format_table(rows, front=front, best=best)
+        print(table, flush=True)
+        table_path = plan.output_dir / "trials.txt"
+        table_path.write_text(table + "\n")
+        plot_path = plot_pareto(rows, plan.output_dir / "pareto.png", title=f"{plan.name}: accuracy vs size",
+                                best=best)
+        best_summary = _best_summary(rows, best, plan.metric)
+        summary: dict[str, Any] = {
+            "parent_run_id": parent.run_id,
+            "trials": rows,
+            "best": best_summary,
+            "plot": str(plot_path),
+            "table": str(table_path),
+            "output_dir": str(plan.output_dir),
+            "store_key": plan.store_key,
+            "num_trials": len(rows),
+            "pareto": [rows[i]["trial"] for i in front],
+        }
+        if config.tune.retrain_best:
+            if best is None:
+                raise StillError(f"sweep {plan.name!r}: no trial reported {plan.metric}; nothing to retrain")
+            retrained = retrain_best(config, plan, rows[best], parent)
+            summary["retrained"] = {k: v for k, v in retrained.items() if not isinstance(v, (dict, list))}
+        summary["wall_s"] = round(time.monotonic() - started, 2)
+        results_path = plan.output_dir / "results.json"
+        _write_json(results_path, summary)
+        summary["results"] = str(results_path)
+        if parent.enabled:
+            if best is not None:
+                metrics = {f"best_{k}": v for k, v in best_summary["metrics"].items() if _num(v) is not None}
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                parent.client.log_batch(parent.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+                parent.client.set_tag(parent.run_id, "still.best_trial", best_summary["trial"])
+            for path in (table_path, plot_path, results_path, plan.output_dir / "config.yaml"):
+                parent.client.log_artifact(parent.run_id, str(path))
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        parent.end(status)
+
+
+def _best_summary(rows: list[dict[str, Any]], best: int | None, metric: str) -> dict[str, Any]:
+    if best is None:
+        return {}
+    row = rows[best]
+    config = {CONFIG_KEYS[k]: row[k] for k in CONFIG_KEYS if row.get(k) is not None}
+    metrics = {k: row[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "params", "epochs")
+               if row.get(k) is not None}
+    result = {"trial": row["trial"], "config": config, "metrics": metrics, "metric": metric}
+    if row.get("test_errors") is not None:
+        result["test_errors"] = row["test_errors"]
+    return result
