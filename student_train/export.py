@@ -1,0 +1,131 @@
+"""What a finished student becomes, and where a fine-tuned one starts from.
+
+- ``student.pt``: a still checkpoint (``still.checkpoints``), loadable by ``still
+  infer`` as a teacher and by ``student.init``;
+- ``student.torchscript.pt``: TorchScript, for serving without still installed;
+- the MLflow model ``model`` of the run (``mlflow.pytorch.log_model``), optionally
+  registered with an alias.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from still.checkpoints import save_checkpoint
+from still.errors import StillError
+from still.models import build_model
+
+
+def student_from_state(net_state: Mapping[str, torch.Tensor], family: str, model_args: Mapping[str, Any]) -> nn.Module:
+    """Rebuilds the student from a loop state's ``net`` weights (drops the projector)."""
+    model = build_model(family, **dict(model_args))
+    prefix = "student."
+    model.load_state_dict({k[len(prefix):]: v for k, v in net_state.items() if k.startswith(prefix)})
+    return model.eval()
+
+
+def save_student(model: nn.Module, family: str, model_args: Mapping[str, Any], meta: Mapping[str, Any],
+                 output_dir: str | Path) -> dict[str, str]:
+    """Writes the still checkpoint and the TorchScript file; returns their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = save_checkpoint(str(out / "student.pt"), model, family, dict(model_args), dict(meta))
+    example = torch.zeros(2, *model_args["input_shape"])
+    scripted = torch.jit.trace(model.eval(), example, check_trace=False)
+    script_path = out / "student.torchscript.pt"
+    tmp = out / ".student.torchscript.pt.tmp"
+    torch.jit.save(scripted, str(tmp))
+    tmp.replace(script_path)
+    return {"checkpoint": checkpoint, "torchscript": str(script_path)}
+
+
+def load_init_state(uri: str, family: str, model_args: Mapping[str, Any], tracking_uri: str = ""
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Loads initial weights for transfer learning: every tensor whose name and shape match.
+
+    Args:
+        uri: A still checkpoint, TorchScript file or MLflow model URI (``runs:/…``, ``models:/…``).
+        family: The student's family.
+        model_args: The student's constructor arguments.
+        tracking_uri: For MLflow URIs.
+
+    Returns:
+        The matching tensors and ``{"loaded": [...], "skipped": [...]}`` (skipped:
+        student tensors left at their fresh init, with the reason).
+
+    Raises:
+        StillError: The URI cannot be loaded or shares no tensor with the student.
+    """
+    from teacher_infer.teachers import is_mlflow_uri, load_teacher
+
+    if tracking_uri and is_mlflow_uri(uri):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        source = load_teacher(uri).model.state_dict()
+    except StillError as exc:
+        raise StillError(f"student.init: {exc}") from None
+    target = build_model(family, **dict(model_args)).state_dict()
+    loaded, skipped, state = [], [], {}
+    for name, tensor in target.items():
+        if name not in source:
+            skipped.append(f"{name} (absent)")
+        elif tuple(source[name].shape) != tuple(tensor.shape):
+            skipped.append(f"{name} (shape {tuple(source[name].shape)} vs {tuple(tensor.shape)})")
+        else:
+            state[name] = source[name].detach().clone().to(tensor.dtype)
+            loaded.append(name)
+    if not loaded:
+        raise StillError(f"student.init {uri!r} shares no parameter (name and shape) with the "
+                         f"{family} student; check student.family/width/depth")
+    return state, {"loaded": loaded, "skipped": skipped}
+
+
+def log_mlflow_model(tracker: Any, model: nn.Module, input_shape: tuple[int, ...], register_name: str = "",
+                     alias: str = "") -> dict[str, Any]:
+    """Logs the student as the run's MLflow model ``model``; registers it when asked.
+
+    Returns:
+        ``{"model_uri", "registered_version"}`` (version None when not registered).
+    """
+    if not getattr(tracker, "run_id", ""):
+        return {"model_uri": None, "registered_version": None}
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    example = np.zeros((2, *input_shape), dtype=np.float32)
+    with mlflow.start_run(run_id=tracker.run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="model", input_example=example, registered_model_name=register_name or None,
+        )
+    version = getattr(info, "registered_model_version", None)
+    if register_name and alias and version is not None:
+        mlflow.MlflowClient(tracking_uri=tracker.tracking_uri).set_registered_model_alias(
+            register_name, alias, str(version))
+    return {"model_uri": info.model_uri, "registered_version": version}
+
+
+def latency_ms(model: Any, input_shape: tuple[int, ...], batch_size: int, repeats: int = 20) -> float:
+    """Median milliseconds of one forward pass over a batch, on this machine's CPU."""
+    x = torch.randn(batch_size, *input_shape)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            started = time.perf_counter()
+            model(x)
+            if i >= 3:
+                times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000.0)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights (parameters and buffers) in memory."""
+    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
