@@ -89,6 +89,9 @@ class TrainLoopConfig:
     iterates Ray Data every epoch, ``auto`` picks memory below 1 GiB per worker."""
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the job fails."""
+    include_val: bool = False
+    """Train on train+val (``still tune --retrain-best`` refits the best config this way);
+    the reported val metrics are then on seen data."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -268,9 +268,12 @@ def _labels(values: Any, source: Source) -> np.ndarray:
 # --------------------------------------------------------------------------- in memory (plain pyarrow)
 
 
-def load_split_arrays(source: Source, temperature: float, splits: Sequence[str] = ("train", "val", "test")
-                      ) -> dict[str, dict[str, np.ndarray]]:
-    """Reads the whole source with pyarrow and returns ``{split: arrays}`` (in-process path)."""
+def load_split_arrays(source: Source, temperature: float, splits: Sequence[str] = ("train", "val", "test"),
+                      *, include_val: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Reads the whole source with pyarrow and returns ``{split: arrays}`` (in-process path).
+
+    ``include_val``: the ``train`` arrays hold the train and val rows (``train.include_val``).
+    """
     import pyarrow.parquet as pq
 
     from still.storage import resolve
@@ -289,7 +292,12 @@ def load_split_arrays(source: Source, temperature: float, splits: Sequence[str] 
             logits = dense_teacher_logits({c: table[c] for c in table.column_names}, source.num_classes)
             batch[f"t{index}"] = logits[_align(ids, other_ids, source.name)]
     arrays = convert_batch(batch, source, temperature)
-    return {name: select_split(arrays, SPLITS[name]) for name in splits}
+    return {name: select_split(arrays, _codes(name, include_val)) for name in splits}
+
+
+def _codes(split: str, include_val: bool) -> int | tuple[int, ...]:
+    """The split codes a named split selects (train+val for ``train`` with include_val)."""
+    return (SPLITS["train"], SPLITS["val"]) if split == "train" and include_val else SPLITS[split]
 
 
 def _align(ids: np.ndarray, other_ids: np.ndarray, name: str) -> np.ndarray:
@@ -302,16 +310,17 @@ def _align(ids: np.ndarray, other_ids: np.ndarray, name: str) -> np.ndarray:
     return order[pos]
 
 
-def select_split(arrays: Mapping[str, np.ndarray], code: int) -> dict[str, np.ndarray]:
-    """Keeps the rows of one split (0 train, 1 val, 2 test)."""
-    keep = arrays["split"] == code
+def select_split(arrays: Mapping[str, np.ndarray], code: int | tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Keeps the rows of one split (0 train, 1 val, 2 test), or of several."""
+    keep = np.isin(arrays["split"], code)
     return {k: np.ascontiguousarray(v[keep]) for k, v in arrays.items()}
 
 
 # --------------------------------------------------------------------------- Ray Data
 
 
-def ray_datasets(source: Source, temperature: float, *, materialize: bool) -> dict[str, Any]:
+def ray_datasets(source: Source, temperature: float, *, materialize: bool, include_val: bool = False
+                 ) -> dict[str, Any]:
     """Builds ``{"train", "val", "test"}`` Ray Data datasets of converted arrays.
 
     Args:
@@ -319,6 +328,7 @@ def ray_datasets(source: Source, temperature: float, *, materialize: bool) -> di
         temperature: T (ensemble averaging).
         materialize: Execute once now and keep the converted blocks in the object
             store (small data: no read tasks competing with train workers for CPUs).
+        include_val: ``train`` holds the train and val rows (``train.include_val``).
     """
     import ray.data
 
@@ -343,9 +353,9 @@ def ray_datasets(source: Source, temperature: float, *, materialize: bool) -> di
     if materialize:
         converted = converted.materialize()
     return {
-        name: converted.map_batches(_select_for_ray, fn_kwargs={"code": code}, batch_format="numpy",
-                                    batch_size=None, zero_copy_batch=True)
-        for name, code in SPLITS.items()
+        name: converted.map_batches(_select_for_ray, fn_kwargs={"code": _codes(name, include_val)},
+                                    batch_format="numpy", batch_size=None, zero_copy_batch=True)
+        for name in SPLITS
     }
 
 
@@ -360,7 +370,7 @@ def _convert_for_ray(table: Any, source: Source, temperature: float) -> dict[str
     return convert_batch({c: table[c] for c in table.column_names}, source, temperature)
 
 
-def _select_for_ray(batch: Mapping[str, np.ndarray], code: int) -> dict[str, np.ndarray]:
+def _select_for_ray(batch: Mapping[str, np.ndarray], code: int | tuple[int, ...]) -> dict[str, np.ndarray]:
     return select_split(batch, code)
 
 

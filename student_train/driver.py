@@ -70,6 +70,7 @@ def train_job(
     on_report: Callable[[dict[str, Any]], None] | None = None,
     in_process: bool | None = None,
     quiet: bool = False,
+    load_teacher: bool = True,
 ) -> dict[str, Any]:
     """Trains one student end to end; what ``still train`` and Tune trials run.
 
@@ -85,6 +86,8 @@ def train_job(
         in_process: Train in this process without a TorchTrainer (one worker, same
             loop); None: when ``scaling.num_workers`` is 0.
         quiet: No per-epoch lines.
+        load_teacher: False: never load the store's teacher (for its size and latency
+            figures); sweeps pass False, so no trial ever touches the teacher.
 
     Returns:
         The summary: ``run_id``, ``checkpoint``, ``student_test_accuracy``,
@@ -142,7 +145,8 @@ def train_job(
         for entry in history:
             tracker.log_metrics({k: v for k, v in entry.items() if _is_number(v) and not k.startswith("test_")},
                                 step=int(entry["epoch"]))
-        summary = _summary(cfg, source, student, final, history, paths, run_name, output_dir, teacher_payload)
+        summary = _summary(cfg, source, student, final, history, paths, run_name, output_dir, teacher_payload,
+                           load_teacher=load_teacher)
         summary["init"] = init_report
         tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if _is_number(summary.get(k))},
                             step=int(final.get("epoch", cfg.train.epochs)))
@@ -208,7 +212,7 @@ def _fit_in_process(spec: LoopSpec, checkpoint_dir: Path, tune_report: bool,
         import ray.tune
 
         callbacks.append(lambda metrics: ray.tune.report(metrics))
-    arrays = load_split_arrays(spec.source, spec.cfg.kd.temperature)
+    arrays = load_split_arrays(spec.source, spec.cfg.kd.temperature, include_val=spec.cfg.train.include_val)
     session = LocalSession(arrays, str(checkpoint_dir),
                            on_report=(lambda m: [c(m) for c in callbacks]) if callbacks else None)
     final = run_loop(spec, session)
@@ -237,7 +241,8 @@ def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: boo
     cpus = cfg.scaling.cpus_per_worker or _auto_cpus(workers, streaming=ingest == "stream")
     spec.ingest = ingest
     spec.threads = max(1, int(cpus))
-    datasets = ray_datasets(spec.source, cfg.kd.temperature, materialize=ingest == "memory")
+    datasets = ray_datasets(spec.source, cfg.kd.temperature, materialize=ingest == "memory",
+                            include_val=cfg.train.include_val)
     if ingest == "memory":
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     callbacks = []
@@ -292,7 +297,7 @@ def _auto_cpus(workers: int, *, streaming: bool) -> float:
 
 def _summary(cfg: TrainConfig, source: Source, student: torch.nn.Module, final: Mapping[str, Any],
              history: list[dict[str, Any]], paths: Mapping[str, str], run_name: str, output_dir: Path,
-             teacher_payload: Any) -> dict[str, Any]:
+             teacher_payload: Any, *, load_teacher: bool = True) -> dict[str, Any]:
     teacher_acc, teacher_params, teacher_bytes, teacher_latency = None, None, None, None
     teacher_model = None
     if source.manifests:
@@ -303,7 +308,8 @@ def _summary(cfg: TrainConfig, source: Source, student: torch.nn.Module, final: 
             teacher_acc = per_split.get("test", {}).get("accuracy")
             teacher_params = info.get("params")
             teacher_bytes = info.get("bytes")
-        teacher_model = _load_teacher_if_present(info.get("uri")) if len(source.manifests) == 1 else None
+        if load_teacher and len(source.manifests) == 1:
+            teacher_model = _load_teacher_if_present(info.get("uri"))
     elif teacher_payload is not None:
         teacher_model = teacher_payload.load()
     if teacher_acc is None:
