@@ -40,5 +40,7 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
         kwargs["num_cpus"] = config.num_cpus
     # The dashboard is what cleans up a finished trial's placement group in Tune
     # (RAY-NOTES.md); keep it, bound to loopback only.
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    # address="local": start our own; a bare ray.init() would join the newest Ray instance
+    # it finds on this machine (another user's or another test run's).
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return "local"

@@ -19,7 +19,10 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # address="local": always a fresh cluster, never another process's (ray.init() with no
+        # address joins the newest Ray instance it finds on the machine).
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
     yield ray
     ray.shutdown()
 
