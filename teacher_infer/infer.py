@@ -349,6 +349,8 @@ def _probe(config: InferConfig, spec: Any, teacher: Any) -> str:
             f"teacher {config.teacher.uri!r} fails on inputs of shape {tuple(spec.input_shape)} from "
             f"{spec.name!r}: {str(exc).splitlines()[0][:150]}"
         ) from None
+    finally:
+        predictor.close()
     if logits.shape[1] != spec.num_classes:
         raise StillError(
             f"teacher {config.teacher.uri!r} outputs {logits.shape[1]} classes but dataset {spec.name!r} "

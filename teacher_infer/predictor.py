@@ -80,10 +80,11 @@ class TeacherPredictor:
         self.feature_layer = feature_layer
         self._captured: list[torch.Tensor] = []
         self._feature_method = None
+        self._hooks: list[Any] = []
         if feature_layer:
             modules = dict(model.named_modules()) if hasattr(model, "named_modules") else {}
             if feature_layer in modules and not isinstance(model, torch.jit.ScriptModule):
-                modules[feature_layer].register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+                self._hooks.append(modules[feature_layer].register_forward_hook(self._capture))
             elif callable(getattr(model, feature_layer, None)):
                 self._feature_method = getattr(model, feature_layer)
             else:
@@ -91,6 +92,15 @@ class TeacherPredictor:
                     f"teacher.feature_layer={feature_layer!r} is neither a submodule nor a method of the teacher "
                     f"(submodules: {', '.join(n for n in modules if n) or 'none'})"
                 )
+
+    def _capture(self, _module: Any, _inputs: Any, output: Any) -> None:
+        self._captured.append(output)
+
+    def close(self) -> None:
+        """Removes the forward hooks this predictor put on the model."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _autocast(self):
         if self.device.type == "cuda":

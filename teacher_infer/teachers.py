@@ -59,11 +59,14 @@ class Teacher:
         buffer = io.BytesIO()
         if self.form == "torchscript":
             torch.jit.save(self.model, buffer)
-        elif self.form == "export":
+            form = "torchscript"
+        elif self._exported is not None:
             torch.export.save(self._exported, buffer)
+            form = "export"
         else:
             torch.save(self.model, buffer)
-        return TeacherPayload(self.form, buffer.getvalue(), self.fingerprint)
+            form = "module"
+        return TeacherPayload(form, buffer.getvalue(), self.fingerprint)
 
     _exported: Any = None
 
@@ -163,12 +166,21 @@ class _NotThisForm(Exception):
     pass
 
 
+def _torch_load(data: bytes) -> Any:
+    """``torch.load(weights_only=True)``, quiet about TorchScript archives (tried next)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def _try_checkpoint(uri: str, data: bytes) -> Teacher:
     from still.checkpoints import FORMAT
     from still.models import build_model
 
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        payload = _torch_load(data)
     except Exception as exc:  # not a torch.save zip, or one with foreign objects
         raise _NotThisForm(type(exc).__name__) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -211,12 +223,28 @@ _FILE_LOADERS: list[tuple[str, Callable[[str, bytes], Teacher]]] = [
 
 
 def _load_mlflow(uri: str) -> Teacher:
+    """Loads an MLflow PyTorch model (pickle or pt2 serialisation; MLflow 3 defaults to pt2)."""
+    import glob
+    import os
+    import tempfile
+
     try:
+        import mlflow.artifacts
         import mlflow.pytorch
     except ImportError:  # pragma: no cover - mlflow is a dependency
         raise StillError(f"teacher.uri {uri!r} needs mlflow installed") from None
     try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        with tempfile.TemporaryDirectory(prefix="still-teacher-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            pt2 = glob.glob(os.path.join(local, "data", "model.pt2"))
+            if pt2:
+                with open(pt2[0], "rb") as handle:
+                    teacher = _try_export(uri, handle.read())
+                teacher.form = "mlflow"
+                return teacher
+            model = mlflow.pytorch.load_model(local, map_location="cpu")
+    except _NotThisForm as exc:
+        raise StillError(f"teacher.uri {uri!r}: unreadable pt2 model in MLflow ({exc})") from None
     except Exception as exc:  # MlflowException, OSError…: report the URI, one line
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise StillError(f"teacher.uri {uri!r}: cannot load MLflow model ({first})") from None
@@ -231,7 +259,7 @@ def teacher_fingerprint(uri: str) -> str:
     if not is_mlflow_uri(uri):
         data = _read_bytes(uri)
         try:
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            payload = _torch_load(data)
         except Exception:  # not a checkpoint: fall back to loading the model
             payload = None
         from still.checkpoints import FORMAT

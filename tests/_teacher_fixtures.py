@@ -1,0 +1,62 @@
+"""Helpers shared by the teacher_infer tests: a quickly trained digits teacher, synthetic data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from still.checkpoints import save_checkpoint
+from still.models import build_model
+
+
+def train_digits_teacher(path: Path, steps: int = 300, num_classes: int = 10) -> Path:
+    """Trains a small MLP on builtin:digits with plain torch (about a second) and saves it."""
+    from still.config import DataConfig
+    from still.datasets import load_arrays, resolve_dataset
+
+    spec = resolve_dataset(DataConfig(source="builtin:digits"))
+    _, x, y = load_arrays(spec, splits=("train", "val", "test"))
+    torch.manual_seed(0)
+    args = {"input_shape": list(spec.input_shape), "num_classes": num_classes, "width": 64, "depth": 1}
+    model = build_model("mlp", **args)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y) % num_classes
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xs), (128,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(str(path), model.eval(), "mlp", args, {"input_scale": spec.input_scale})
+    return path
+
+
+def synthetic_parquet(directory: Path, rows: int, features: int = 784, classes: int = 10,
+                      row_group_size: int = 5000, seed: int = 0) -> Path:
+    """Writes a uint8 feature dataset (id, features fixed_size_list<uint8>, label)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (rows, features), dtype=np.uint8)
+    table = pa.table({
+        "id": np.arange(rows, dtype=np.int64),
+        "features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), features),
+        "label": rng.integers(0, classes, rows).astype(np.int64),
+    })
+    pq.write_table(table, directory / "part-0.parquet", row_group_size=row_group_size)
+    return directory
+
+
+def still_cli(args: list[str], cwd: Path, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``still ARGS`` in a subprocess (tracking into cwd's sqlite)."""
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "still.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,111 @@
+"""Teachers from all four forms, fingerprints, and TeacherPredictor on plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _teacher_fixtures import train_digits_teacher
+from still.checkpoints import load_checkpoint
+from still.errors import StillError
+from teacher_infer.predictor import TeacherPredictor
+from teacher_infer.store import dense_teacher_logits
+from teacher_infer.teachers import load_teacher, teacher_fingerprint
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    return train_digits_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", steps=50)
+
+
+def _reference(ckpt, x):
+    model, _ = load_checkpoint(str(ckpt))
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_checkpoint_torchscript_export_forms(teacher_ckpt, tmp_path):
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    expected = _reference(teacher_ckpt, x)
+    teacher = load_teacher(str(teacher_ckpt))
+    assert teacher.form == "checkpoint" and len(teacher.fingerprint) == 64
+    assert teacher_fingerprint(str(teacher_ckpt)) == teacher.fingerprint
+    model, _ = load_checkpoint(str(teacher_ckpt))
+    scripted = tmp_path / "teacher.ts"
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 64)), str(scripted))
+    exported = tmp_path / "teacher.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 64),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)),
+                      str(exported))
+    for path, form in ((scripted, "torchscript"), (exported, "export")):
+        loaded = load_teacher(str(path))
+        assert loaded.form == form
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded.model(torch.from_numpy(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+        # the same weights and architecture in a renamed copy: same fingerprint
+        copy = tmp_path / f"copy-{path.name}"
+        copy.write_bytes(path.read_bytes())
+        assert load_teacher(str(copy)).fingerprint == loaded.fingerprint
+        # payload round trip (what Ray workers get)
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded.payload().load()(torch.from_numpy(x)).numpy(), expected, atol=1e-5)
+
+
+def test_mlflow_runs_and_models_alias(teacher_ckpt, tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("teachers")
+    model, _ = load_checkpoint(str(teacher_ckpt))
+    # MLflow 3 saves torch models as pt2 by default; a batch of 2 keeps the batch dim dynamic
+    example = np.zeros((2, 64), dtype=np.float32)
+    with mlflow.start_run() as run:
+        info = mlflow.pytorch.log_model(model, name="teacher", input_example=example,
+                                        registered_model_name="digits-teacher", pip_requirements=["torch"])
+    mlflow.MlflowClient(uri).set_registered_model_alias("digits-teacher", "champion", info.registered_model_version)
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    expected = _reference(teacher_ckpt, x)
+    fingerprints = set()
+    for model_uri in (f"runs:/{run.info.run_id}/teacher", "models:/digits-teacher@champion"):
+        loaded = load_teacher(model_uri)
+        assert loaded.form == "mlflow"
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded.model(torch.from_numpy(x)).numpy(), expected, atol=1e-5)
+            np.testing.assert_allclose(loaded.payload().load()(torch.from_numpy(x)).numpy(), expected, atol=1e-5)
+        fingerprints.add(loaded.fingerprint)
+    assert len(fingerprints) == 1
+    with pytest.raises(StillError, match="models:/digits-teacher@nope"):
+        load_teacher("models:/digits-teacher@nope")
+
+
+def test_not_a_model(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello")
+    with pytest.raises(StillError, match=r"notes\.txt.*is not a model"):
+        load_teacher(str(junk))
+    with pytest.raises(StillError, match="does not exist"):
+        load_teacher(str(tmp_path / "missing.pt"))
+
+
+def test_predictor_on_numpy(teacher_ckpt):
+    teacher = load_teacher(str(teacher_ckpt))
+    raw = np.random.default_rng(2).integers(0, 17, (20, 64)).astype(np.uint8)
+    expected = _reference(teacher_ckpt, raw.astype(np.float32) / 16)
+    labels = expected.argmax(1)
+    dense = TeacherPredictor(teacher.payload(), (64,), 1 / 16, mode="dense", dtype="float32")
+    out = dense({"id": np.arange(20), "input": raw, "label": labels})
+    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert out["_correct"].tolist() == [1.0] * 20 and out["id"].tolist() == list(range(20))
+    topk = TeacherPredictor(teacher, (64,), 1 / 16, mode="topk", k=3, dtype="float16", feature_layer="body")
+    out = topk({"input": raw})
+    assert out["topk_idx"].shape == (20, 3) and out["topk_idx"].dtype == np.int32
+    assert out["topk_logit"].dtype == np.float16 and out["features"].shape == (20, 64)
+    assert (out["topk_idx"][:, 0] == labels).all()
+    rebuilt = dense_teacher_logits(out, 10)
+    assert (rebuilt.argmax(1) == labels).all()
+    by_method = TeacherPredictor(teacher, (64,), 1 / 16, mode="dense", dtype="float32", feature_layer="features")
+    np.testing.assert_allclose(by_method({"input": raw})["features"], out["features"], rtol=1e-2, atol=1e-2)
+    with pytest.raises(StillError, match="feature_layer='nope'"):
+        TeacherPredictor(teacher, (64,), 1 / 16, feature_layer="nope")
