@@ -71,6 +71,7 @@ def train_job(
     in_process: bool | None = None,
     quiet: bool = False,
     load_teacher: bool = True,
+    log_model: bool = True,
 ) -> dict[str, Any]:
     """Trains one student end to end; what ``still train`` and Tune trials run.
 
@@ -88,6 +89,8 @@ def train_job(
         quiet: No per-epoch lines.
         load_teacher: False: never load the store's teacher (for its size and latency
             figures); sweeps pass False, so no trial ever touches the teacher.
+        log_model: False: skip the MLflow model (``mlflow.pytorch.log_model`` infers pip
+            requirements, ~10 s); sweep trials keep only the still checkpoint.
 
     Returns:
         The summary: ``run_id``, ``checkpoint``, ``student_test_accuracy``,
@@ -151,7 +154,9 @@ def train_job(
         tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if _is_number(summary.get(k))},
                             step=int(final.get("epoch", cfg.train.epochs)))
         tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "summary.json")
-        logged = log_mlflow_model(tracker, student, source.input_shape, cfg.register.name, cfg.register.alias)
+        logged = {"model_uri": None, "registered_version": None}
+        if log_model:
+            logged = log_mlflow_model(tracker, student, source.input_shape, cfg.register.name, cfg.register.alias)
         summary["run_id"] = tracker.run_id or None
         summary["model_uri"] = logged["model_uri"]
         summary["registered_version"] = logged["registered_version"]
