@@ -1,0 +1,105 @@
+"""Bad inputs to still infer / still store through the real CLI: one-line errors, nothing lost.
+
+Every case runs ``still`` in a subprocess and checks: non-zero exit, one stderr line that
+names the bad input, and an existing good store in the same root untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from _teacher_fixtures import still_cli, synthetic_parquet, train_digits_teacher
+from teacher_infer import store as st
+from test_store_reader import _write_tiny_store
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("still: error:")]
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad")
+    teacher = train_digits_teacher(base / "teacher.pt", steps=20)
+    teacher5 = train_digits_teacher(base / "teacher5.pt", steps=20, num_classes=5)
+    root = base / "stores"
+    _write_tiny_store(root / "goodstore")
+    (base / "notes.txt").write_text("not a model")
+    (base / "garbage").mkdir()
+    (base / "garbage" / "x.parquet").write_bytes(b"this is not parquet")
+    synthetic_parquet(base / "small", rows=50, features=64)
+    return base, teacher, teacher5, root
+
+
+CASES = {
+    "missing dataset": (["data.source={base}/nowhere", "teacher.uri={teacher}"], "nowhere"),
+    "unreadable dataset": (["data.source={base}/garbage", "teacher.uri={teacher}"], "garbage"),
+    "missing label column": (["data.source={base}/small", "data.label_column=target", "teacher.uri={teacher}"],
+                             "target"),
+    "teacher not a model": (["teacher.uri={base}/notes.txt"], "notes.txt"),
+    "teacher output size": (["teacher.uri={teacher5}"], "outputs 5 classes"),
+    "k > classes": (["teacher.uri={teacher}", "store.k=11"], "store.k=11"),
+}
+
+
+@pytest.mark.timeout(200)
+def test_bad_infer_inputs(workspace):
+    base, teacher, teacher5, root = workspace
+    before = _tree_digest(root)
+    for name, (overrides, expected) in CASES.items():
+        args = [o.format(base=base, teacher=teacher, teacher5=teacher5) for o in overrides]
+        if not any(a.startswith("data.source=") for a in args):
+            args.append("data.source=builtin:digits")
+        result = still_cli(["infer", *args, f"store.root={root}", "tracking.enabled=false"], cwd=base)
+        line = _error_line(result)
+        assert expected in line, (name, line)
+        assert _tree_digest(root) == before, f"{name}: the store root changed"
+    assert st.verify_store(str(root / "goodstore"))["ok"]
+
+
+@pytest.mark.timeout(120)
+def test_bad_store_uris(workspace):
+    base, _, _, root = workspace
+    (base / "notastore").mkdir(exist_ok=True)
+    incomplete = base / "incomplete"
+    incomplete.mkdir(exist_ok=True)
+    shutil.copy(root / "goodstore" / "part-00000.parquet", incomplete / "part-00000.parquet")
+    for uri, expected in ((base / "notastore", "not a store"), (incomplete, "incomplete"),
+                          (base / "absent", "does not exist")):
+        for action in ("inspect", "verify"):
+            result = still_cli(["store", action, str(uri)], cwd=base)
+            assert result.returncode != 0
+            line = result.stderr.strip().splitlines()[-1] if action == "inspect" else result.stderr
+            assert str(uri) in line and expected in line, (action, result.stderr)
+    corrupt = base / "corrupt"
+    shutil.copytree(root / "goodstore", corrupt, dirs_exist_ok=True)
+    shard = corrupt / "part-00000.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[100:110] = b"\x00" * 10
+    shard.write_bytes(bytes(raw))
+    result = still_cli(["store", "verify", str(corrupt), "--json"], cwd=base)
+    assert result.returncode == 1
+    assert str(corrupt) in result.stderr and "checksum" in result.stderr
+    good = still_cli(["store", "verify", str(root / "goodstore"), "--json"], cwd=base)
+    assert good.returncode == 0 and '"ok": true' in good.stdout.splitlines()[-1]
+    inspect = still_cli(["store", "inspect", str(root / "goodstore")], cwd=base)
+    assert inspect.returncode == 0 and "rows: 10" in inspect.stdout

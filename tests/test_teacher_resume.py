@@ -1,0 +1,77 @@
+"""Resume: kill -9 a real ``still infer`` mid-run, rerun, and get every id exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from _teacher_fixtures import synthetic_parquet
+from still.checkpoints import save_checkpoint
+from still.config import load_config
+from still.models import build_model
+from teacher_infer import store as st
+from teacher_infer.config import InferConfig
+from teacher_infer.infer import run_infer
+
+
+@pytest.mark.timeout(240)
+def test_kill_dash_nine_then_resume(ray_cluster, tmp_path):
+    import torch
+
+    data = synthetic_parquet(tmp_path / "data", rows=30_000, features=784)
+    torch.manual_seed(0)
+    args = {"input_shape": [784], "num_classes": 10, "width": 1500, "depth": 3}
+    teacher = save_checkpoint(str(tmp_path / "teacher.pt"), build_model("mlp", **args), "mlp", args)
+    root = tmp_path / "stores"
+    overrides = [f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk",
+                 "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "still.cli", "infer", *overrides, "ray.num_cpus=2"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 150
+    parts: list = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            parts = list(root.glob("*/part-*.parquet"))
+            if len(parts) >= 4:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "still infer finished before it could be killed"
+        assert len(parts) >= 4, "no shards appeared in time"
+        proc.send_signal(signal.SIGKILL)  # kill -9 of the driver, mid-run
+        proc.wait(timeout=30)
+    finally:
+        # the embedded Ray cluster this driver started lives in its session: end what is left
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(1.0)
+    (store_dir,) = list(root.iterdir())
+    killed_parts = sorted(store_dir.glob("part-*.parquet"))
+    assert not (store_dir / st.MANIFEST_NAME).exists()
+    with pytest.raises(Exception, match="incomplete"):
+        st.open_store(str(store_dir))
+    for part in killed_parts:  # only complete shards are ever visible under part-* names
+        assert pq.read_metadata(part).num_rows == 500
+    planned = 30_000 // 500
+    assert 4 <= len(killed_parts) < planned
+
+    summary = run_infer(load_config(InferConfig, None, overrides))
+    assert summary["rows"] == 30_000 and summary["store"] == str(store_dir)
+    assert summary["shards_resumed"] >= len(killed_parts)
+    assert summary["shards_written"] + summary["shards_resumed"] == planned
+    assert summary["shards_written"] < planned  # the rerun wrote only the missing shards
+    result = st.verify_store(str(store_dir))
+    assert result["ok"], result["problems"]
+    ids = st.open_store(str(store_dir)).read_table(["id"])["id"].to_numpy()
+    assert np.array_equal(np.sort(ids), np.arange(30_000))  # every id exactly once
+    assert not list(store_dir.glob(".tmp-*")) and not (store_dir / st.PLAN_NAME).exists()
