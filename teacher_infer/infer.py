@@ -445,7 +445,7 @@ def infer_shard(
     outputs = {name: np.concatenate(parts) for name, parts in chunks.items()}
     features = outputs.pop("features", None)
     result = st.build_table(
-        ids, labels, splits, outputs,
+        ids, labels if labeled else labels_col, splits, outputs,
         inputs=_input_column(table[spec.feature_column], raw) if include_inputs else None,
         features=features,
     )

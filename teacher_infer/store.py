@@ -272,6 +272,16 @@ def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), width)
 
 
+def _label_array(labels: Any, n: int) -> pa.Array:
+    if labels is None:
+        return pa.nulls(n, pa.int64())
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks()
+    if isinstance(labels, pa.Array):
+        return labels.cast(pa.int64())
+    return pa.array(np.asarray(labels, dtype=np.int64))
+
+
 def build_table(
     ids: Any,
     labels: np.ndarray | None,
@@ -284,7 +294,7 @@ def build_table(
 
     Args:
         ids: int64 or string ids (numpy or Arrow).
-        labels: int64 labels, or None when the data has none (a null column).
+        labels: int64 labels (numpy, or Arrow with nulls kept), or None (a null column).
         splits: int8 split codes.
         outputs: :func:`compress` output.
         inputs: Raw inputs: an Arrow fixed_size_list column (passed through as is)
@@ -298,7 +308,7 @@ def build_table(
     columns: dict[str, Any] = {
         "id": id_array,
         "view": pa.array(np.zeros(n, dtype=np.int16)),
-        "label": pa.array(np.asarray(labels, dtype=np.int64)) if labels is not None else pa.nulls(n, pa.int64()),
+        "label": _label_array(labels, n),
         "split": pa.array(np.asarray(splits, dtype=np.int8)),
     }
     if inputs is not None:

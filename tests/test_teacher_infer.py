@@ -37,7 +37,7 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
     ]
     keys = set()
     for overrides, value_type, out_columns in cases:
-        summary = run = infer_mod.run_infer(_config(teacher_ckpt, root, *overrides))
+        summary = infer_mod.run_infer(_config(teacher_ckpt, root, *overrides))
         assert summary["rows"] == 1797 and summary["cache_hit"] is False
         assert summary["teacher_accuracy"] > 0.8
         keys.add(summary["key"])
@@ -61,9 +61,8 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
         assert sum(v["rows"] for v in metrics["per_split"].values()) == 1797
         assert all(s["sha256"] and s["rows"] for s in m["shards"]) and m["bytes_per_row"] > 0
         assert st.verify_store(store.uri)["ok"]
-        full = st.dense_teacher_logits(table.to_pydict() if False else {c: table[c] for c in table.column_names}, 10)
+        full = st.dense_teacher_logits({c: table[c] for c in table.column_names}, 10)
         assert (full.argmax(1) == table["label"].to_numpy()).mean() == pytest.approx(metrics["accuracy"])
-        del run
     assert len(keys) == 3
     # the top-k store computed its metrics from the FULL logits: same as the dense store's
     dense = st.open_store(str(root / sorted(keys)[0])).manifest["teacher_metrics"]
