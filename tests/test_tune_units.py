@@ -54,7 +54,7 @@ def test_defaults_and_sections():
     check_sections_cover_train_config()
     cfg = _cfg()
     assert cfg.tune.searcher == "random" and cfg.tune.metric == "val_accuracy"
-    assert cfg.tune.resolved_mode == "max" and _cfg("tune.metric=val_loss").tune.resolved_mode == "min"
+    assert cfg.tune.resolved_mode == "max" and _cfg("tune.metric=val_nll").tune.resolved_mode == "min"
     assert cfg.tune.trial_mode == "in_process" and cfg.scaling.num_workers == (1,)
     assert cfg.sweep_name.startswith("sweep-") and cfg.sweep_name == _cfg("tune.resume=true").sweep_name
     assert cfg.sweep_name != _cfg("space.width=[8]").sweep_name
@@ -66,7 +66,7 @@ def test_defaults_and_sections():
     "override, message",
     [
         ("tune.searcher=bayes", "tune.searcher must be one of 'grid', 'random', 'optuna'; got 'bayes'"),
-        ("tune.metric=val_f1", "tune.metric must be one of val_accuracy, val_loss; got 'val_f1'"),
+        ("tune.metric=val_f1", "tune.metric must be one of val_accuracy, val_nll; got 'val_f1'"),
         ("tune.num_samples=0", "tune.num_samples must be >= 1, got 0"),
         ("tune.reduction_factor=1", "tune.reduction_factor must be > 1"),
         ("tune.grace_period=20", "tune.grace_period (20) must be <= train.epochs (10)"),
@@ -233,14 +233,16 @@ class _Trial:
 
 
 def test_trial_names_are_deterministic_and_resume_continues(tmp_path):
-    namer = TrialNamer(str(tmp_path))
-    assert [namer(_Trial(i)) for i in ("a", "b", "a")] == ["trial-0000", "trial-0001", "trial-0000"]
-    (tmp_path / "trial-0000").mkdir()
-    (tmp_path / "experiment_state-x.json").write_text(json.dumps({"trials": ["trial-0003"]}))
+    import copy
     import pickle
 
-    restored = pickle.loads(pickle.dumps(namer))
-    assert restored(_Trial("c")) == "trial-0004"
+    namer = TrialNamer(str(tmp_path))
+    assert [namer(_Trial(i)) for i in ("a", "b", "a")] == ["trial-0000", "trial-0001", "trial-0000"]
+    assert copy.deepcopy(namer)(_Trial("c")) == "trial-0002"  # copies share the count
+    (tmp_path / "trial-0000").mkdir()
+    (tmp_path / "experiment_state-x.json").write_text(json.dumps({"trials": ["trial-0003"]}))
+    TrialNamer.forget(str(tmp_path))  # a resumed sweep recounts from disk
+    assert pickle.loads(pickle.dumps(namer))(_Trial("d")) == "trial-0004"
 
 
 def test_trial_train_config(tmp_path):

@@ -43,7 +43,7 @@ from student_train.config import (
 )
 
 # Metrics every trial reports once per epoch, with the direction that is better.
-METRICS: dict[str, str] = {"val_accuracy": "max", "val_loss": "min"}
+METRICS: dict[str, str] = {"val_accuracy": "max", "val_nll": "min"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class TuneSection:
     num_samples: int = 8
     """Trials for random/optuna; repetitions of the whole grid for grid."""
     metric: str = "val_accuracy"
-    """The per-epoch metric that ASHA and the best-trial choice use: val_accuracy or val_loss."""
+    """The per-epoch metric that ASHA and the best-trial choice use: val_accuracy or val_nll."""
     mode: Literal["", "max", "min"] = ""
     """Whether the metric is better high or low; empty: the metric's natural mode."""
     scheduler: Literal["asha", "none"] = "asha"

@@ -21,9 +21,10 @@ experiment folder, one ``trial-NNNN`` folder per trial: what resume reads),
 MLflow: one parent run per sweep (tags ``still.sweep``, ``store.key``; the resolved
 config as params; the table, plot and results as artifacts) and one child run per
 trial (tag ``mlflow.parentRunId``, per-epoch metrics, opened by the trial). Trials
-that ASHA stops are killed mid-run, so their child runs would stay RUNNING; the
-:class:`EndChildRuns` callback ends them (FINISHED, tag ``still.stopped_early``) as
-each trial completes, and a final pass ends any left over.
+that ASHA stops are cut off mid-run, so their child runs would stay RUNNING without
+their epoch history; :func:`finish_child_runs` logs the history from Tune's records
+and ends them (FINISHED, tag ``still.stopped_early``) once Tune has stopped every
+trial actor, so no trial process can still write to them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ STATE_FILE = "sweep_state.json"
 TRIALS_DIR = "trials"
 SWEEP_TAG = "still.sweep"
 STORE_KEY_TAG = "store.key"
+STOPPED_TAG = "still.stopped_early"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +165,8 @@ class ParentRun:
         uri = tracking_uri(config.tracking)
         check_reachable(uri)
         self.uri = uri
-        self.experiment_id = ensure_experiment(uri, experiment_name(config.tracking, DEFAULT_EXPERIMENT))
+        self.experiment_name = experiment_name(config.tracking, DEFAULT_EXPERIMENT)
+        self.experiment_id = ensure_experiment(uri, self.experiment_name)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         state_file = plan.output_dir / STATE_FILE
         previous = _read_json(state_file).get("parent_run_id", "") if config.tune.resume else ""
@@ -202,6 +205,13 @@ class ParentRun:
             query += f" and attributes.status = '{status}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=5000)
 
+    def end_running_children(self, status: str) -> int:
+        """Ends every RUNNING child run with ``status``; returns how many."""
+        runs = self.children("RUNNING")
+        for run in runs:
+            self.client.set_terminated(run.info.run_id, status=status)
+        return len(runs)
+
     def end(self, status: str) -> None:
         """Ends the parent run with ``status`` (FINISHED, FAILED, KILLED)."""
         if self.enabled:
@@ -211,15 +221,33 @@ class ParentRun:
 # ------------------------------------------------------------------ Tuner
 
 
-def _trainable(config: TuneConfig, plan: SweepPlan, parent_run_id: str) -> Any:
+def trial_base(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> dict[str, Any]:
+    """The base TrainConfig of every trial, as a dict, made independent of the driver's
+    process: absolute store/teacher paths (trials run in their own folders), and the
+    parent run's tracking URI and experiment (workers may not share the driver's env)."""
+    from still.config import replace
+    from still.storage import resolve
+
+    changes: dict[str, Any] = {}
+    if plan.store_uri:
+        changes["store.uri"] = [resolve(plan.store_uri).uri]
+    if config.kd.online_teacher and "://" not in config.kd.online_teacher:
+        changes["kd.online_teacher"] = resolve(config.kd.online_teacher).uri
+    if parent.enabled:
+        changes["tracking.uri"] = parent.uri
+        changes["tracking.experiment"] = parent.experiment_name
+    return to_dict(replace(config.base_train_config(), changes))
+
+
+def _trainable(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> Any:
     from ray import tune
 
     from tuning.trainable import TrialSpec, run_trial
 
     spec = TrialSpec(
-        base=to_dict(config.base_train_config()),
+        base=trial_base(config, plan, parent),
         sweep_name=plan.name,
-        parent_run_id=parent_run_id,
+        parent_run_id=parent.run_id,
         trial_mode=config.tune.trial_mode,
         models_dir=str(plan.output_dir / "models"),
     )
@@ -238,11 +266,11 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from tuning.callbacks import EndChildRuns
     from tuning.trainable import TrialNamer
 
-    trainable = _trainable(config, plan, parent.run_id)
+    trainable = _trainable(config, plan, parent)
     experiment_dir = plan.experiment_dir
+    TrialNamer.forget(str(experiment_dir))  # recount from what is on disk
     if config.tune.resume and tune.Tuner.can_restore(str(experiment_dir)):
         print(f"still tune: resuming {experiment_dir} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True,
@@ -258,7 +286,6 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun) -> Any:
     else:
         scheduler = FIFOScheduler()
     namer = TrialNamer(str(experiment_dir))
-    callbacks = [EndChildRuns(parent.uri, parent.experiment_id, parent.run_id, plan.name)] if parent.enabled else []
     return tune.Tuner(
         trainable,
         param_space=param_space(plan.dims, config.tune.searcher),
@@ -271,11 +298,13 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun) -> Any:
             num_samples=config.tune.num_samples,
             trial_name_creator=namer,
             trial_dirname_creator=namer,
+            # One actor process runs trial after trial: imports (torch, mlflow) are paid
+            # once per actor, not per trial (ASHA-stopped trials exit at their next report).
+            reuse_actors=config.tune.trial_mode == "in_process",
         ),
         run_config=tune.RunConfig(
             name=TRIALS_DIR,
             storage_path=str(plan.output_dir),
-            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -322,7 +351,7 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
         else:
             status = "unfinished"
             unfinished += 1
-        epochs = last.get("epoch", last.get("training_iteration", 0) - (1 if last.get("finished") else 0))
+        epochs = last.get("epochs") or last.get("epoch") or last.get("training_iteration")
         row = {
             "trial": str(trial),
             "temperature": params.get("temperature", base.kd.temperature),
@@ -331,16 +360,67 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
             "lr": params.get("lr"),
             "params": int(last.get("student_params") or _student_params(config, plan, width, size_cache)),
             "val_accuracy": _num(last.get("val_accuracy")),
-            "val_loss": _num(last.get("val_loss")),
+            "val_nll": _num(last.get("val_nll")),
             "test_accuracy": _num(last.get("test_accuracy", last.get("student_test_accuracy"))),
             "test_errors": last.get("test_errors"),
             "epochs": int(epochs) if epochs is not None else None,
             "status": status,
             "run_id": last.get("run_id", ""),
+            "teacher_loader_imported": bool(last.get("teacher_loader_imported", 0)),
         }
         rows.append(row)
     rows.sort(key=lambda r: r["trial"])
     return rows, unfinished
+
+
+# Per-epoch metrics of the training loop that a stopped trial's run gets.
+EPOCH_METRICS = ("train_loss", "train_ce", "train_kl", "train_hint", "val_accuracy", "val_nll", "agreement",
+                 "epoch_s", "samples_per_s")
+
+
+def finish_child_runs(parent: ParentRun, plan: SweepPlan, rows: list[dict[str, Any]]) -> None:
+    """Gives every trial's child run its final state, after Tune has stopped all trial actors.
+
+    A completed trial closed its own run. A trial that ASHA stopped was cut off before
+    its job logged the epoch history and ended the run (left RUNNING, or FAILED by the
+    stop's exit): its history is logged here from Tune's records (step = epoch) and the
+    run ends FINISHED with tag ``still.stopped_early=true``; errored trials end FAILED.
+    Anything else still RUNNING (a trial interrupted and rerun) ends KILLED.
+    """
+    from mlflow.entities import Metric, RunTag
+    from ray.tune import ExperimentAnalysis
+
+    by_name: dict[str, list[Any]] = {}
+    for run in parent.children():
+        by_name.setdefault(run.info.run_name, []).append(run)
+    frames: dict[str, Any] = {}
+    analysis = None
+    for row in rows:
+        if row["status"] not in ("stopped", "error"):
+            continue
+        runs = sorted(by_name.get(f"{plan.name}-{row['trial']}", []), key=lambda r: r.info.start_time)
+        if not runs:
+            continue
+        run = runs[-1]
+        if row["status"] == "stopped":
+            if analysis is None:
+                analysis = ExperimentAnalysis(str(plan.experiment_dir))
+                frames = {Path(path).name: frame for path, frame in analysis.trial_dataframes.items()}
+            frame = frames.get(row["trial"])
+            if frame is not None and "val_accuracy" not in run.data.metrics and "epoch" in frame:
+                now = int(time.time() * 1000)
+                metrics = [Metric(key, float(value), now, int(epoch))
+                           for epoch, record in zip(frame["epoch"], frame.to_dict("records"))
+                           for key, value in record.items()
+                           if key in EPOCH_METRICS and _num(value) is not None and value == value]
+                for start in range(0, len(metrics), 500):
+                    parent.client.log_batch(run.info.run_id, metrics=metrics[start:start + 500])
+            parent.client.log_batch(run.info.run_id, tags=[RunTag(STOPPED_TAG, "true"),
+                                                           RunTag("still.epochs_run", str(row["epochs"]))])
+            parent.client.set_terminated(run.info.run_id, status="FINISHED")
+        else:
+            parent.client.set_terminated(run.info.run_id, status="FAILED")
+    parent.end_running_children("KILLED")
 
 
 def _num(value: Any) -> float | None:
@@ -382,12 +462,16 @@ def retrain_best(config: TuneConfig, plan: SweepPlan, best_row: dict[str, Any], 
 
     from tuning.trainable import TrialSpec, trial_train_config
 
-    spec = TrialSpec(base=to_dict(config.base_train_config()), sweep_name=plan.name,
+    spec = TrialSpec(base=trial_base(config, plan, parent), sweep_name=plan.name,
                      parent_run_id=parent.run_id, trial_mode=config.tune.trial_mode,
                      models_dir=str(plan.output_dir))
+    from still.config import replace
+
     params = {k: best_row[k] for k in CONFIG_KEYS if best_row.get(k) is not None}
-    cfg = trial_train_config(spec, params, "best")
-    summary = train_job(cfg, run_name=cfg.train.name, parent_run_id=parent.run_id, include_val=True)
+    cfg = replace(trial_train_config(spec, params, "best"), {"train.include_val": True})
+    print(f"still tune: retraining the best config ({best_row['trial']}) on train+val", flush=True)
+    summary = train_job(cfg, run_name=cfg.train.name, parent_run_id=parent.run_id,
+                        in_process=config.tune.trial_mode == "in_process", load_teacher=False)
     if parent.enabled:
         parent.client.set_tag(parent.run_id, "still.best_model_run_id", summary.get("run_id", ""))
         if summary.get("checkpoint") and Path(str(summary["checkpoint"])).is_file():
@@ -415,7 +499,6 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     """
     from still.ray_setup import init_ray
 
-    from tuning.callbacks import end_running_children
     from tuning.report import format_table, pareto_front, plot_pareto
 
     started = time.monotonic()
@@ -432,12 +515,12 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     try:
         if parent.enabled and config.tune.resume:
             # Trials interrupted last time restart from scratch with a new child run.
-            end_running_children(parent.uri, parent.experiment_id, parent.run_id, status="KILLED", stopped=False)
+            parent.end_running_children("KILLED")
         tuner = build_tuner(config, plan, parent)
         tuner.fit()
         rows, unfinished = collect_rows(config, plan)
         if parent.enabled:
-            end_running_children(parent.uri, parent.experiment_id, parent.run_id)
+            finish_child_runs(parent, plan, rows)
         if unfinished:
             status = "KILLED"
             raise StillError(
@@ -497,7 +580,7 @@ def _best_summary(rows: list[dict[str, Any]], best: int | None, metric: str) -> 
         return {}
     row = rows[best]
     config = {CONFIG_KEYS[k]: row[k] for k in CONFIG_KEYS if row.get(k) is not None}
-    metrics = {k: row[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "params", "epochs")
+    metrics = {k: row[k] for k in ("val_accuracy", "val_nll", "test_accuracy", "params", "epochs")
                if row.get(k) is not None}
     result = {"trial": row["trial"], "config": config, "metrics": metrics, "metric": metric}
     if row.get("test_errors") is not None:

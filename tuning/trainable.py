@@ -34,7 +34,7 @@ import dataclasses
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from still.config import build_dataclass, replace
 
@@ -44,25 +44,22 @@ TRIAL_PREFIX = "trial-"
 _TRIAL_RE = re.compile(r"trial-(\d{4,})")
 
 
+# experiment folder -> (next number, {trial_id: name}); module-level because Tune copies
+# the creator objects it is given (deepcopy, pickle), and every copy must share one count.
+_COUNTERS: dict[str, tuple[list[int], dict[str, str]]] = {}
+
+
 class TrialNamer:
     """``trial_name_creator`` / ``trial_dirname_creator``: ``trial-NNNN`` in creation order.
 
-    The counter starts after the highest number already used in the experiment folder
-    (its trial folders and its saved state), so a resumed sweep never reuses a name.
-    Picklable (Tune saves it with the Tuner state); the counter is recomputed after
-    unpickling.
+    The count lives in a process-wide registry keyed by the experiment folder, so the
+    copies Tune makes of this object agree. It starts after the highest number already
+    used in that folder (trial folders and saved experiment state), so a resumed sweep
+    never reuses a name.
     """
 
     def __init__(self, experiment_dir: str) -> None:
         self.experiment_dir = experiment_dir
-        self._next: int | None = None
-        self._names: dict[str, str] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"experiment_dir": self.experiment_dir}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["experiment_dir"])
 
     def _first_free(self) -> int:
         used = [-1]
@@ -77,13 +74,18 @@ class TrialNamer:
         return max(used) + 1
 
     def __call__(self, trial: Any) -> str:
-        trial_id = trial.trial_id
-        if trial_id not in self._names:
-            if self._next is None:
-                self._next = self._first_free()
-            self._names[trial_id] = f"{TRIAL_PREFIX}{self._next:04d}"
-            self._next += 1
-        return self._names[trial_id]
+        if self.experiment_dir not in _COUNTERS:
+            _COUNTERS[self.experiment_dir] = ([self._first_free()], {})
+        counter, names = _COUNTERS[self.experiment_dir]
+        if trial.trial_id not in names:
+            names[trial.trial_id] = f"{TRIAL_PREFIX}{counter[0]:04d}"
+            counter[0] += 1
+        return names[trial.trial_id]
+
+    @staticmethod
+    def forget(experiment_dir: str) -> None:
+        """Drops the count of a folder (a new sweep in this process recounts from disk)."""
+        _COUNTERS.pop(experiment_dir, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,17 +121,20 @@ def trial_train_config(spec: TrialSpec, params: dict[str, Any], trial_name: str)
     return replace(base, changes)
 
 
-def _teacher_loader_imported() -> bool:
+def teacher_loader_imported() -> bool:
+    """True when this process has imported still's teacher loader (a sweep never should)."""
     return "teacher_infer.teachers" in sys.modules
 
 
 def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     """The Tune function: trains one student and reports every epoch to Tune.
 
-    Each per-epoch report carries ``epoch``, ``val_accuracy``, ``val_loss`` (and
-    whatever else the loop reports). A trial that runs to the end reports once more
-    with the job's final figures (``test_accuracy``, ``student_params``, ``run_id``)
-    and ``finished=1``; a trial ASHA stops never gets there.
+    Each per-epoch report (from the training loop, through ``ray.tune.report`` in
+    process or ``TuneReportCallback`` from a TorchTrainer) carries ``epoch``,
+    ``val_accuracy``, ``val_nll`` and the train losses; the last epoch's also the test
+    metrics. A trial that runs to the end reports once more with the job's summary
+    figures (``student_params``, ``run_id``, ...) and ``finished=1``; a trial that ASHA
+    stops never gets there.
     """
     from ray import tune
 
@@ -137,21 +142,19 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_name = tune.get_context().get_trial_name()
     cfg = trial_train_config(spec, params, trial_name)
-    report: Callable[[dict[str, Any]], None] | None = None
-    if spec.trial_mode == "in_process":
-
-        def report(metrics: dict[str, Any]) -> None:
-            tune.report(dict(metrics))
-
     summary = train_job(
         cfg,
         run_name=cfg.train.name,
         parent_run_id=spec.parent_run_id,
-        report=report,
-        tune_report=spec.trial_mode == "trainer",
+        tune_report=True,
+        in_process=spec.trial_mode == "in_process",
+        quiet=True,
+        load_teacher=False,
+        log_model=False,
     )
-    final = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    final.update({k: summary[k] for k in ("run_id", "checkpoint") if k in summary})
+    final: dict[str, Any] = {k: v for k, v in summary.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update({k: str(summary[k]) for k in ("run_id", "checkpoint") if summary.get(k)})
     final["finished"] = 1
-    final["teacher_loader_imported"] = int(_teacher_loader_imported())
+    final["teacher_loader_imported"] = int(teacher_loader_imported())
     tune.report(final)
