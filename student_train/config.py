@@ -103,7 +103,8 @@ class ScalingConfig:
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = 0.0
-    """CPUs reserved per worker; 0: 1 when the cluster has CPUs to spare, else a fraction."""
+    """CPUs reserved per worker; 0: 1 when the cluster has CPUs to spare, else a fraction.
+    Also the torch threads per worker (at least 1; in process: unset keeps torch's default)."""
 
     def __post_init__(self) -> None:
         if len(self.num_workers) not in (1, 2):

@@ -131,7 +131,7 @@ def train_job(
                   parent_run_id=parent_run_id, tags=tags) as tracker:
         # 3. Train.
         spec = LoopSpec(cfg=cfg, source=source, model_args=model_args, init_state=init_state,
-                        teacher=teacher_payload)
+                        teacher=teacher_payload, quiet=quiet, pid_dir=os.environ.get("STILL_TRAIN_PID_DIR", ""))
         if in_process:
             final, state = _fit_in_process(spec, storage_path / run_name, tune_report, on_report)
         else:
@@ -139,8 +139,7 @@ def train_job(
         history = list(state["history"])
         # 4. Export.
         student = student_from_state(state["net"], cfg.student.family, model_args)
-        meta = {"input_scale": 1.0, "input_scale_applied_by": "still.datasets/store preprocessing",
-                "data_input_scale": source.input_scale, "class_names": list(source.class_names),
+        meta = {"input_scale": source.input_scale, "class_names": list(source.class_names),
                 "task": source.task, "run_name": run_name, "config": to_dict(cfg),
                 "teacher_fingerprints": [m["teacher"]["fingerprint"] for m in source.manifests]}
         paths = save_student(student, cfg.student.family, model_args, meta, output_dir)
@@ -217,6 +216,8 @@ def _fit_in_process(spec: LoopSpec, checkpoint_dir: Path, tune_report: bool,
         import ray.tune
 
         callbacks.append(lambda metrics: ray.tune.report(metrics))
+    if spec.cfg.scaling.cpus_per_worker:
+        torch.set_num_threads(max(1, int(spec.cfg.scaling.cpus_per_worker)))
     arrays = load_split_arrays(spec.source, spec.cfg.kd.temperature, include_val=spec.cfg.train.include_val)
     session = LocalSession(arrays, str(checkpoint_dir),
                            on_report=(lambda m: [c(m) for c in callbacks]) if callbacks else None)

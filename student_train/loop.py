@@ -50,6 +50,9 @@ class LoopSpec:
         teacher: An online teacher (``teacher_infer.teachers.TeacherPayload``), or None.
         ingest: ``memory`` or ``stream``.
         threads: torch intra-op threads per worker (0: leave torch's default).
+        quiet: No per-epoch progress line.
+        pid_dir: When set (the driver's ``$STILL_TRAIN_PID_DIR``), each Ray worker writes
+            its pid to ``<pid_dir>/rank<N>.pid`` (fault-injection tests kill it).
     """
 
     cfg: TrainConfig
@@ -59,6 +62,8 @@ class LoopSpec:
     teacher: Any = None
     ingest: str = "memory"
     threads: int = 0
+    quiet: bool = False
+    pid_dir: str = ""
 
 
 class Net(nn.Module):
@@ -230,7 +235,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec: LoopSpec = config["spec"]
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    run_loop(spec, RaySession(spec.ingest))
+    session = RaySession(spec.ingest)
+    if spec.pid_dir:
+        Path(spec.pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(spec.pid_dir) / f"rank{session.rank}.pid").write_text(str(os.getpid()))
+    run_loop(spec, session)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -353,7 +362,7 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                 metrics.update(_test_metrics(eval_split("test")))
             history.append(dict(metrics))
         session.report(metrics, state_now(epoch + 1) if session.rank == 0 else None)
-        if session.rank == 0:
+        if session.rank == 0 and not spec.quiet:
             print(_epoch_line(metrics, cfg.train.epochs), flush=True)
     if start_epoch >= cfg.train.epochs:  # resumed a finished run: report the test metrics again
         metrics = dict(history[-1]) if history else {"epoch": start_epoch}

@@ -1,0 +1,279 @@
+"""``still train`` end to end on builtin:digits: real local Ray, tiny models.
+
+Shared fixtures (tests/conftest.py): ``digits_teacher`` (a supervised teacher trained
+once by this package) and ``digits_store`` (its top-k store from ``still infer``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from still.checkpoints import load_checkpoint
+from still.config import load_config
+from still.errors import StillError
+from student_train.config import TrainConfig
+from student_train.data import combine_teachers
+from student_train.driver import run_train, train_job
+from student_train.loop import jitter
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(TrainConfig, None, [
+        "student.width=32", "student.depth=1", "train.epochs=2", "train.batch_size=64", "train.lr=0.003",
+        "scaling.cpus_per_worker=1", "tracking.enabled=false", f"train.output_dir={tmp_path / 'out'}",
+        *overrides,
+    ])
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_jitter_shifts_images_within_range():
+    x = torch.zeros(50, 1, 8, 8)
+    x[:, :, 4, 4] = 1.0
+    out = jitter(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    pos = out[:, 0].flatten(1).argmax(dim=1)
+    rows, cols = pos // 8, pos % 8
+    assert int((rows - 4).abs().max()) <= 2 and int((cols - 4).abs().max()) <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5
+    assert torch.all(out.sum(dim=(1, 2, 3)) == 1.0)
+
+
+def test_ensemble_average_is_the_mean_probability_at_temperature():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 2, (4, 5)), rng.normal(0, 2, (4, 5))
+    T = 3.0
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    combined = combine_teachers([a, b], T)
+    np.testing.assert_allclose(softmax(combined / T), (softmax(a / T) + softmax(b / T)) / 2, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def test_distilled_student_beats_ce_only(digits_store, tmp_path):
+    """Same student, seed and epochs: distilled from the stored teacher at T=2 vs labels only."""
+    common = [f"store.uri={digits_store}", "student.width=32", "train.epochs=30", "kd.temperature=2",
+              "train.seed=0", "scaling.num_workers=0"]
+    ce = train_job(_cfg(tmp_path / "ce", *common, "kd.weight=0"), run_name="ce", quiet=True)
+    kd = train_job(_cfg(tmp_path / "kd", *common, "kd.weight=0.5"), run_name="kd", quiet=True)
+    assert kd["student_test_accuracy"] > ce["student_test_accuracy"]
+    assert kd["test_nll"] < ce["test_nll"]
+    assert kd["history"][-1]["agreement"] > 0.9 and kd["history"][-1]["train_kl"] > 0
+    assert kd["teacher_test_accuracy"] > 0.95
+    assert kd["teacher_params"] > kd["student_params"] and kd["compression_ratio"] > 1
+
+
+def test_resume_continues_a_stopped_run(digits_store, tmp_path):
+    base = [f"store.uri={digits_store}", "scaling.num_workers=0", "train.name=resumable"]
+    first = train_job(_cfg(tmp_path, *base, "train.epochs=2"), run_name="resumable", quiet=True)
+    assert first["epochs"] == 2 and first["resumed_from"] == 0
+    second = train_job(_cfg(tmp_path, *base, "train.epochs=4", "train.resume=true"), run_name="resumable", quiet=True)
+    assert second["resumed_from"] == 2
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
+
+
+def test_ensemble_of_two_stores(digits_store, digits_teacher, ray_cluster, tmp_path):
+    from teacher_infer.config import InferConfig
+    from teacher_infer.infer import run_infer
+
+    dense = run_infer(load_config(InferConfig, None, [
+        "data.source=builtin:digits", f"teacher.uri={digits_teacher}", f"store.root={tmp_path / 'stores'}",
+        "store.mode=dense", "tracking.enabled=false",
+    ]))["store"]
+    out = train_job(_cfg(tmp_path, f"store.uri=[{digits_store}, {dense}]", "scaling.num_workers=0"),
+                    run_name="ensemble", quiet=True)
+    assert out["student_test_accuracy"] > 0.5
+    assert "," in out["store_key"]
+
+
+def test_init_from_checkpoint_loads_matching_layers(digits_teacher, tmp_path):
+    same = _cfg(tmp_path, "student.width=512", "student.depth=2", "student.dropout=0.3", f"student.init={digits_teacher}",
+                "scaling.num_workers=0", "train.epochs=1", "train.lr=0.0001")
+    out = train_job(same, run_name="init-same", quiet=True)
+    assert out["init"]["skipped"] == [] and out["student_test_accuracy"] > 0.9
+    other = _cfg(tmp_path, "student.width=32", "student.depth=2", f"student.init={digits_teacher}",
+                 "scaling.num_workers=0", "train.epochs=1")
+    partial = train_job(other, run_name="init-other", quiet=True)
+    assert partial["init"]["loaded"] == ["head.bias"]
+    assert any(item.startswith("body.1.weight (shape (512, 64) vs (32, 64))") for item in partial["init"]["skipped"])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _incomplete_store(tmp_path, digits_store):
+    import shutil
+
+    broken = tmp_path / "incomplete"
+    shutil.copytree(digits_store, broken)
+    (broken / "manifest.json").unlink()
+    return broken
+
+
+@pytest.mark.parametrize("case", ["incomplete", "corrupt", "classes", "unreachable"])
+def test_bad_input_fails_before_training(case, digits_store, tmp_path):
+    import shutil
+
+    overrides = [f"store.uri={digits_store}", "scaling.num_workers=0"]
+    match = ""
+    if case == "incomplete":
+        overrides[0] = f"store.uri={_incomplete_store(tmp_path, digits_store)}"
+        match = "incomplete"
+    elif case == "corrupt":
+        copy = tmp_path / "corrupt"
+        shutil.copytree(digits_store, copy)
+        shard = sorted(copy.glob("part-*.parquet"))[0]
+        shard.write_bytes(shard.read_bytes()[:-20] + b"x" * 20)
+        overrides[0] = f"store.uri={copy}"
+        match = "fails verification"
+    elif case == "classes":
+        overrides.append("student.num_classes=3")
+        match = "student.num_classes=3 but the store"
+    else:
+        overrides += ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"]
+        match = "unreachable"
+    cfg = _cfg(tmp_path, *overrides)
+    with pytest.raises(StillError, match=match):
+        train_job(cfg, run_name=f"bad-{case}", quiet=True)
+    assert not (tmp_path / "out" / "student.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("kd.temperature=0", "kd.temperature must be > 0, got 0"), ("kd.weight=2", "kd.weight must be in [0, 1]"),
+     ("student.family=resnet", "student.family must be one of")],
+)
+def test_cli_rejects_bad_config(override, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "still.cli", "train", override, "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.startswith("still: error:")
+
+
+# --------------------------------------------------------------------------- Ray Train, 2 workers
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_supervised_exports_student(ray_cluster, tmp_path):
+    out = run_train(_cfg(tmp_path, "data.source=builtin:digits", "kd.weight=0", "scaling.num_workers=2",
+                         "train.epochs=3"))
+    assert out["epochs"] == 3 and out["history"][-1]["world_size"] == 2
+    assert out["student_test_accuracy"] > 0.6 and out["teacher_test_accuracy"] is None
+    model, info = load_checkpoint(out["checkpoint"])
+    assert info["family"] == "mlp" and info["model_args"]["num_classes"] == 10
+    scripted = torch.jit.load(out["torchscript"])
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(scripted(x), model(x))
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, pid_dir: Path, killed: list, stop: threading.Event):
+    while not stop.is_set():
+        pid_file = pid_dir / "rank1.pid"
+        # two checkpoint folders: the first is then surely registered (the newest may be mid-upload)
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and pid_file.exists():
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(420)
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, digits_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("STILL_TRAIN_PID_DIR", str(tmp_path / "pids"))
+    cfg = _cfg(tmp_path, f"store.uri={digits_store}", "scaling.num_workers=2", "train.epochs=8",
+               "train.batch_size=16", "train.name=killed", "train.max_failures=2")
+    run_dir = tmp_path / "out" / "ray" / "killed"
+    killed: list[int] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(run_dir, tmp_path / "pids", killed, stop), daemon=True)
+    thread.start()
+    try:
+        out = train_job(cfg, run_name="killed", quiet=True)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert out["epochs"] == 8
+    assert out["resumed_from"] >= 1  # the restarted group started from a checkpoint, not epoch 0
+    assert [h["epoch"] for h in out["history"]] == list(range(1, 9))
+
+
+# --------------------------------------------------------------------------- MLflow server
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not answer /health")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.timeout(300)
+def test_tracking_on_a_real_mlflow_server(ray_cluster, digits_store, mlflow_server, tmp_path):
+    import mlflow
+
+    cfg = _cfg(tmp_path, f"store.uri={digits_store}", "scaling.num_workers=2", "train.epochs=3",
+               "tracking.enabled=true", f"tracking.uri={mlflow_server}", "tracking.experiment=still-train-test",
+               "register.name=digits-student", "register.alias=champion", "kd.temperature=3", "kd.weight=0.7")
+    out = run_train(cfg)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["kd.temperature"] == "3.0" and run.data.params["student.width"] == "32.0"
+    assert run.data.tags["store.key"] == Path(digits_store).name
+    assert run.data.tags["teacher.fingerprint"] and run.data.tags["git_sha"]
+    history = client.get_metric_history(out["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert {m.step for m in client.get_metric_history(out["run_id"], "train_kl")} == {1, 2, 3}
+    assert run.data.metrics["student_test_accuracy"] == pytest.approx(out["student_test_accuracy"])
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pytorch.load_model(out["model_uri"])
+    assert model(torch.zeros(2, 64)).shape == (2, 10)
+    version = client.get_model_version_by_alias("digits-student", "champion")
+    assert version.run_id == out["run_id"]
+    json.dumps(out, default=str)
