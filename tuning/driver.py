@@ -405,7 +405,7 @@ def finish_child_runs(parent: ParentRun, plan: SweepPlan, rows: list[dict[str, A
         if row["status"] == "stopped":
             if analysis is None:
                 analysis = ExperimentAnalysis(str(plan.experiment_dir))
-                frames = {Path(path).name: frame for path, frame in analysis.trial_dataframes.items()}
+                frames = {str(t): analysis.trial_dataframes.get(t.trial_id) for t in analysis.trials}
             frame = frames.get(row["trial"])
             if frame is not None and "val_accuracy" not in run.data.metrics and "epoch" in frame:
                 now = int(time.time() * 1000)

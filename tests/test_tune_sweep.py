@@ -1,0 +1,160 @@
+"""still tune end to end on a real local Ray cluster and a real sqlite MLflow.
+
+One digits store (the session fixture), sweeps of 4 trials × 2-3 epochs. Checks the
+artifacts: parent + child runs (parentRunId tags, per-epoch metrics, none left
+RUNNING), the table, a valid PNG, ASHA stopping a trial, resume after a real
+interruption, and that no trial loads the teacher (its file is moved away first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from still.config import load_config
+from still.errors import StillError
+from tuning.config import TuneConfig
+from tuning.driver import run_tune
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _config(store, out, uri, *overrides):
+    return load_config(TuneConfig, None, [
+        f"store.uri={store}", f"tune.output_dir={out}", f"tracking.uri={uri}", "tracking.experiment=tune-test",
+        "student.depth=1", "train.batch_size=64", "train.lr=0.003", *overrides,
+    ])
+
+
+def _runs(uri, parent_run_id):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("tune-test")
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  max_results=1000)
+    return client, client.get_run(parent_run_id), children
+
+
+@pytest.mark.timeout(420)
+def test_sweep_asha_mlflow_report_retrain_without_teacher(ray_cluster, digits_store, digits_teacher, tmp_path):
+    from teacher_infer.store import open_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "sweep"
+    # Widths in grid order, one at a time: the 2-unit student trails the others at
+    # the first rung, so ASHA (grace 1, factor 2) must stop it.
+    cfg = _config(digits_store, out, uri, "tune.name=digits", "tune.searcher=grid", "space.width=[64, 32, 16, 2]",
+                  "tune.num_samples=1", "space.temperature=[4]", "space.weight=[0.7]", "train.epochs=3", "tune.grace_period=1",
+                  "tune.reduction_factor=2", "tune.max_concurrent_trials=1", "tune.retrain_best=true")
+    teacher = Path(digits_teacher)
+    assert open_store(digits_store).manifest["teacher"].get("uri", str(teacher)).endswith(teacher.name)
+    away = teacher.with_name(teacher.name + ".moved-away")
+    teacher.rename(away)  # any teacher load in a trial or the driver would now fail
+    try:
+        summary = run_tune(cfg)
+    finally:
+        away.rename(teacher)
+
+    rows = summary["trials"]
+    assert [r["trial"] for r in rows] == ["trial-0000", "trial-0001", "trial-0002", "trial-0003"]
+    assert [r["width"] for r in rows] == [64, 32, 16, 2]
+    assert not any(r["teacher_loader_imported"] for r in rows)
+    by_width = {r["width"]: r for r in rows}
+    assert by_width[2]["status"] == "stopped" and by_width[2]["epochs"] < 3
+    assert by_width[64]["status"] == "completed" and by_width[64]["epochs"] == 3
+    assert by_width[64]["test_accuracy"] > 0.8 and by_width[64]["params"] > by_width[2]["params"]
+    # table, plot, results
+    table = Path(summary["table"]).read_text().splitlines()
+    assert len(table) == 2 + len(rows) + 1
+    assert Path(summary["plot"]).read_bytes()[:8] == PNG_MAGIC
+    results = json.loads(Path(summary["results"]).read_text())
+    assert results["parent_run_id"] == summary["parent_run_id"] and len(results["trials"]) == 4
+    best = summary["best"]
+    assert best["trial"] in {r["trial"] for r in rows if r["status"] == "completed"}
+    assert set(best["config"]) == {"kd.temperature", "kd.weight", "student.width"}
+    assert 0 < best["metrics"]["val_accuracy"] <= 1 and "test_errors" in best
+    assert summary["retrained"]["run_id"] and summary["retrained"]["student_test_accuracy"] > 0.8
+
+    # MLflow: parent with the store key, one child per trial (+ the retrained best), all ended
+    client, parent, children = _runs(uri, summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["store.key"] == open_store(digits_store).key
+    assert parent.data.tags["still.best_model_run_id"] == summary["retrained"]["run_id"]
+    assert "pareto.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["best_val_accuracy"] == best["metrics"]["val_accuracy"]
+    names = sorted(c.info.run_name for c in children)
+    assert names == ["digits-best", *[f"digits-trial-000{i}" for i in range(4)]]
+    assert all(c.info.status == "FINISHED" for c in children), [(c.info.run_name, c.info.status) for c in children]
+    for child in children:
+        if child.info.run_name == "digits-best":
+            continue
+        trial = rows[int(child.info.run_name[-1])]
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == list(range(1, trial["epochs"] + 1)), child.info.run_name
+        stopped = child.data.tags.get("still.stopped_early") == "true"
+        assert stopped == (trial["status"] == "stopped")
+
+
+@pytest.mark.timeout(300)
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, digits_store, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "sweep"
+    overrides = ["tune.name=resume", "tune.searcher=optuna", "tune.num_samples=4", "space.width=[8, 16, 32]",
+                 "space.temperature={low: 1, high: 8, log: true}", "space.weight={low: 0.2, high: 0.9}",
+                 "train.epochs=2", "tune.scheduler=none", "tune.max_concurrent_trials=1"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+
+    def finished_children():
+        exp = client.get_experiment_by_name("tune-test")
+        if exp is None:
+            return []
+        return [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+                if "mlflow.parentRunId" in r.data.tags]
+
+    # Interrupt like Ctrl+C would (Tune treats SIGUSR1 the same) once one trial has finished.
+    stop = threading.Event()
+
+    def interrupt_after_first_trial():
+        while not stop.is_set():
+            if finished_children():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.2)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # harmless if it lands outside Tune's loop
+    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(StillError, match="interrupted .* rerun with tune.resume=true"):
+            run_tune(_config(digits_store, out, uri, *overrides))
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
+    done_before = {r.info.run_name: r.info.run_id for r in finished_children()}
+    assert 1 <= len(done_before) < 4
+
+    with pytest.raises(StillError, match="pass tune.resume=true"):
+        run_tune(_config(digits_store, out, uri, *overrides))
+    summary = run_tune(_config(digits_store, out, uri, *overrides, "tune.resume=true"))
+    assert [r["trial"] for r in summary["trials"]] == [f"trial-000{i}" for i in range(4)]
+    assert all(r["status"] == "completed" for r in summary["trials"])
+    trial_dirs = sorted(p.name for p in (out / "trials").iterdir() if p.name.startswith("trial-"))
+    assert trial_dirs == [f"trial-000{i}" for i in range(4)]
+    _, parent, children = _runs(uri, summary["parent_run_id"])
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    # every trial finished exactly once, and the ones finished before the interruption are the same runs
+    assert sorted(c.info.run_name for c in finished) == [f"resume-trial-000{i}" for i in range(4)]
+    for name, run_id in done_before.items():
+        assert {c.info.run_id for c in finished if c.info.run_name == name} == {run_id}
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    assert parent.info.status == "FINISHED"
