@@ -13,16 +13,22 @@ epoch's metrics to Tune, which is what ASHA acts on. Two ways to run it
   TorchTrainer, no worker group, no placement group of its own), data read with
   plain pyarrow.
 
-Measured on this 2-core machine (ray 2.60, torch 2.13 CPU, digits store, mlp
-width 64, 3 epochs, one trial at a time; ``bench/sweep.py``):
+Measured with ``bench/sweep.py --quick`` on this 2-core machine (ray 2.60, torch 2.13
+CPU, digits store, mlp width 32 × 2, 1 epoch, a one-trial sweep each, wall time of the
+whole ``run_tune`` call; the machine was shared, 1-minute load average ~29, so the
+absolute figures are inflated, the ratio is what matters):
 
-| trial_mode | per trial (wall) | of which training |
+| trial_mode | per trial | what it pays |
 |---|---|---|
-| in_process | {IN_PROCESS} | |
-| trainer | {TRAINER} | |
+| in_process | 40 s | one Tune actor (imports torch, mlflow), the loop, the MLflow child run |
+| trainer | 131 s | the same plus a Train controller, a worker group, Ray Data materialising the splits |
 
-so ``in_process`` is the default and ``trainer`` is for trials that need several
-workers or GPUs per trial.
+RAY-NOTES.md measured the same shape unloaded (~2.8 s vs 18–20 s per trial). In a
+sweep, in-process trials also reuse their actor (``reuse_actors``), so the imports
+are paid once per concurrent slot: the 4-trial store sweep of the same run cost
+9.7 s per trial against 3.0 s for the bare loop under that load. Hence
+``in_process`` is the default; ``trainer`` is for trials that need several workers
+or GPUs each.
 
 Trial names are ``trial-0000``, ``trial-0001``, … in creation order (never
 timestamps or random ids); a resumed sweep continues the count.
