@@ -90,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = verbs.add_parser("submit", help="submit a still command as a Ray job")
     submit.add_argument("--address", default="", help="job server, e.g. http://HEAD:8265 (default $RAY_ADDRESS)")
     submit.add_argument("--working-dir", default="", help="directory uploaded as the job's working_dir")
-    submit.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the job")
+    submit.add_argument("--env", action="append", default=[], metavar="K=V",
+                        help="environment for the job (K alone: this shell's value); the only way to pass secrets")
     submit.add_argument("--pip", action="append", default=[], metavar="PKG", help="pip package for the job")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="also leave PATTERN (gitignore style) out of the --working-dir upload")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--json", action="store_true")
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- still VERB ...")
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workers", type=int, default=1)
     cluster.add_argument("--cpus-per-node", type=int, default=0)
     cluster.add_argument("--state-dir", default="", help="where the cluster's pid file lives")
+    cluster.add_argument("--port", type=int, default=6390, help="GCS port (taken: a free one is used)")
+    cluster.add_argument("--dashboard-port", type=int, default=8275, help="dashboard / job server port")
     cluster.add_argument("--json", action="store_true")
     return parser
 
