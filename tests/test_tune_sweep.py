@@ -158,3 +158,18 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
         assert {c.info.run_id for c in finished if c.info.run_name == name} == {run_id}
     assert not [c for c in children if c.info.status == "RUNNING"]
     assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.timeout(180)
+def test_cli_json_contract(ray_cluster, digits_store, tmp_path, capsys):
+    from still.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(["tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'cli'}", f"tracking.uri={uri}",
+                 "tune.searcher=random", "tune.num_samples=2", "train.epochs=1", "tune.scheduler=none",
+                 "space.width=[8, 16]", "student.depth=1", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"parent_run_id", "trials", "best", "plot"} <= set(summary)
+    assert len(summary["trials"]) == 2 and summary["best"]["config"]["student.width"] in (8, 16)
+    assert Path(summary["plot"]).read_bytes()[:8] == PNG_MAGIC
