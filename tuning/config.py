@@ -77,7 +77,7 @@ class TuneSection:
     """GPUs reserved by an in-process trial."""
     trial_mode: Literal["in_process", "trainer"] = "in_process"
     """``in_process``: each trial trains in its own Tune actor, one worker, no
-    TorchTrainer (about 3x cheaper per trial in bench/sweep.py, see tuning/trainable.py);
+    TorchTrainer (about 10x cheaper per trial in bench/sweep.py, see tuning/trainable.py);
     ``trainer``: each trial builds a Ray Train TorchTrainer with scaling.* workers."""
     seed: int = 0
     """Seed of the searcher's sampling (the trials' own seed is train.seed)."""

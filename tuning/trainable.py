@@ -13,22 +13,24 @@ epoch's metrics to Tune, which is what ASHA acts on. Two ways to run it
   TorchTrainer, no worker group, no placement group of its own), data read with
   plain pyarrow.
 
-Measured with ``bench/sweep.py --quick`` on this 2-core machine (ray 2.60, torch 2.13
-CPU, digits store, mlp width 32 × 2, 1 epoch, a one-trial sweep each, wall time of the
-whole ``run_tune`` call; the machine was shared, 1-minute load average ~29, so the
-absolute figures are inflated, the ratio is what matters):
+Measured with ``bench/sweep.py`` on this 2-core machine (ray 2.60, torch 2.13 CPU,
+digits store, mlp width 32/64/128 × 2, 3 epochs, a 3-trial sweep per mode, one trial
+at a time, wall time of the whole ``run_tune`` call ÷ trials). The machine was
+shared with other jobs (1-minute load average 14 at the end; ~29 during the quick
+run), so absolute figures are inflated; the ratio is the point:
 
-| trial_mode | per trial | what it pays |
+| trial_mode | per trial (full run) | per trial (``--quick``, 1 trial, 1 epoch) |
 |---|---|---|
-| in_process | 40 s | one Tune actor (imports torch, mlflow), the loop, the MLflow child run |
-| trainer | 131 s | the same plus a Train controller, a worker group, Ray Data materialising the splits |
+| in_process | 6.5 s | 40 s |
+| trainer | 72 s | 131 s |
 
-RAY-NOTES.md measured the same shape unloaded (~2.8 s vs 18–20 s per trial). In a
-sweep, in-process trials also reuse their actor (``reuse_actors``), so the imports
-are paid once per concurrent slot: the 4-trial store sweep of the same run cost
-9.7 s per trial against 3.0 s for the bare loop under that load. Hence
-``in_process`` is the default; ``trainer`` is for trials that need several workers
-or GPUs each.
+``trainer`` pays a Train controller, a worker group and Ray Data materialising the
+splits for every trial (RAY-NOTES.md: 18–20 s unloaded, vs ~2.8 s in process).
+In-process trials also reuse their actor (``reuse_actors``), so imports are paid
+once per concurrent slot: the 16-trial sweep of the full run cost 4.5 s per trial
+against 0.84 s for the bare loop (3.7 s of Tune + MLflow + export per trial).
+Hence ``in_process`` is the default; ``trainer`` is for trials that need several
+workers or GPUs each.
 
 Trial names are ``trial-0000``, ``trial-0001``, … in creation order (never
 timestamps or random ids); a resumed sweep continues the count.
