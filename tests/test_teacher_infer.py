@@ -78,7 +78,9 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
     again = infer_mod.run_infer(_config(teacher_ckpt, root, "store.mode=topk", "store.k=3"))
     assert time.perf_counter() - start < 5
     assert again["cache_hit"] is True and again["key"] == summary["key"] and again["rows"] == 1797
-    runs = mlflow.search_runs(experiment_names=["still-infer"], output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_sqlite)
+    experiment = client.get_experiment_by_name("still-infer")
+    runs = client.search_runs([experiment.experiment_id])
     hits = [r for r in runs if r.data.tags.get("cache_hit") == "true"]
     assert len(runs) == 4 and len(hits) == 1
     assert hits[0].data.tags["store_key"] == summary["key"]

@@ -56,7 +56,8 @@ def test_mlflow_runs_and_models_alias(teacher_ckpt, tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    # set the global tracking URI in a way that is undone after the test
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
     mlflow.set_experiment("teachers")
     model, _ = load_checkpoint(str(teacher_ckpt))
     # MLflow 3 saves torch models as pt2 by default; a batch of 2 keeps the batch dim dynamic
