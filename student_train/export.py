@@ -102,9 +102,13 @@ def log_mlflow_model(tracker: Any, model: nn.Module, input_shape: tuple[int, ...
 
     mlflow.set_tracking_uri(tracker.tracking_uri)
     example = np.zeros((2, *input_shape), dtype=np.float32)
+    # Naming the requirements skips MLflow's dependency inference, which imports the
+    # model in a subprocess and costs ~10 s per logged model.
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
     with mlflow.start_run(run_id=tracker.run_id):
         info = mlflow.pytorch.log_model(
-            model, name="model", input_example=example, registered_model_name=register_name or None,
+            model, name="model", input_example=example, pip_requirements=requirements,
+            registered_model_name=register_name or None,
         )
     version = getattr(info, "registered_model_version", None)
     if register_name and alias and version is not None:
