@@ -65,7 +65,7 @@ def read_checkpoint_payload(uri: str) -> dict[str, Any]:
         data = handle.read()
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign files
+    except Exception as exc:  # noqa: BLE001 -- torch raises many types for foreign files
         raise StillError(f"{uri!r} is not a still checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise StillError(f"{uri!r} is not a still checkpoint (expected format {FORMAT})")

@@ -12,7 +12,8 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from still.errors import StillError
 

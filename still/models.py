@@ -13,7 +13,8 @@ sweeps turn: hidden units for ``mlp``, a channel multiplier for ``cnn``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         in_features = math.prod(input_shape)
-        hidden = max(1, int(round(width)))
+        hidden = max(1, round(width))
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))

@@ -27,10 +27,11 @@ import dataclasses
 import importlib
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from still.config import RayConfig, TrackingConfig, build_dataclass, load_config, read_yaml_mapping
+from still.config import RayConfig, TrackingConfig, build_dataclass, read_yaml_mapping
 from still.errors import StillError
 
 _VERBS: dict[str, tuple[str, str]] = {
@@ -174,8 +175,14 @@ def check_pipeline(pipeline: Pipeline) -> None:
     stage fails before the first one spends minutes."""
     for stage in pipeline.stages:
         _, config_ref = _VERBS[stage.verb]
-        stubbed = _stub_references(stage.config)
-        build_dataclass(_load(config_ref), stubbed, prefix=f"{stage.name}: ")
+        _build_stage_config(stage, config_ref, _stub_references(stage.config))
+
+
+def _build_stage_config(stage: Stage, config_ref: str, block: dict) -> Any:
+    try:
+        return build_dataclass(_load(config_ref), block, prefix="")
+    except StillError as exc:
+        raise StillError(f"pipeline stage {stage.name!r}: {exc}") from None
 
 
 def _stub_references(value: Any) -> Any:
@@ -208,7 +215,7 @@ def run_pipeline(pipeline: Pipeline, progress: Callable[[str], None] = print) ->
         block.setdefault("ray", {})
         if pipeline.ray.address:
             block["ray"].setdefault("address", pipeline.ray.address)
-        config = build_dataclass(_load(config_ref), block, prefix=f"{stage.name}: ")
+        config = _build_stage_config(stage, config_ref, block)
         progress(f"== stage {stage.name} ({stage.verb}) ==")
         start = time.perf_counter()
         summary = _load(run_ref)(config)

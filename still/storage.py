@@ -43,7 +43,7 @@ class Location:
         """True for files on this machine's filesystem."""
         return self.uri.startswith("/")
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         """Returns the location of a child path."""
         path = posixpath.join(self.path, *parts)
         uri = path if self.is_local else f"{self.uri.split('://')[0]}://{path}"

@@ -14,8 +14,9 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from still.config import TrackingConfig, flatten
 from still.errors import StillError
@@ -89,7 +90,7 @@ def git_sha() -> str:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

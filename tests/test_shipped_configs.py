@@ -1,0 +1,65 @@
+"""Every shipped config opens with the command that runs it and loads into its dataclasses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from still.config import load_config
+from still.errors import StillError
+from still.pipeline import check_pipeline, parse_pipeline
+from student_train.config import TrainConfig
+from teacher_infer.config import InferConfig
+from tuning.config import TuneConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+VERB_CONFIGS = {"infer": InferConfig, "train": TrainConfig, "tune": TuneConfig}
+RUN_LINE = re.compile(r"^# Run: still (infer|train|tune|run) ")
+
+
+def test_configs_are_shipped():
+    names = {path.name for path in CONFIGS}
+    assert {"mnist.yaml", "fashion-mnist.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_opens_with_its_command_and_loads(path):
+    first = path.read_text().splitlines()[0]
+    match = RUN_LINE.match(first)
+    assert match, f"{path.name} must open with '# Run: still VERB ...', got {first!r}"
+    verb = match.group(1)
+    assert str(Path("configs") / path.name) in first
+    if verb == "run":
+        for fast in (False, True):
+            pipeline = parse_pipeline(str(path), fast=fast)
+            check_pipeline(pipeline)
+            assert {"infer", "train", "tune"} <= {stage.verb for stage in pipeline.stages}
+    else:
+        load_config(VERB_CONFIGS[verb], path)
+
+
+def test_main_job_follows_the_paper():
+    """The MNIST pipeline keeps Hinton et al.'s architectures, T = 20 and reference numbers."""
+    pipeline = parse_pipeline(str(Path(CONFIGS[0]).parent / "mnist.yaml"))
+    stages = {stage.name: stage.config for stage in pipeline.stages}
+    assert stages["teacher"]["student"] | {} == {
+        "family": "mlp", "width": 1200, "depth": 2, "dropout": 0.5, "input_dropout": 0.2}
+    assert stages["baseline"]["student"]["width"] == stages["distilled"]["student"]["width"] == 800
+    assert stages["distilled"]["kd"]["temperature"] == 20.0
+    assert stages["baseline"]["train"]["epochs"] == stages["distilled"]["train"]["epochs"]
+    assert stages["baseline"]["train"]["seed"] == stages["distilled"]["train"]["seed"]
+    assert stages["store"]["store"]["mode"] == "topk"
+    assert pipeline.reference["teacher_errors"] == 67
+    assert (pipeline.reference["baseline_errors"], pipeline.reference["distilled_errors"]) == (146, 74)
+    assert set(pipeline.summary) >= {
+        "teacher_errors", "baseline_errors", "distilled_errors", "best_sweep_errors", "bytes_per_row"}
+
+
+def test_misspelled_key_in_a_pipeline_stage_fails_before_any_stage_runs(tmp_path):
+    text = (CONFIGS[0].parent / "mnist.yaml").read_text().replace("dtype: float16", "dtpye: float16")
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    with pytest.raises(StillError, match=r"pipeline stage 'store': unknown config key 'store.dtpye'"):
+        check_pipeline(parse_pipeline(str(path)))
