@@ -92,6 +92,20 @@ def _temp_dir_for(state_dir: Path) -> str:
     return f"/tmp/still-ray-{os.getuid()}-{digest}"
 
 
+def _node_temp_dir(cluster_temp_dir: str, index: int) -> str:
+    """Ray's temp dir of node ``index`` (0 is the head): each node has one of its own, as
+    each machine of a real cluster has its own disk.
+
+    Nodes that share one keep runtime_env files in one ``runtime_resources`` folder: a job's
+    ``--working-dir`` is unpacked there once per node with overwrite, and dropped when a
+    node stops using it, so a worker node replaced (and later deleted) the directory the job
+    driver on the head was running in. Seen with Ray 2.60: ``ray.init()`` in a submitted
+    ``still run`` left the driver in a deleted cwd, and importing torch then aborted with
+    "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (MKL calls getcwd()).
+    """
+    return cluster_temp_dir if index == 0 else f"{cluster_temp_dir}-n{index}"
+
+
 def _ray_executable() -> str:
     beside = Path(sys.executable).parent / "ray"
     found = str(beside) if beside.exists() else shutil.which("ray")
@@ -236,9 +250,10 @@ class LocalCluster:
         log_dir.mkdir(exist_ok=True)
         log = log_dir / ("head.log" if head else f"worker-{index}.log")
         agent_port = _free_port(taken)
+        temp_dir = _node_temp_dir(self.temp_dir, index)
         cmd = [
             _ray_executable(), "start", "--block", "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
+            "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
             f"--dashboard-agent-listen-port={agent_port}",
             f"--object-store-memory={self._state['object_store_mb'] * 1024 * 1024}",
             "--num-gpus=0",
@@ -271,6 +286,7 @@ class LocalCluster:
             "ticks": procs.start_ticks(proc.pid),
             "agent_port": agent_port,
             "log": str(log),
+            "temp_dir": temp_dir,
         }
         self._state["nodes"].append(node)
         self._popen = getattr(self, "_popen", {})
@@ -314,7 +330,7 @@ class LocalCluster:
             if not procs.is_same_process(node["pid"], node["ticks"]) and not self._reap_ok(node["pid"]):
                 raise StillError(
                     f"the {node['role']} node exited while starting: {_tail(node['log'])} "
-                    f"(logs: {node['log']}, {self.temp_dir}/session_latest/logs)"
+                    f"(logs: {node['log']}, {node.get('temp_dir', self.temp_dir)}/session_latest/logs)"
                 )
 
     def _reap_ok(self, pid: int) -> bool:
@@ -421,7 +437,8 @@ class LocalCluster:
                 pass
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
         if not keep_logs and self.temp_dir:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            for temp_dir in {self.temp_dir, *(n.get("temp_dir", "") for n in self._state["nodes"])} - {""}:
+                shutil.rmtree(temp_dir, ignore_errors=True)
         return signalled
 
     def summary(self) -> dict[str, Any]:

@@ -105,6 +105,12 @@ class ScalingConfig:
     cpus_per_worker: float = 0.0
     """CPUs reserved per worker; 0: 1 when the cluster has CPUs to spare, else a fraction.
     Also the torch threads per worker (at least 1; in process: unset keeps torch's default)."""
+    resources_per_worker: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each worker also reserves, e.g. ``{still_worker: 1}`` to keep
+    workers on nodes that carry that resource (CPUs: ``cpus_per_worker``; GPUs: ``use_gpu``)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How the workers' placement group is laid out over nodes; ``STRICT_SPREAD`` puts each
+    worker on a node of its own (fails to schedule when there are fewer nodes than workers)."""
 
     def __post_init__(self) -> None:
         if len(self.num_workers) not in (1, 2):
@@ -115,6 +121,12 @@ class ScalingConfig:
             raise StillError(f"scaling.num_workers [min, max] needs 1 <= min <= max, got {list(self.num_workers)}")
         if self.cpus_per_worker < 0:
             raise StillError(f"scaling.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        for name, amount in self.resources_per_worker.items():
+            if name in ("CPU", "GPU"):
+                raise StillError(f"scaling.resources_per_worker.{name}: set "
+                                 f"{'scaling.cpus_per_worker' if name == 'CPU' else 'scaling.use_gpu'} instead")
+            if not amount > 0:
+                raise StillError(f"scaling.resources_per_worker.{name} must be > 0, got {amount}")
 
     @property
     def in_process(self) -> bool:

@@ -261,7 +261,8 @@ def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: boo
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.ray_num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cpus},
+            resources_per_worker={"CPU": cpus, **cfg.scaling.resources_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(storage_path),

@@ -31,6 +31,14 @@ def test_store_list_and_elastic_workers():
     assert load_config(TrainConfig, None, ["scaling.num_workers=0"]).scaling.in_process
 
 
+def test_per_worker_resources_and_placement():
+    cfg = load_config(TrainConfig, None, ["scaling.resources_per_worker={still_worker: 1}",
+                                          "scaling.placement_strategy=STRICT_SPREAD"])
+    assert dict(cfg.scaling.resources_per_worker) == {"still_worker": 1.0}
+    assert cfg.scaling.placement_strategy == "STRICT_SPREAD"
+    assert dict(load_config(TrainConfig, None, []).scaling.resources_per_worker) == {}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -42,6 +50,9 @@ def test_store_list_and_elastic_workers():
         ("train.epochs=0", "train.epochs must be >= 1"),
         ("scaling.num_workers=[2, 1]", "scaling.num_workers [min, max]"),
         ("kd.tempreature=3", "unknown config key 'kd.tempreature'"),
+        ("scaling.resources_per_worker={CPU: 1}", "scaling.resources_per_worker.CPU: set scaling.cpus_per_worker"),
+        ("scaling.resources_per_worker={still_worker: 0}", "scaling.resources_per_worker.still_worker must be > 0"),
+        ("scaling.placement_strategy=spread", "scaling.placement_strategy must be one of 'PACK'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
