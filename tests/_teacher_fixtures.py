@@ -60,3 +60,36 @@ def still_cli(args: list[str], cwd: Path, timeout: float = 120, env: dict | None
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "still.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_infer_mid_run(command: list[str], cwd: Path, env: dict, store_root: Path, min_shards: int = 4,
+                       timeout: float = 300) -> list[Path]:
+    """Starts a ``still infer`` driver and ``kill -9``s it once ``min_shards`` shards exist.
+
+    The driver runs in its own session, which is killed whole afterwards (with an
+    embedded Ray it holds that cluster). Returns the shards seen at the kill.
+    """
+    import signal
+    import time
+
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout  # generous: Ray start-up crawls on a loaded 2-core box
+    parts: list[Path] = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            parts = list(store_root.glob("*/part-*.parquet"))
+            if len(parts) >= min_shards:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "still infer finished (or failed) before it could be killed"
+        assert len(parts) >= min_shards, "no shards appeared in time"
+        proc.send_signal(signal.SIGKILL)  # kill -9 of the driver, mid-run
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(1.0)  # Ray stops the dead driver's tasks
+    return parts

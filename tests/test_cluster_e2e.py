@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _teacher_fixtures import synthetic_parquet, train_digits_teacher
+from _teacher_fixtures import kill_infer_mid_run, synthetic_parquet, train_digits_teacher
 
 from cluster import procs
 from cluster.local import LocalCluster
@@ -222,27 +222,8 @@ def test_infer_driver_killed_mid_run_then_rerun_resumes(cluster, env, tmp_path):
                f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk", "store.k=5",
                f"infer.shard_rows={shard_rows}", f"infer.batch_size={shard_rows}", "tracking.enabled=false"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    parts: list = []
-    try:
-        deadline = time.monotonic() + 240  # generous: a loaded 2-core machine
-        while time.monotonic() < deadline and proc.poll() is None:
-            parts = list(root.glob("*/part-*.parquet"))
-            if len(parts) >= 4:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "still infer finished (or failed) before it could be killed"
-        assert len(parts) >= 4, "no shards appeared in time"
-        proc.send_signal(signal.SIGKILL)  # kill -9 of the driver, mid-run
-        proc.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    parts = kill_infer_mid_run(command, tmp_path, env, root, timeout=240)
     print(f"driver killed after {time.monotonic() - t0:.1f} s with {len(parts)} shards written")
-    time.sleep(1.0)  # tasks of the dead driver are being stopped by Ray
     (store_dir,) = list(root.iterdir())
     killed_parts = sorted(store_dir.glob("part-*.parquet"))
     assert not (store_dir / st.MANIFEST_NAME).exists()

@@ -10,9 +10,6 @@ import hashlib
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from _teacher_fixtures import still_cli, synthetic_parquet, train_digits_teacher

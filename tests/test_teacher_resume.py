@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from _teacher_fixtures import synthetic_parquet
+from _teacher_fixtures import kill_infer_mid_run, synthetic_parquet
 from still.checkpoints import save_checkpoint
 from still.config import load_config
 from still.models import build_model
@@ -33,28 +30,8 @@ def test_kill_dash_nine_then_resume(ray_cluster, tmp_path):
     overrides = [f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk",
                  "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "still.cli", "infer", *overrides, "ray.num_cpus=2"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300  # generous: Ray start-up crawls on a loaded 2-core box
-    parts: list = []
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            parts = list(root.glob("*/part-*.parquet"))
-            if len(parts) >= 4:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "still infer finished before it could be killed"
-        assert len(parts) >= 4, "no shards appeared in time"
-        proc.send_signal(signal.SIGKILL)  # kill -9 of the driver, mid-run
-        proc.wait(timeout=30)
-    finally:
-        # the embedded Ray cluster this driver started lives in its session: end what is left
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    time.sleep(1.0)
+    kill_infer_mid_run([sys.executable, "-m", "still.cli", "infer", *overrides, "ray.num_cpus=2"],
+                       tmp_path, env, root)
     (store_dir,) = list(root.iterdir())
     killed_parts = sorted(store_dir.glob("part-*.parquet"))
     assert not (store_dir / st.MANIFEST_NAME).exists()
