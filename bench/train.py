@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from teacher_infer.config import InferConfig
     from teacher_infer.infer import run_infer
 
-    teacher = _train(["data.source=builtin:digits", "student.width=512", "student.depth=2", "kd.weight=0",
-                      f"train.epochs={3 if args.quick else 15}", "scaling.num_workers=0"], work, "teacher")
+    _train(["data.source=builtin:digits", "student.width=512", "student.depth=2", "kd.weight=0",
+            f"train.epochs={3 if args.quick else 15}", "scaling.num_workers=0"], work, "teacher")
     teacher_ckpt = str(work / "teacher" / "student.pt")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     store = run_infer(load_config(InferConfig, None, [
