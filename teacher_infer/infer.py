@@ -46,7 +46,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
 import posixpath
 import sys
 import time
@@ -252,16 +251,17 @@ def _load_or_make_plan(config: InferConfig, spec: Any, store_dir: Location, key:
 
 
 def _cluster_cpus(config: InferConfig) -> int:
+    """CPUs of the cluster the shards will run on, which sizes them (joins Ray if needed)."""
     if config.ray.num_cpus:
         return config.ray.num_cpus
-    try:
-        import ray
+    import ray
 
-        if ray.is_initialized():
-            return int(ray.cluster_resources().get("CPU", 1))
-    except Exception:  # pragma: no cover - a broken cluster shows up later anyway
-        pass
-    return os.cpu_count() or 1
+    from still.ray_setup import init_ray
+
+    # Sized from the cluster, not this machine: a laptop submitting to 64 CPUs with
+    # --address must plan for 64.
+    init_ray(config.ray)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _input_itemsize(spec: Any) -> int:

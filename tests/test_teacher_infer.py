@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import mlflow
@@ -60,6 +61,9 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
         assert set(metrics["per_split"]) == {"train", "val", "test"}
         assert sum(v["rows"] for v in metrics["per_split"].values()) == 1797
         assert all(s["sha256"] and s["rows"] for s in m["shards"]) and m["bytes_per_row"] > 0
+        # auto shard size: two shards per CPU of the Ray cluster (4 in the fixture), not of this machine
+        cluster_cpus = int(ray_cluster.cluster_resources()["CPU"])
+        assert [s["rows"] for s in m["shards"]][0] == math.ceil(1797 / (2 * cluster_cpus))
         assert st.verify_store(store.uri)["ok"]
         full = st.dense_teacher_logits({c: table[c] for c in table.column_names}, 10)
         assert (full.argmax(1) == table["label"].to_numpy()).mean() == pytest.approx(metrics["accuracy"])

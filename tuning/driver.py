@@ -521,10 +521,13 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         rows, unfinished = collect_rows(config, plan)
         if parent.enabled:
             finish_child_runs(parent, plan, rows)
+        # An interrupt can land before the searcher has created every trial (one
+        # trial at a time with optuna): those never-started trials are unfinished too.
+        unfinished += max(0, plan.num_trials - len(rows))
         if unfinished:
             status = "KILLED"
             raise StillError(
-                f"sweep {plan.name!r} was interrupted with {unfinished} of {len(rows)} trial(s) unfinished; "
+                f"sweep {plan.name!r} was interrupted with {unfinished} of {plan.num_trials} trial(s) unfinished; "
                 "rerun with tune.resume=true to finish it"
             )
         best = pick_best(rows, plan.metric, plan.mode)
