@@ -9,6 +9,9 @@ from still.config import RayConfig
 
 log = logging.getLogger(__name__)
 
+# The GCS address of the embedded cluster init_ray started in this process, if any.
+_embedded_gcs_address: str | None = None
+
 
 def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
     """Starts or joins Ray once per process and returns how it was reached.
@@ -43,4 +46,17 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
     # address="local": start our own; a bare ray.init() would join the newest Ray instance
     # it finds on this machine (another user's or another test run's).
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    global _embedded_gcs_address
+    _embedded_gcs_address = ray.get_runtime_context().gcs_address
     return "local"
+
+
+def connected_to_embedded_cluster() -> bool:
+    """True when this process runs on the local cluster :func:`init_ray` started itself.
+
+    Such a cluster never grows: a resource it lacks now never arrives, so waiting for
+    one is a hang, not a wait for an autoscaler.
+    """
+    import ray
+
+    return ray.is_initialized() and _embedded_gcs_address == ray.get_runtime_context().gcs_address

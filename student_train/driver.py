@@ -234,7 +234,8 @@ def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: boo
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from still.ray_setup import init_ray
+    from still.ray_setup import connected_to_embedded_cluster, init_ray
+    from student_train.capacity import check_workers_fit, worker_demand
 
     cfg = spec.cfg
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -245,6 +246,9 @@ def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: boo
     if ingest == "auto":
         ingest = "memory" if rows_per_worker * spec.source.row_bytes() < MEMORY_INGEST_LIMIT else "stream"
     cpus = cfg.scaling.cpus_per_worker or _auto_cpus(workers, streaming=ingest == "stream")
+    check_workers_fit(worker_demand(cpus, cfg.scaling.use_gpu, cfg.scaling.resources_per_worker),
+                      cfg.scaling.placement_strategy, cfg.scaling.num_workers[0], workers,
+                      streaming=ingest == "stream", embedded=connected_to_embedded_cluster())
     spec.ingest = ingest
     spec.threads = max(1, int(cpus))
     datasets = ray_datasets(spec.source, cfg.kd.temperature, materialize=ingest == "memory",

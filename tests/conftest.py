@@ -21,8 +21,9 @@ def ray_cluster():
     if not ray.is_initialized():
         # address="local": always a fresh cluster, never another process's (ray.init() with no
         # address joins the newest Ray instance it finds on the machine).
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        # still_worker: a custom resource for scaling.resources_per_worker to reserve.
+        ray.init(address="local", num_cpus=4, resources={"still_worker": 2}, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
     yield ray
     ray.shutdown()
 

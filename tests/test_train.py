@@ -172,9 +172,15 @@ def test_cli_rejects_bad_config(override, message, tmp_path):
 
 @pytest.mark.timeout(240)
 def test_two_workers_supervised_exports_student(ray_cluster, tmp_path):
+    from ray.util import placement_group_table
+
+    before = set(placement_group_table())
     out = run_train(_cfg(tmp_path, "data.source=builtin:digits", "kd.weight=0", "scaling.num_workers=2",
-                         "train.epochs=3"))
+                         "train.epochs=3", "scaling.resources_per_worker={still_worker: 1}"))
     assert out["epochs"] == 3 and out["history"][-1]["world_size"] == 2
+    # the workers' placement group reserved the custom resource beside the CPU, for each worker
+    bundles = [list(pg["bundles"].values()) for key, pg in placement_group_table().items() if key not in before]
+    assert [{"CPU": 1.0, "still_worker": 1.0}] * 2 in bundles, bundles
     assert out["student_test_accuracy"] > 0.6 and out["teacher_test_accuracy"] is None
     model, info = load_checkpoint(out["checkpoint"])
     assert info["family"] == "mlp" and info["model_args"]["num_classes"] == 10

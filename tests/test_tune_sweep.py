@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from ray.tune import Callback
 
 from still.config import load_config
 from still.errors import StillError
 from tuning.config import TuneConfig
-from tuning.driver import run_tune
+from tuning.driver import ended_trials, plan_sweep, run_tune
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,6 +101,19 @@ def test_sweep_asha_mlflow_report_retrain_without_teacher(ray_cluster, digits_st
         assert stopped == (trial["status"] == "stopped")
 
 
+class InterruptAfterFirstTrial(Callback):
+    """Sends this process SIGUSR1 (Tune treats it like Ctrl+C) once Tune has recorded a
+    finished trial, before the searcher makes the next one. Once per test: Tune saves the
+    callback with the experiment, and the resumed sweep gets it back."""
+
+    fired = False
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not InterruptAfterFirstTrial.fired:
+            InterruptAfterFirstTrial.fired = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 @pytest.mark.timeout(300)
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, digits_store, tmp_path):
     import mlflow
@@ -113,35 +125,26 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
                  "train.epochs=2", "tune.scheduler=none", "tune.max_concurrent_trials=1"]
     client = mlflow.MlflowClient(tracking_uri=uri)
 
-    def finished_children():
+    def children(status):
         exp = client.get_experiment_by_name("tune-test")
-        if exp is None:
-            return []
-        return [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+        return [r for r in client.search_runs([exp.experiment_id], f"attributes.status = '{status}'")
                 if "mlflow.parentRunId" in r.data.tags]
 
-    # Interrupt like Ctrl+C would (Tune treats SIGUSR1 the same) once one trial has finished.
-    stop = threading.Event()
-
-    def interrupt_after_first_trial():
-        while not stop.is_set():
-            if finished_children():
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.2)
-
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # harmless if it lands outside Tune's loop
-    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
-    watcher.start()
-    try:
-        with pytest.raises(StillError, match="interrupted .* rerun with tune.resume=true"):
-            run_tune(_config(digits_store, out, uri, *overrides))
-    finally:
-        stop.set()
-        watcher.join()
-        signal.signal(signal.SIGUSR1, previous)
-    done_before = {r.info.run_name: r.info.run_id for r in finished_children()}
-    assert 1 <= len(done_before) < 4
+    InterruptAfterFirstTrial.fired = False
+    with pytest.raises(StillError, match="interrupted with 3 of 4 trial.* rerun with tune.resume=true"):
+        run_tune(_config(digits_store, out, uri, *overrides), callbacks=[InterruptAfterFirstTrial()])
+    assert InterruptAfterFirstTrial.fired
+    config = _config(digits_store, out, uri, *overrides, "tune.resume=true")
+    assert [row["trial"] for row in ended_trials(config, plan_sweep(config))] == ["trial-0000"]
+    [kept] = children("FINISHED")
+    assert kept.info.run_name == "resume-trial-0000"
+    parent_id = kept.data.tags["mlflow.parentRunId"]
+    assert not children("RUNNING")
+    # A trial whose run closed but whose last report an interrupt kept from Tune: Tune
+    # runs it again, so its old run must not count twice (made here, as that race would).
+    orphan = client.create_run(client.get_experiment_by_name("tune-test").experiment_id,
+                               run_name="resume-trial-0001", tags={"mlflow.parentRunId": parent_id})
+    client.set_terminated(orphan.info.run_id, status="FINISHED")
 
     with pytest.raises(StillError, match="pass tune.resume=true"):
         run_tune(_config(digits_store, out, uri, *overrides))
@@ -150,13 +153,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     assert all(r["status"] == "completed" for r in summary["trials"])
     trial_dirs = sorted(p.name for p in (out / "trials").iterdir() if p.name.startswith("trial-"))
     assert trial_dirs == [f"trial-000{i}" for i in range(4)]
-    _, parent, children = _runs(uri, summary["parent_run_id"])
-    finished = [c for c in children if c.info.status == "FINISHED"]
-    # every trial finished exactly once, and the ones finished before the interruption are the same runs
+    _, parent, children_after = _runs(uri, summary["parent_run_id"])
+    assert parent.info.run_id == parent_id
+    finished = [c for c in children_after if c.info.status == "FINISHED"]
+    # every trial finished exactly once, and the ones Tune recorded before the interruption are the same runs
     assert sorted(c.info.run_name for c in finished) == [f"resume-trial-000{i}" for i in range(4)]
-    for name, run_id in done_before.items():
-        assert {c.info.run_id for c in finished if c.info.run_name == name} == {run_id}
-    assert not [c for c in children if c.info.status == "RUNNING"]
+    assert kept.info.run_id in {c.info.run_id for c in finished}
+    superseded = client.get_run(orphan.info.run_id)
+    assert superseded.info.status == "KILLED" and superseded.data.tags["still.superseded"] == "true"
+    assert not [c for c in children_after if c.info.status == "RUNNING"]
     assert parent.info.status == "FINISHED"
 
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ TRIALS_DIR = "trials"
 SWEEP_TAG = "still.sweep"
 STORE_KEY_TAG = "store.key"
 STOPPED_TAG = "still.stopped_early"
+SUPERSEDED_TAG = "still.superseded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +214,23 @@ class ParentRun:
             self.client.set_terminated(run.info.run_id, status=status)
         return len(runs)
 
+    def supersede_children(self, ended_run_names: set[str]) -> int:
+        """Ends the child runs of trials that a resumed sweep runs again; returns how many.
+
+        Every child run except those of ``ended_run_names`` (trials Tune recorded as ended)
+        that is RUNNING or FINISHED ends KILLED with tag ``still.superseded=true``. A
+        FINISHED one is a trial whose run closed while the interrupt kept its last report
+        from reaching Tune: Tune runs it again, and only the new run counts.
+        """
+        from mlflow.entities import RunTag
+
+        stale = [run for run in self.children()
+                 if run.info.status in ("RUNNING", "FINISHED") and run.info.run_name not in ended_run_names]
+        for run in stale:
+            self.client.log_batch(run.info.run_id, tags=[RunTag(SUPERSEDED_TAG, "true")])
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        return len(stale)
+
     def end(self, status: str) -> None:
         """Ends the parent run with ``status`` (FINISHED, FAILED, KILLED)."""
         if self.enabled:
@@ -261,8 +280,12 @@ def _trainable(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> Any:
     return tune.with_resources(fn, resources)
 
 
-def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun) -> Any:
-    """Returns a fresh Tuner, or the restored one when ``tune.resume`` finds a saved sweep."""
+def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callbacks: Sequence[Any] = ()) -> Any:
+    """Returns a fresh Tuner, or the restored one when ``tune.resume`` finds a saved sweep.
+
+    ``callbacks`` (Ray Tune ``Callback``s) go to a fresh Tuner's ``RunConfig``; a restored
+    one gets back those it was first given (Tune saves them with the experiment).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -306,6 +329,7 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun) -> Any:
             name=TRIALS_DIR,
             storage_path=str(plan.output_dir),
             failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=list(callbacks),
         ),
     )
 
@@ -371,6 +395,15 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
         rows.append(row)
     rows.sort(key=lambda r: r["trial"])
     return rows, unfinished
+
+
+def ended_trials(config: TuneConfig, plan: SweepPlan) -> list[dict[str, Any]]:
+    """Rows of the trials a saved sweep recorded as ended (completed, stopped or errored)."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(plan.experiment_dir)):
+        return []
+    return [row for row in collect_rows(config, plan)[0] if row["status"] != "unfinished"]
 
 
 # Per-epoch metrics of the training loop that a stopped trial's run gets.
@@ -482,11 +515,12 @@ def retrain_best(config: TuneConfig, plan: SweepPlan, best_row: dict[str, Any], 
 # ------------------------------------------------------------------ entry point
 
 
-def run_tune(config: TuneConfig) -> dict[str, Any]:
+def run_tune(config: TuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Runs a sweep and returns its summary (what ``still tune --json`` prints).
 
     Args:
         config: The resolved ``still tune`` config.
+        callbacks: Extra Ray Tune callbacks for the Tuner (see :func:`build_tuner`).
 
     Returns:
         ``parent_run_id``, ``trials`` (one row per trial), ``best`` (config and
@@ -515,8 +549,8 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     try:
         if parent.enabled and config.tune.resume:
             # Trials interrupted last time restart from scratch with a new child run.
-            parent.end_running_children("KILLED")
-        tuner = build_tuner(config, plan, parent)
+            parent.supersede_children({f"{plan.name}-{row['trial']}" for row in ended_trials(config, plan)})
+        tuner = build_tuner(config, plan, parent, callbacks)
         tuner.fit()
         rows, unfinished = collect_rows(config, plan)
         if parent.enabled:
