@@ -135,13 +135,15 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build_dataclass(cls: type[T], raw: Any, prefix: str) -> T:
+def build_dataclass(cls: type[T], raw: Any, prefix: str, base: Any = None) -> T:
     """Recursively builds ``cls`` from a mapping, checking keys and converting types.
 
     Args:
         cls: A dataclass type.
         raw: The mapping for it (None means all defaults).
         prefix: The dotted path of ``cls`` within the root config, for messages.
+        base: An instance whose values stand for the fields ``raw`` leaves out (instead
+            of ``cls``'s own defaults).
     """
     where = prefix.rstrip(".") or "config"
     if raw is None:
@@ -156,8 +158,22 @@ def build_dataclass(cls: type[T], raw: Any, prefix: str) -> T:
         raise StillError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {valid}")
     kwargs = {}
     for name, value in raw.items():
-        kwargs[name] = _convert(hints[name], value, prefix + name)
+        if dataclasses.is_dataclass(hints[name]):
+            # Keys set under a section override that section's default as the parent
+            # declares it (TuneConfig's scaling has num_workers=1, ScalingConfig's is 2).
+            section = getattr(base, name) if base is not None else _field_default(fields[name])
+            kwargs[name] = build_dataclass(hints[name], value, prefix + name + ".", section)
+        else:
+            kwargs[name] = _convert(hints[name], value, prefix + name)
+    if base is not None:
+        kwargs.update({name: getattr(base, name) for name in fields if name not in raw})
     return cls(**kwargs)
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

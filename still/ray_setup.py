@@ -11,6 +11,9 @@ log = logging.getLogger(__name__)
 
 # The GCS address of the embedded cluster init_ray started in this process, if any.
 _embedded_gcs_address: str | None = None
+# Set in the environment of an embedded cluster's processes (raylet, Tune trials, Train
+# workers inherit it), so code running there knows the cluster cannot grow either.
+EMBEDDED_ENV = "STILL_EMBEDDED_RAY_CLUSTER"
 
 
 def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
@@ -45,18 +48,29 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
     # (RAY-NOTES.md); keep it, bound to loopback only.
     # address="local": start our own; a bare ray.init() would join the newest Ray instance
     # it finds on this machine (another user's or another test run's).
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    os.environ[EMBEDDED_ENV] = "1"
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    finally:
+        # The cluster's processes have it; this one checks the address instead, so that
+        # it does not claim the next cluster it may join.
+        os.environ.pop(EMBEDDED_ENV, None)
     global _embedded_gcs_address
     _embedded_gcs_address = ray.get_runtime_context().gcs_address
     return "local"
 
 
 def connected_to_embedded_cluster() -> bool:
-    """True when this process runs on the local cluster :func:`init_ray` started itself.
+    """True when this process runs on a local cluster :func:`init_ray` started: as the
+    process that started it, or as one of its workers (a Tune trial, say).
 
     Such a cluster never grows: a resource it lacks now never arrives, so waiting for
     one is a hang, not a wait for an autoscaler.
     """
     import ray
 
-    return ray.is_initialized() and _embedded_gcs_address == ray.get_runtime_context().gcs_address
+    if not ray.is_initialized():
+        return False
+    if _embedded_gcs_address is not None:
+        return _embedded_gcs_address == ray.get_runtime_context().gcs_address
+    return os.environ.get(EMBEDDED_ENV) == "1"

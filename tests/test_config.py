@@ -29,6 +29,18 @@ class Root:
     fast: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    kd: KD = dataclasses.field(default_factory=lambda: KD(temperature=20.0))
+
+
+def test_a_key_under_a_section_keeps_the_parents_defaults_for_the_rest():
+    assert load_config(Sweep, None, []).kd == KD(temperature=20.0, weight=0.5)
+    # KD's own default temperature is 4; Sweep declares 20, and setting kd.weight must not undo that
+    assert load_config(Sweep, None, ["kd.weight=0.9"]).kd == KD(temperature=20.0, weight=0.9)
+    assert load_config(Sweep, None, ["kd.temperature=2"]).kd == KD(temperature=2.0, weight=0.5)
+
+
 def test_yaml_then_overrides_win(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("kd: {temperature: 2}\ndata: {source: builtin:mnist}\nepochs: 3\n")

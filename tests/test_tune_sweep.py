@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,19 @@ def test_cli_json_contract(ray_cluster, digits_store, tmp_path, capsys):
     assert {"parent_run_id", "trials", "best", "plot"} <= set(summary)
     assert len(summary["trials"]) == 2 and summary["best"]["config"]["student.width"] in (8, 16)
     assert Path(summary["plot"]).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(180)
+def test_trainer_trials_that_cannot_be_scheduled_fail_the_sweep_fast(digits_store, tmp_path):
+    # A TorchTrainer inside each trial asks for a GPU that the embedded cluster lacks: each
+    # trial fails at once, naming the key (Ray Train would wait forever), and so does the sweep.
+    proc = subprocess.run(
+        [sys.executable, "-m", "still.cli", "tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'sw'}",
+         "tracking.enabled=false", "tune.trial_mode=trainer", "scaling.use_gpu=true", "ray.num_cpus=2",
+         "tune.num_samples=2", "tune.scheduler=none", "train.epochs=1", "space.width=[8]", "tune.name=gpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=150,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("still: error: sweep 'gpu': all 2 trial(s) failed; trial-0000: still.errors.StillError: "
+                           "scaling.use_gpu: 1 worker(s) × GPU=1 do not fit the Ray cluster (1 node(s), CPU=2, GPU=0)"), last

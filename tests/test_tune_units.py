@@ -81,6 +81,11 @@ def test_bad_tune_keys(override, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_scaling_overrides_keep_one_worker_per_trial():
+    config = load_config(TuneConfig, None, ["store.uri=s", "scaling.use_gpu=true"])
+    assert config.scaling.num_workers == (1,) and config.scaling.use_gpu is True
+
+
 def test_store_is_required():
     with pytest.raises(StillError, match="store.uri is required"):
         load_config(TuneConfig, None, [])

@@ -391,10 +391,20 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
             "status": status,
             "run_id": last.get("run_id", ""),
             "teacher_loader_imported": bool(last.get("teacher_loader_imported", 0)),
+            "error": _error_line(Path(trial.path)) if status == "error" else "",
         }
         rows.append(row)
     rows.sort(key=lambda r: r["trial"])
     return rows, unfinished
+
+
+def _error_line(trial_dir: Path) -> str:
+    """The exception line (last line) of a failed trial's ``error.txt``."""
+    try:
+        lines = [line for line in (trial_dir / "error.txt").read_text().splitlines() if line.strip()]
+    except OSError:
+        return "no error.txt"
+    return lines[-1].strip() if lines else ""
 
 
 def ended_trials(config: TuneConfig, plan: SweepPlan) -> list[dict[str, Any]]:
@@ -564,6 +574,9 @@ def run_tune(config: TuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, 
                 f"sweep {plan.name!r} was interrupted with {unfinished} of {plan.num_trials} trial(s) unfinished; "
                 "rerun with tune.resume=true to finish it"
             )
+        if rows and all(row["status"] == "error" for row in rows):
+            raise StillError(f"sweep {plan.name!r}: all {len(rows)} trial(s) failed; "
+                             f"{rows[0]['trial']}: {rows[0]['error']}")
         best = pick_best(rows, plan.metric, plan.mode)
         front = pareto_front(rows)
         table = format_table(rows, front=front, best=best)
