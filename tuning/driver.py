@@ -214,18 +214,21 @@ class ParentRun:
             self.client.set_terminated(run.info.run_id, status=status)
         return len(runs)
 
-    def supersede_children(self, ended_run_names: set[str]) -> int:
-        """Ends the child runs of trials that a resumed sweep runs again; returns how many.
+    def supersede_children(self, trial_prefix: str, ended_run_names: set[str]) -> int:
+        """Ends the child runs that a resumed sweep runs again; returns how many.
 
-        Every child run except those of ``ended_run_names`` (trials Tune recorded as ended)
-        that is RUNNING or FINISHED ends KILLED with tag ``still.superseded=true``. A
-        FINISHED one is a trial whose run closed while the interrupt kept its last report
-        from reaching Tune: Tune runs it again, and only the new run counts.
+        Every RUNNING child run, and every FINISHED trial run (name starting with
+        ``trial_prefix``) not in ``ended_run_names`` (trials Tune recorded as ended), ends
+        KILLED with tag ``still.superseded=true``. Such a FINISHED run is a trial whose
+        run closed while an interrupt kept its last report from reaching Tune: Tune runs
+        it again, and only the new run counts.
         """
         from mlflow.entities import RunTag
 
         stale = [run for run in self.children()
-                 if run.info.status in ("RUNNING", "FINISHED") and run.info.run_name not in ended_run_names]
+                 if run.info.status == "RUNNING"
+                 or (run.info.status == "FINISHED" and run.info.run_name.startswith(trial_prefix)
+                     and run.info.run_name not in ended_run_names)]
         for run in stale:
             self.client.log_batch(run.info.run_id, tags=[RunTag(SUPERSEDED_TAG, "true")])
             self.client.set_terminated(run.info.run_id, status="KILLED")
@@ -559,7 +562,10 @@ def run_tune(config: TuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, 
     try:
         if parent.enabled and config.tune.resume:
             # Trials interrupted last time restart from scratch with a new child run.
-            parent.supersede_children({f"{plan.name}-{row['trial']}" for row in ended_trials(config, plan)})
+            from tuning.trainable import TRIAL_PREFIX
+
+            parent.supersede_children(f"{plan.name}-{TRIAL_PREFIX}",
+                                      {f"{plan.name}-{row['trial']}" for row in ended_trials(config, plan)})
         tuner = build_tuner(config, plan, parent, callbacks)
         tuner.fit()
         rows, unfinished = collect_rows(config, plan)
