@@ -93,3 +93,33 @@ def kill_infer_mid_run(command: list[str], cwd: Path, env: dict, store_root: Pat
             pass
     time.sleep(1.0)  # Ray stops the dead driver's tasks
     return parts
+
+
+def wide_mlp_teacher(path: Path) -> Path:
+    """A randomly initialised 784-1500-1500-1500-10 MLP saved as a still checkpoint: slow
+    enough per shard that a kill lands mid-run."""
+    torch.manual_seed(0)
+    args = {"input_shape": [784], "num_classes": 10, "width": 1500, "depth": 3}
+    return Path(save_checkpoint(str(path), build_model("mlp", **args), "mlp", args))
+
+
+def assert_killed_store(store_root: Path, shard_rows: int, planned: int) -> tuple[Path, list[Path]]:
+    """Checks what a killed ``still infer`` left: no manifest (so the store refuses to
+    open), only complete shards under ``part-*`` names, at least 4 and fewer than planned.
+
+    Returns:
+        The store folder and its shards.
+    """
+    import pytest
+
+    from teacher_infer import store as st
+
+    (store_dir,) = list(store_root.iterdir())
+    killed_parts = sorted(store_dir.glob("part-*.parquet"))
+    assert not (store_dir / st.MANIFEST_NAME).exists()
+    with pytest.raises(Exception, match="incomplete"):
+        st.open_store(str(store_dir))
+    for part in killed_parts:  # only complete shards are ever visible under part-* names
+        assert pq.read_metadata(part).num_rows == shard_rows
+    assert 4 <= len(killed_parts) < planned
+    return store_dir, killed_parts

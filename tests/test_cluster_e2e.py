@@ -24,16 +24,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import torch
-from _teacher_fixtures import kill_infer_mid_run, synthetic_parquet, train_digits_teacher
+from _teacher_fixtures import (
+    assert_killed_store,
+    kill_infer_mid_run,
+    synthetic_parquet,
+    train_digits_teacher,
+    wide_mlp_teacher,
+)
 
 from cluster import procs
 from cluster.local import LocalCluster
-from still.checkpoints import save_checkpoint
 from still.errors import StillError
-from still.models import build_model
 from teacher_infer import store as st
 
 pytestmark = pytest.mark.multinode
@@ -214,9 +216,7 @@ def test_infer_driver_killed_mid_run_then_rerun_resumes(cluster, env, tmp_path):
     rows, shard_rows = 20_000, 500
     planned = rows // shard_rows
     data = synthetic_parquet(tmp_path / "data", rows=rows, features=784)
-    torch.manual_seed(0)
-    args = {"input_shape": [784], "num_classes": 10, "width": 1500, "depth": 3}
-    teacher = save_checkpoint(str(tmp_path / "teacher.pt"), build_model("mlp", **args), "mlp", args)
+    teacher = wide_mlp_teacher(tmp_path / "teacher.pt")
     root = tmp_path / "stores"
     command = [sys.executable, "-m", "still.cli", "infer", "--address", cluster.address,
                f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk", "store.k=5",
@@ -224,14 +224,7 @@ def test_infer_driver_killed_mid_run_then_rerun_resumes(cluster, env, tmp_path):
     t0 = time.monotonic()
     parts = kill_infer_mid_run(command, tmp_path, env, root, timeout=240)
     print(f"driver killed after {time.monotonic() - t0:.1f} s with {len(parts)} shards written")
-    (store_dir,) = list(root.iterdir())
-    killed_parts = sorted(store_dir.glob("part-*.parquet"))
-    assert not (store_dir / st.MANIFEST_NAME).exists()
-    with pytest.raises(Exception, match="incomplete"):
-        st.open_store(str(store_dir))
-    for part in killed_parts:  # only complete shards are ever visible under part-* names
-        assert pq.read_metadata(part).num_rows == shard_rows
-    assert 4 <= len(killed_parts) < planned
+    store_dir, killed_parts = assert_killed_store(root, shard_rows=shard_rows, planned=planned)
 
     t1 = time.monotonic()
     rerun = subprocess.run([*command, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -6,13 +6,10 @@ import os
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from _teacher_fixtures import kill_infer_mid_run, synthetic_parquet
-from still.checkpoints import save_checkpoint
+from _teacher_fixtures import assert_killed_store, kill_infer_mid_run, synthetic_parquet, wide_mlp_teacher
 from still.config import load_config
-from still.models import build_model
 from teacher_infer import store as st
 from teacher_infer.config import InferConfig
 from teacher_infer.infer import run_infer
@@ -20,27 +17,17 @@ from teacher_infer.infer import run_infer
 
 @pytest.mark.timeout(420)
 def test_kill_dash_nine_then_resume(ray_cluster, tmp_path):
-    import torch
 
     data = synthetic_parquet(tmp_path / "data", rows=30_000, features=784)
-    torch.manual_seed(0)
-    args = {"input_shape": [784], "num_classes": 10, "width": 1500, "depth": 3}
-    teacher = save_checkpoint(str(tmp_path / "teacher.pt"), build_model("mlp", **args), "mlp", args)
+    teacher = wide_mlp_teacher(tmp_path / "teacher.pt")
     root = tmp_path / "stores"
     overrides = [f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk",
                  "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     kill_infer_mid_run([sys.executable, "-m", "still.cli", "infer", *overrides, "ray.num_cpus=2"],
                        tmp_path, env, root)
-    (store_dir,) = list(root.iterdir())
-    killed_parts = sorted(store_dir.glob("part-*.parquet"))
-    assert not (store_dir / st.MANIFEST_NAME).exists()
-    with pytest.raises(Exception, match="incomplete"):
-        st.open_store(str(store_dir))
-    for part in killed_parts:  # only complete shards are ever visible under part-* names
-        assert pq.read_metadata(part).num_rows == 500
     planned = 30_000 // 500
-    assert 4 <= len(killed_parts) < planned
+    store_dir, killed_parts = assert_killed_store(root, shard_rows=500, planned=planned)
 
     summary = run_infer(load_config(InferConfig, None, overrides))
     assert summary["rows"] == 30_000 and summary["store"] == str(store_dir)
