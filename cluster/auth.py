@@ -51,8 +51,9 @@ def resolve_token() -> tuple[str, str]:
             raise StillError(f"RAY_AUTH_TOKEN_PATH={path_env} is empty: expected a Ray auth token")
         return token, f"RAY_AUTH_TOKEN_PATH={path_env}"
     path = default_token_path()
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip(), str(path)
+    token = path.read_text().strip() if path.is_file() else ""
+    if token:
+        return token, str(path)
     raise StillError(
         f"RAY_AUTH_MODE=token but no token was found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, {path}): "
         "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"

@@ -142,6 +142,7 @@ class LocalCluster:
         self.dashboard_url: str = state["dashboard"]
         self.token_path: str = state["token_path"]
         self.temp_dir: str = state.get("temp_dir", "")
+        self._popen: dict[int, subprocess.Popen] = {}  # nodes started here, reaped by us (no zombies)
 
     # ------------------------------------------------------------------ creating and finding
     @classmethod
@@ -289,8 +290,7 @@ class LocalCluster:
             "temp_dir": temp_dir,
         }
         self._state["nodes"].append(node)
-        self._popen = getattr(self, "_popen", {})
-        self._popen[proc.pid] = proc  # reaped by us while we live (no zombies)
+        self._popen[proc.pid] = proc
         self._save()
         return node
 
@@ -334,7 +334,7 @@ class LocalCluster:
                 )
 
     def _reap_ok(self, pid: int) -> bool:
-        proc = getattr(self, "_popen", {}).get(pid)
+        proc = self._popen.get(pid)
         return proc is not None and proc.poll() is None
 
     def _get(self, path: str, timeout: float = 2.0) -> Any:
@@ -430,7 +430,7 @@ class LocalCluster:
         """Stops exactly this cluster's processes and removes its state file and Ray's temp
         dir (session logs; ``keep_logs`` keeps them); returns the pids signalled."""
         signalled = procs.terminate(self.all_pids())
-        for proc in getattr(self, "_popen", {}).values():
+        for proc in self._popen.values():
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -489,8 +489,8 @@ def cli_cluster(args: argparse.Namespace) -> dict[str, Any]:
             workers=args.workers,
             cpus_per_node=args.cpus_per_node,
             state_dir=state_dir,
-            port=getattr(args, "port", DEFAULT_GCS_PORT),
-            dashboard_port=getattr(args, "dashboard_port", DEFAULT_DASHBOARD_PORT),
+            port=DEFAULT_GCS_PORT if args.port is None else args.port,
+            dashboard_port=DEFAULT_DASHBOARD_PORT if args.dashboard_port is None else args.dashboard_port,
         )
         for note in cluster._state["notes"]:
             print(f"still: {note}", file=sys.stderr)

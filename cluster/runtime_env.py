@@ -99,14 +99,6 @@ def build_runtime_env(
     return runtime_env
 
 
-def redact(runtime_env: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``runtime_env`` fit to print: env var values replaced by ``<redacted>``."""
-    shown = {k: v for k, v in runtime_env.items() if k != "excludes"}
-    if "env_vars" in shown:
-        shown["env_vars"] = {k: "<redacted>" for k in shown["env_vars"]}
-    return shown
-
-
 def describe(runtime_env: dict[str, Any]) -> str:
     """One line saying what the job gets, values of env vars left out."""
     parts = []

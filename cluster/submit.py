@@ -236,7 +236,7 @@ def cli_submit(args: argparse.Namespace) -> dict[str, Any]:
         working_dir=args.working_dir,
         env=env,
         pip=args.pip,
-        excludes=getattr(args, "exclude", []) or [],
+        excludes=args.exclude or [],
     )
     url = client.get_address()
     _note(f"job {job_id} submitted to {url}")

@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workers", type=int, default=1)
     cluster.add_argument("--cpus-per-node", type=int, default=0)
     cluster.add_argument("--state-dir", default="", help="where the cluster's pid file lives")
-    cluster.add_argument("--port", type=int, default=6390, help="GCS port (taken: a free one is used)")
-    cluster.add_argument("--dashboard-port", type=int, default=8275, help="dashboard / job server port")
+    cluster.add_argument("--port", type=int, default=None, help="GCS port (default 6390; taken: a free one is used)")
+    cluster.add_argument("--dashboard-port", type=int, default=None, help="dashboard / job server port (default 8275)")
     cluster.add_argument("--json", action="store_true")
     return parser
 

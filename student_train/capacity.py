@@ -19,6 +19,8 @@ from still.errors import StillError
 
 # Room for float error in fractional resources (0.1 CPU × 10 workers on 1 CPU).
 _EPS = 1e-6
+# The smallest CPU share worth suggesting to a worker (what _auto_cpus goes down to).
+_MIN_WORKER_CPU = 0.1
 
 
 def worker_demand(cpus_per_worker: float, use_gpu: bool, custom: Mapping[str, float]) -> dict[str, float]:
@@ -86,6 +88,10 @@ def misfit(nodes: Sequence[Mapping[str, float]], demand: Mapping[str, float], st
     if streaming:
         started = min(fit, max_workers)
         spare = totals.get("CPU", 0.0) - started * demand.get("CPU", 0.0)
+        if spare < 1.0 - _EPS and totals.get("CPU", 0.0) - started * _MIN_WORKER_CPU < 1.0 - _EPS:
+            return (f"train.ingest=stream: the Ray cluster's {totals.get('CPU', 0.0):g} CPU(s) leave no whole CPU "
+                    f"for Ray Data to stream the store beside {started} worker(s); set train.ingest=memory, "
+                    "or give Ray more CPUs (ray.num_cpus)")
         if spare < 1.0 - _EPS:
             return (f"scaling.cpus_per_worker: {started} worker(s) × CPU={demand.get('CPU', 0.0):g} leave "
                     f"{max(spare, 0.0):g} of the cluster's {totals.get('CPU', 0.0):g} CPUs for Ray Data to stream "

@@ -97,6 +97,7 @@ def log_mlflow_model(tracker: Any, model: nn.Module, input_shape: tuple[int, ...
     """
     if not getattr(tracker, "run_id", ""):
         return {"model_uri": None, "registered_version": None}
+    import cloudpickle
     import mlflow
     import mlflow.pytorch
 
@@ -104,7 +105,9 @@ def log_mlflow_model(tracker: Any, model: nn.Module, input_shape: tuple[int, ...
     example = np.zeros((2, *input_shape), dtype=np.float32)
     # Naming the requirements skips MLflow's dependency inference, which imports the
     # model in a subprocess and costs ~10 s per logged model.
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    # cloudpickle: mlflow.pytorch pickles the model with it, and loading needs it.
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"cloudpickle=={cloudpickle.__version__}",
+                    f"numpy=={np.__version__}"]
     with mlflow.start_run(run_id=tracker.run_id):
         info = mlflow.pytorch.log_model(
             model, name="model", input_example=example, pip_requirements=requirements,
