@@ -114,7 +114,7 @@ def bare_loop(store: str, grid: dict, epochs: int) -> float:
                 "train.lr=0.003", "scaling.num_workers=0", "tracking.enabled=false",
             ])
             source = resolve_source(cfg.store.uri, cfg.data, verify=False)
-            arrays = load_split_arrays(source, temperature)
+            arrays = load_split_arrays(source)
             with tempfile.TemporaryDirectory() as tmp:
                 spec = LoopSpec(cfg=cfg, source=source, model_args=_model_args(cfg, source), quiet=True)
                 run_loop(spec, LocalSession(arrays, tmp))

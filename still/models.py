@@ -5,9 +5,11 @@ A still checkpoint names its family and constructor arguments, so whoever loads 
 rebuilds the same module. That is why the registry lives in ``still`` and not in
 ``student_train``: ``teacher_infer`` must not import the training package.
 
-Every family has ``features(x)`` (the penultimate activations, used for hint
-losses and feature stores) and ``forward(x)`` (the logits). ``width`` is the knob
-sweeps turn: hidden units for ``mlp``, a channel multiplier for ``cnn``.
+Every family has ``features(x)`` (the penultimate activations, before the last
+dropout: what hint losses match and feature stores keep), ``classify(features)``
+(last dropout, then the head) and ``forward(x) = classify(features(x))`` (the
+logits). ``width`` is the knob sweeps turn: hidden units for ``mlp``, a channel
+multiplier for ``cnn``.
 """
 
 from __future__ import annotations
@@ -44,22 +46,28 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))
-        for _ in range(depth):
+        for index in range(depth):
             layers += [nn.Linear(in_features, hidden), nn.ReLU()]
-            if dropout > 0:
+            if dropout > 0 and index < depth - 1:
                 layers.append(nn.Dropout(dropout))
             in_features = hidden
         self.body = nn.Sequential(*layers)
+        # the last hidden layer's dropout sits outside ``body``, so features are taken before it
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and depth > 0 else nn.Identity()
         self.head = nn.Linear(in_features, num_classes)
         self.feature_dim = in_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the last hidden layer's activations."""
+        """Returns the last hidden layer's activations (before its dropout)."""
         return self.body(x)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Returns logits from :meth:`features` (dropout, then the head)."""
+        return self.head(self.dropout(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns logits."""
-        return self.head(self.body(x))
+        return self.classify(self.features(x))
 
 
 class CNN(nn.Module):
@@ -94,19 +102,22 @@ class CNN(nn.Module):
         flat = c2 * (height // 4) * (width_px // 4)
         hidden = max(1, round(128 * width))
         layers += [nn.Linear(flat, hidden), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
         self.body = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(hidden, num_classes)
         self.feature_dim = hidden
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the hidden layer's activations."""
+        """Returns the hidden layer's activations (before its dropout)."""
         return self.body(x)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Returns logits from :meth:`features` (dropout, then the head)."""
+        return self.head(self.dropout(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns logits."""
-        return self.head(self.body(x))
+        return self.classify(self.features(x))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN}

@@ -53,6 +53,10 @@ class KDConfig:
     """T: softmax temperature of teacher and student in the KL term."""
     weight: float = 0.5
     """λ (kd_weight) in [0, 1]; 0 is plain supervised training."""
+    tail: Literal["uniform", "bucket"] = "bucket"
+    """How the loss treats a top-k store's tail, whose total mass at T is known but whose
+    shape is not: ``bucket`` is a KL over the k classes plus one tail bin; ``uniform``
+    spreads the tail mass evenly over the tail classes (student_train.losses)."""
     hint_weight: float = 0.0
     """β: weight of MSE(projector(student features), stored teacher features)."""
     online_teacher: str = ""

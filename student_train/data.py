@@ -4,10 +4,16 @@ One conversion, :func:`convert_batch`, turns a raw batch (store columns, or a
 dataset's id/features/label/split columns) into the arrays the loop consumes:
 
     x      float32 (n, *input_shape)   the model input, preprocessed (raw × input_scale)
-    y      int64 (n,) class ids, -1 when unlabelled; multi-label: float32 (n, C) 0/1, -1 rows unlabelled
+    y      int64 (n,) class ids, -1 when unlabelled; multi-label: int8 (n, C) 0/1, -1 rows unlabelled
     split  int8 (n,)                   0 train, 1 val, 2 test
-    t      float32 (n, C)              teacher logits at T = 1 (stores only; ensembles: see below)
+    t<i>_* the teacher columns of store i as stored, fixed-width and still sparse
+           (``teacher_infer.store.teacher_arrays``: k ids and values per row for top-k,
+           the padded draws for sampled, C logits only for dense stores)
     f      float32 (n, d)              teacher hint features (stores with ``features`` only)
+
+No dense ``(n, C)`` teacher array is built here, in Ray Data or in the object store:
+the training loop turns the ``t<i>_*`` columns into the teacher's target on its own
+device (``teacher_infer.targets.target_from_columns``).
 
 Two ways to get there, one conversion: :func:`ray_datasets` builds Ray Data datasets
 (what the TorchTrainer's workers read through ``get_dataset_shard``), and
@@ -15,10 +21,9 @@ Two ways to get there, one conversion: :func:`ray_datasets` builds Ray Data data
 in-process path: no Ray tasks at all, so Tune trials with fractional CPUs never wait
 on read tasks).
 
-Ensembles: stores of one dataset share ids; rows are joined by id and the teacher
-probabilities averaged at temperature T. The average is handed on as logits
-``t = T·log(mean_i softmax(t_i/T))`` (multi-label: ``T·logit(mean_i σ(t_i/T))``),
-so ``softmax(t/T)`` is exactly the averaged distribution and the loss is unchanged.
+Ensembles: stores of one dataset share ids; rows are joined by id, each store's
+columns keep their own prefix, and the loss averages the members' probabilities at
+T on the device (``student_train.losses``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from still.errors import StillError
+from teacher_infer.soft_labels import SoftLabelSpec
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
@@ -42,7 +49,6 @@ class Source:
         kind: ``store`` or ``dataset``.
         name: Store URI(s) or dataset name, for messages.
         inputs: Per input (store, or the dataset): ``(filesystem_uri, paths)``.
-        modes: Per store: ``dense`` or ``topk`` (empty for a dataset).
         num_classes: C.
         class_names: Class names.
         input_shape: Shape of one model input.
@@ -53,12 +59,13 @@ class Source:
         columns: Names of the dataset's id, feature, label and split columns.
         split_rule: The dataset's split rule (unused for stores: they carry ``split``).
         manifests: The stores' manifests.
+        teachers: Per store, how its teacher outputs are stored.
+        max_support: Per store, the width its teacher columns are padded to.
     """
 
     kind: str
     name: str
     inputs: tuple[tuple[str, tuple[str, ...]], ...]
-    modes: tuple[str, ...]
     num_classes: int
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
@@ -69,17 +76,22 @@ class Source:
     columns: tuple[str, str, str, str | None] = ("id", "input", "label", "split")
     split_rule: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     manifests: tuple[Mapping[str, Any], ...] = ()
+    teachers: tuple[SoftLabelSpec, ...] = ()
+    max_support: tuple[int, ...] = ()
 
     @property
     def has_teacher(self) -> bool:
-        """True when the data carries teacher logits."""
+        """True when the data carries teacher outputs."""
         return self.kind == "store"
 
     def row_bytes(self) -> int:
-        """Bytes of one converted row (x, y, split, t, f) in memory."""
-        n = 4 * math.prod(self.input_shape) + 9
-        if self.has_teacher:
-            n += 4 * self.num_classes
+        """Bytes of one converted row (x, y, split, teacher columns, f) in memory."""
+        n = 4 * math.prod(self.input_shape) + 9 + (self.num_classes if self.task == "multilabel" else 0)
+        for spec, width in zip(self.teachers, self.max_support):
+            value = 2 if spec.dtype == "float16" else 4
+            grid = 4 * (1 + len(spec.temperatures))
+            n += {"dense": value * spec.num_classes, "topk": width * (4 + value) + grid,
+                  "sampled": width * (4 + 2 + value) + grid}[spec.mode]
         return n + 4 * self.feature_dim
 
     def read_columns(self, index: int) -> list[str]:
@@ -87,7 +99,7 @@ class Source:
         if self.kind == "dataset":
             id_col, feat, label, split = self.columns
             return [id_col, feat, label] + ([split] if split else [])
-        teacher = ["logits"] if self.modes[index] == "dense" else ["topk_idx", "topk_logit", "logsumexp"]
+        teacher = list(self.teachers[index].columns)
         if index > 0:
             return ["id"] + teacher
         return ["id", "label", "split", "input"] + teacher + (["features"] if self.feature_dim else [])
@@ -102,8 +114,9 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
         verify: Re-read every shard against its manifest (``verify_store``).
 
     Raises:
-        StillError: A store is incomplete, fails verification, lacks the input
-            column, or the stores of an ensemble disagree on classes or task.
+        StillError: A store is incomplete, of another format version, fails
+            verification, lacks the input column, or the stores of an ensemble
+            disagree on classes or task.
     """
     if not store_uris:
         from still.datasets import resolve_dataset
@@ -111,10 +124,11 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
         spec = resolve_dataset(data_cfg)
         fs_uri = spec.filesystem_uri
         return Source(
-            kind="dataset", name=spec.name, inputs=((fs_uri, tuple(_paths(spec.files))),), modes=(),
+            kind="dataset", name=spec.name, inputs=((fs_uri, tuple(_paths(spec.files))),),
             num_classes=spec.num_classes, class_names=tuple(spec.class_names),
-            input_shape=tuple(spec.input_shape), input_scale=float(spec.input_scale), num_rows=spec.num_rows,
-            columns=(spec.id_column, spec.feature_column, spec.label_column, spec.split_column),
+            input_shape=tuple(spec.input_shape), input_scale=float(spec.input_scale), task=spec.task,
+            num_rows=spec.num_rows, columns=(spec.id_column, spec.feature_column, spec.label_column,
+                                             spec.split_column),
             split_rule=dict(spec.split_rule),
         )
     from teacher_infer.store import open_store, verify_store
@@ -128,15 +142,14 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
                 raise StillError(f"store {uri!r} fails verification: {'; '.join(report['problems'][:3])}")
         stores.append(store)
     first = stores[0]
-    if not first.manifest["storage"].get("include_inputs", True):
+    if not first.include_inputs:
         raise StillError(f"store {first.uri!r} has no input column (written with include_inputs=false); "
                          "still train needs a self-contained store")
-    task = first.manifest.get("task", "multiclass")
     for other in stores[1:]:
         if other.num_classes != first.num_classes:
             raise StillError(f"ensemble stores disagree on classes: {first.uri!r} has {first.num_classes}, "
                              f"{other.uri!r} has {other.num_classes}")
-        if other.manifest.get("task", "multiclass") != task:
+        if other.task != first.task:
             raise StillError(f"ensemble stores disagree on task: {first.uri!r} vs {other.uri!r}")
         if other.num_rows != first.num_rows:
             raise StillError(f"ensemble stores must cover the same rows: {first.uri!r} has {first.num_rows}, "
@@ -149,10 +162,10 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
     return Source(
         kind="store", name=",".join(s.uri for s in stores),
         inputs=tuple((s.uri, tuple(resolve_path(u) for u in s.shard_uris())) for s in stores),
-        modes=tuple(s.mode for s in stores), num_classes=first.num_classes,
-        class_names=tuple(first.class_names), input_shape=tuple(first.input_shape),
-        input_scale=first.input_scale, task=task, feature_dim=feature_dim, num_rows=first.num_rows,
-        manifests=tuple(s.manifest for s in stores),
+        num_classes=first.num_classes, class_names=tuple(first.class_names), input_shape=tuple(first.input_shape),
+        input_scale=first.input_scale, task=first.task, feature_dim=feature_dim, num_rows=first.num_rows,
+        manifests=tuple(s.manifest for s in stores), teachers=tuple(s.soft_labels for s in stores),
+        max_support=tuple(s.max_support for s in stores),
     )
 
 
@@ -178,16 +191,21 @@ def _probe_feature_dim(store: Any) -> int:
 # --------------------------------------------------------------------------- conversion
 
 
-def convert_batch(batch: Mapping[str, Any], source: Source, temperature: float) -> dict[str, np.ndarray]:
+def teacher_prefix(index: int) -> str:
+    """The column prefix of store ``index``'s teacher columns in a converted batch."""
+    return f"t{index}_"
+
+
+def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndarray]:
     """Turns a raw batch of the primary input into model-ready arrays (module docstring).
 
     Args:
         batch: Column name → values (numpy, object arrays of arrays, or Arrow arrays).
-            Ensemble members' teacher logits come as extra columns ``t1``, ``t2``…
+            Ensemble members' teacher columns arrive already converted, under their
+            prefixes (``t1_…``), and pass through.
         source: The resolved :class:`Source`.
-        temperature: T, used only to average an ensemble's probabilities.
     """
-    from still.datasets import features_to_numpy
+    from still.datasets import features_to_numpy, labels_to_numpy
 
     if source.kind == "dataset":
         from still.datasets import assign_splits
@@ -197,78 +215,39 @@ def convert_batch(batch: Mapping[str, Any], source: Source, temperature: float) 
         source_split = _numpy(batch[split_col]) if split_col and split_col in batch else None
         return {
             "x": features_to_numpy(batch[feat], source.input_shape, source.input_scale),
-            "y": _labels(batch[label_col], source),
+            "y": labels_to_numpy(batch[label_col], source.task, source.num_classes),
             "split": assign_splits(ids, source_split, source.split_rule).astype(np.int8),
         }
-    from teacher_infer.store import dense_teacher_logits
+    from teacher_infer.store import teacher_arrays
 
     out = {
         "x": features_to_numpy(batch["input"], source.input_shape, source.input_scale),
-        "y": _labels(batch["label"], source),
+        "y": labels_to_numpy(batch["label"], source.task, source.num_classes),
         "split": _numpy(batch["split"]).astype(np.int8),
     }
-    teachers = [dense_teacher_logits(batch, source.num_classes)]
-    teachers += [_matrix(batch[f"t{i}"]) for i in range(1, len(source.modes))]
-    out["t"] = combine_teachers(teachers, temperature, source.task)
+    out.update(teacher_arrays(batch, source.teachers[0], source.max_support[0], prefix=teacher_prefix(0)))
+    for index in range(1, len(source.teachers)):
+        prefix = teacher_prefix(index)
+        out.update({name: _numpy(value) for name, value in batch.items() if name.startswith(prefix)})
     if source.feature_dim:
         out["f"] = features_to_numpy(batch["features"], (source.feature_dim,), 1.0)
     return out
-
-
-def combine_teachers(logits: Sequence[np.ndarray], temperature: float, task: str = "multiclass") -> np.ndarray:
-    """Averages teacher probabilities at temperature T; returns logits that reproduce them.
-
-    One teacher is returned as is. For several, ``T·log(mean_i softmax(t_i/T))``
-    (multi-label: ``T·logit(mean_i σ(t_i/T))``).
-    """
-    if len(logits) == 1:
-        return np.ascontiguousarray(logits[0], dtype=np.float32)
-    stacked = np.stack([np.asarray(t, dtype=np.float64) for t in logits]) / temperature
-    if task == "multilabel":
-        p = (1.0 / (1.0 + np.exp(-stacked))).mean(axis=0)
-        p = np.clip(p, 1e-12, 1 - 1e-12)
-        return (temperature * (np.log(p) - np.log1p(-p))).astype(np.float32)
-    peak = stacked.max(axis=2, keepdims=True)
-    logp = stacked - peak - np.log(np.exp(stacked - peak).sum(axis=2, keepdims=True))
-    mean_p = np.exp(logp).mean(axis=0)
-    return (temperature * np.log(np.maximum(mean_p, 1e-30))).astype(np.float32)
 
 
 def _numpy(values: Any) -> np.ndarray:
     if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
         if hasattr(values, "combine_chunks"):
             values = values.combine_chunks()
+        if hasattr(values, "flatten") and (pa.types.is_fixed_size_list(values.type)):
+            return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
         return values.to_numpy(zero_copy_only=False)
     return np.asarray(values)
-
-
-def _matrix(values: Any) -> np.ndarray:
-    array = _numpy(values)
-    if array.dtype == object:
-        array = np.stack([np.asarray(row, dtype=np.float32) for row in array])
-    return np.asarray(array, dtype=np.float32)
-
-
-def _labels(values: Any, source: Source) -> np.ndarray:
-    if source.task == "multilabel":
-        array = _numpy(values)
-        out = np.full((len(array), source.num_classes), -1.0, dtype=np.float32)
-        for i, row in enumerate(array):
-            if row is not None and not (isinstance(row, float) and math.isnan(row)):
-                out[i] = np.asarray(row, dtype=np.float32)
-        return out
-    array = _numpy(values)
-    if array.dtype == object:
-        array = np.array([-1 if v is None else v for v in array], dtype=np.float64)
-    if np.issubdtype(array.dtype, np.floating):
-        array = np.where(np.isnan(array), -1, array)
-    return array.astype(np.int64)
 
 
 # --------------------------------------------------------------------------- in memory (plain pyarrow)
 
 
-def load_split_arrays(source: Source, temperature: float, splits: Sequence[str] = ("train", "val", "test"),
+def load_split_arrays(source: Source, splits: Sequence[str] = ("train", "val", "test"),
                       *, include_val: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Reads the whole source with pyarrow and returns ``{split: arrays}`` (in-process path).
 
@@ -284,14 +263,12 @@ def load_split_arrays(source: Source, temperature: float, splits: Sequence[str] 
         tables.append(pq.read_table(list(paths), columns=source.read_columns(index), filesystem=fs))
     batch: dict[str, Any] = {name: tables[0][name] for name in tables[0].column_names}
     if len(tables) > 1:
-        from teacher_infer.store import dense_teacher_logits
-
         ids = _numpy(batch["id"])
         for index, table in enumerate(tables[1:], start=1):
-            other_ids = _numpy(table["id"])
-            logits = dense_teacher_logits({c: table[c] for c in table.column_names}, source.num_classes)
-            batch[f"t{index}"] = logits[_align(ids, other_ids, source.name)]
-    arrays = convert_batch(batch, source, temperature)
+            rows = _align(ids, _numpy(table["id"]), source.name)
+            batch.update({name: values[rows] for name, values in _member_columns(table, source, index).items()
+                          if name != "id"})
+    arrays = convert_batch(batch, source)
     return {name: select_split(arrays, _codes(name, include_val)) for name in splits}
 
 
@@ -319,13 +296,11 @@ def select_split(arrays: Mapping[str, np.ndarray], code: int | tuple[int, ...]) 
 # --------------------------------------------------------------------------- Ray Data
 
 
-def ray_datasets(source: Source, temperature: float, *, materialize: bool, include_val: bool = False
-                 ) -> dict[str, Any]:
+def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False) -> dict[str, Any]:
     """Builds ``{"train", "val", "test"}`` Ray Data datasets of converted arrays.
 
     Args:
         source: The resolved source.
-        temperature: T (ensemble averaging).
         materialize: Execute once now and keep the converted blocks in the object
             store (small data: no read tasks competing with train workers for CPUs).
         include_val: ``train`` holds the train and val rows (``train.include_val``).
@@ -342,12 +317,12 @@ def ray_datasets(source: Source, temperature: float, *, materialize: bool, inclu
     ds = read(0)
     for index in range(1, len(source.inputs)):
         member = read(index).map_batches(
-            _member_logits, fn_kwargs={"num_classes": source.num_classes, "name": f"t{index}"},
+            _member_columns, fn_kwargs={"source": source, "index": index},
             batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
         )
         ds = ds.join(member, join_type="inner", num_partitions=max(1, len(source.inputs[0][1])), on=("id",))
     converted = ds.map_batches(
-        _convert_for_ray, fn_kwargs={"source": source, "temperature": temperature},
+        _convert_for_ray, fn_kwargs={"source": source},
         batch_format="pyarrow", batch_size=4096, zero_copy_batch=True,
     )
     if materialize:
@@ -359,15 +334,17 @@ def ray_datasets(source: Source, temperature: float, *, materialize: bool, inclu
     }
 
 
-def _member_logits(table: Any, num_classes: int, name: str) -> dict[str, np.ndarray]:
-    from teacher_infer.store import dense_teacher_logits
+def _member_columns(table: Any, source: Source, index: int) -> dict[str, np.ndarray]:
+    """An ensemble member's ids and its teacher columns, fixed-width, under its prefix."""
+    from teacher_infer.store import teacher_arrays
 
-    logits = dense_teacher_logits({c: table[c] for c in table.column_names}, num_classes)
-    return {"id": _numpy(table["id"]), name: logits}
+    columns = {c: table[c] for c in table.column_names}
+    arrays = teacher_arrays(columns, source.teachers[index], source.max_support[index], prefix=teacher_prefix(index))
+    return {"id": _numpy(table["id"]), **arrays}
 
 
-def _convert_for_ray(table: Any, source: Source, temperature: float) -> dict[str, np.ndarray]:
-    return convert_batch({c: table[c] for c in table.column_names}, source, temperature)
+def _convert_for_ray(table: Any, source: Source) -> dict[str, np.ndarray]:
+    return convert_batch({c: table[c] for c in table.column_names}, source)
 
 
 def _select_for_ray(batch: Mapping[str, np.ndarray], code: int | tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -107,7 +107,8 @@ def train_job(
         check_reachable(tracking_uri(cfg.tracking))
     source = resolve_source(cfg.store.uri, cfg.data)
     if cfg.kd.hint_weight > 0 and not source.feature_dim:
-        raise StillError("kd.hint_weight > 0 needs a store with a features column (still infer store.features=…)")
+        raise StillError("kd.hint_weight > 0 needs a store with a features column "
+                         "(write one with still infer teacher.feature_layer=<layer>)")
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
         raise StillError(f"student.num_classes={cfg.student.num_classes} but the "
                          f"{'store' if source.has_teacher else 'data'} {source.name!r} has {source.num_classes} classes")
@@ -167,7 +168,8 @@ def train_job(
 
 
 _FINAL_METRICS = ("student_test_accuracy", "teacher_test_accuracy", "test_errors", "test_nll", "student_params",
-                  "teacher_params", "compression_ratio", "student_latency_ms", "teacher_latency_ms")
+                  "teacher_params", "compression_ratio", "student_latency_ms", "teacher_latency_ms",
+                  "test_f1_micro", "test_f1_macro", "test_mean_ap")
 
 
 def _is_number(value: Any) -> bool:
@@ -218,7 +220,7 @@ def _fit_in_process(spec: LoopSpec, checkpoint_dir: Path, tune_report: bool,
         callbacks.append(lambda metrics: ray.tune.report(metrics))
     if spec.cfg.scaling.cpus_per_worker:
         torch.set_num_threads(max(1, int(spec.cfg.scaling.cpus_per_worker)))
-    arrays = load_split_arrays(spec.source, spec.cfg.kd.temperature, include_val=spec.cfg.train.include_val)
+    arrays = load_split_arrays(spec.source, include_val=spec.cfg.train.include_val)
     session = LocalSession(arrays, str(checkpoint_dir),
                            on_report=(lambda m: [c(m) for c in callbacks]) if callbacks else None)
     final = run_loop(spec, session)
@@ -251,7 +253,7 @@ def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: boo
                       streaming=ingest == "stream", embedded=connected_to_embedded_cluster())
     spec.ingest = ingest
     spec.threads = max(1, int(cpus))
-    datasets = ray_datasets(spec.source, cfg.kd.temperature, materialize=ingest == "memory",
+    datasets = ray_datasets(spec.source, materialize=ingest == "memory",
                             include_val=cfg.train.include_val)
     if ingest == "memory":
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
@@ -353,6 +355,8 @@ def _summary(cfg: TrainConfig, source: Source, student: torch.nn.Module, final: 
         "test_count": final.get("test_count"),
         "test_nll": final.get("test_nll"),
         "test_agreement": final.get("test_agreement"),
+        **({f"test_{name}": final.get(f"test_{name}") for name in ("f1_micro", "f1_macro", "mean_ap")}
+           if source.task == "multilabel" else {}),
         "val_accuracy": last.get("val_accuracy"),
         "val_nll": last.get("val_nll"),
         "agreement": last.get("agreement"),

@@ -31,9 +31,10 @@ from torch import nn
 
 from still.models import build_model
 from student_train.config import TrainConfig
-from student_train.data import Source
+from student_train.data import Source, teacher_prefix
 from student_train.evaluate import batches_of, evaluate
 from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss
+from teacher_infer.targets import DenseTarget, target_from_columns
 
 STATE_FILE = "state.pt"
 
@@ -79,7 +80,7 @@ class Net(nn.Module):
         if self.projector is None:
             return self.student(x), None
         features = self.student.features(x)
-        return self.student.head(features), self.projector(features)
+        return self.student.classify(features), self.projector(features)
 
 
 # --------------------------------------------------------------------------- feeders
@@ -307,10 +308,21 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     train = session.feeder("train")
     held_out: dict[str, Any] = {}
 
+    def teacher_of(batch: Mapping[str, Any]) -> list[Any] | None:
+        """The batch's teacher targets, built on the batch's device: one per store, or the online teacher's."""
+        if teacher is not None:
+            with torch.no_grad():
+                return [DenseTarget(teacher(batch["x"]), source.task)]
+        if not source.has_teacher:
+            return None
+        device = batch["x"].device
+        return [target_from_columns(batch, spec, prefix=teacher_prefix(i), device=device)
+                for i, spec in enumerate(source.teachers)]
+
     def eval_split(split: str) -> dict[str, Any]:
         if split not in held_out:
             held_out[split] = session.feeder(split)
-        return evaluate(net.student, held_out[split].ordered(), multilabel=multilabel, teacher=teacher)
+        return evaluate(net.student, held_out[split].ordered(), multilabel=multilabel, teacher_of=teacher_of)
 
     def state_now(epoch: int) -> dict[str, Any]:
         return {
@@ -330,12 +342,10 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
             x, y = batch["x"], batch["y"]
             if image:
                 x = jitter(x, cfg.train.jitter, generator)
-            t = batch.get("t")
-            if teacher is not None:
-                with torch.no_grad():
-                    t = teacher(x)
+                batch = {**batch, "x": x}  # an online teacher sees the jittered input too
+            targets = teacher_of(batch) if use_teacher else None
             logits, projected = model(x)
-            terms = loss_fn(logits, t if use_teacher else None, y, T, lam)
+            terms = loss_fn(logits, targets, y, T, lam, cfg.kd.tail)
             loss = terms["loss"]
             hint = torch.zeros((), dtype=loss.dtype)
             if projected is not None:
@@ -358,6 +368,8 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
         if session.rank == 0:
             val = eval_split("val")
             metrics.update(val_accuracy=val["accuracy"], val_nll=val["nll"], agreement=val["agreement"])
+            if multilabel:
+                metrics.update(val_f1_micro=val["f1_micro"], val_f1_macro=val["f1_macro"], val_mean_ap=val["mean_ap"])
             if epoch + 1 == cfg.train.epochs:
                 metrics.update(_test_metrics(eval_split("test")))
             history.append(dict(metrics))
@@ -374,11 +386,13 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
 
 
 def _test_metrics(result: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+    metrics = {
         "test_accuracy": result["accuracy"], "test_nll": result["nll"], "test_errors": result["errors"],
         "test_count": result["count"], "test_agreement": result["agreement"],
         "teacher_test_accuracy_computed": result["teacher_accuracy"],
     }
+    metrics.update({f"test_{name}": result[name] for name in ("f1_micro", "f1_macro", "mean_ap") if name in result})
+    return metrics
 
 
 def _epoch_line(m: Mapping[str, Any], epochs: int) -> str:

@@ -38,13 +38,25 @@ class StoreConfig:
 
     root: str = "stores"
     """Directory (any storage URI) holding stores; each store is ``<root>/<key>``."""
-    mode: Literal["dense", "topk"] = "topk"
-    """``dense``: all C logits; ``topk``: the k largest logits, their class ids and the
-    logsumexp of all C (exact top-k probabilities and tail mass at any temperature)."""
+    mode: Literal["dense", "topk", "sampled"] = "topk"
+    """``dense``: all C logits; ``topk``: the k largest logits with their class ids, the
+    log-normaliser and the tail's exact log-mass at each of ``store.temperatures``;
+    ``sampled``: ``store.samples`` classes drawn from the teacher distribution at
+    ``store.sample_temperature``, as counts (an unbiased estimate; Anshumann et al. 2025).
+    What each can and cannot know: ``teacher_infer.soft_labels``."""
     k: int = 10
     """Number of classes kept per row in ``topk`` mode (must be <= num_classes)."""
+    samples: int = 64
+    """Draws per row in ``sampled`` mode (with replacement; distinct classes are stored once)."""
+    sample_temperature: float = 1.0
+    """The temperature of the distribution ``sampled`` mode draws from. The estimate is
+    unbiased at every temperature of the grid; its variance is smallest near this one."""
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    """Temperatures at which ``topk`` and ``sampled`` rows keep exact log-normalisers
+    (float32 each); training at other temperatures interpolates between them. 1 (and
+    ``store.sample_temperature``) are always added."""
     dtype: Literal["float16", "float32"] = "float16"
-    """Storage type of the logits (and features)."""
+    """Storage type of the logits (and features); normalisers are always float32."""
     include_inputs: bool = True
     """Store the raw inputs (``input`` column) so the store is self-contained."""
 
@@ -53,6 +65,12 @@ class StoreConfig:
             raise StillError("store.root must not be empty")
         if self.k < 1:
             raise StillError(f"store.k must be >= 1, got {self.k}")
+        if self.samples < 1:
+            raise StillError(f"store.samples must be >= 1 (draws per row in sampled mode), got {self.samples}")
+        if self.sample_temperature <= 0:
+            raise StillError(f"store.sample_temperature must be > 0, got {self.sample_temperature}")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise StillError(f"store.temperatures must be a non-empty list of values > 0, got {list(self.temperatures)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +89,9 @@ class InferRunConfig:
     """Intra-op threads per inference task; 0: the task's CPU count (Ray's default)."""
     num_cpus_per_task: float = 1.0
     """CPUs reserved per inference task on CPU clusters."""
+    fidelity_rows: int = 2048
+    """About how many rows (spread over all shards) get the stored target compared with
+    the full teacher output (``fidelity`` in the manifest); 0: none."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -83,6 +104,8 @@ class InferRunConfig:
             raise StillError(f"infer.torch_threads must be >= 0, got {self.torch_threads}")
         if self.num_cpus_per_task <= 0:
             raise StillError(f"infer.num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+        if self.fidelity_rows < 0:
+            raise StillError(f"infer.fidelity_rows must be >= 0, got {self.fidelity_rows}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,8 +58,11 @@ import pyarrow.parquet as pq
 from still.config import to_dict
 from still.errors import StillError
 from still.storage import Location, resolve
+from teacher_infer import fidelity as fid
+from teacher_infer import metrics as tm
 from teacher_infer import store as st
 from teacher_infer.config import InferConfig
+from teacher_infer.soft_labels import Ragged, SoftLabelSpec
 
 DEFAULT_EXPERIMENT = "still-infer"
 _SHARD_INPUT_BYTES = 32 << 20
@@ -74,8 +77,8 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
 
     Returns:
         ``store`` (URI), ``key``, ``rows``, ``cache_hit``, ``bytes_per_row``,
-        ``teacher_accuracy``, plus ``rows_per_s``, ``seconds``, ``shards_written``,
-        ``run_id``.
+        ``teacher_accuracy``, ``fidelity``, plus ``rows_per_s``, ``seconds``,
+        ``shards_written``, ``run_id``.
 
     Raises:
         StillError: Bad data, teacher, or storage settings; checked before writing.
@@ -86,14 +89,11 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
     if not config.teacher.uri:
         raise StillError("teacher.uri is required (a still checkpoint, TorchScript or .pt2 file, or an MLflow model URI)")
     spec = resolve_dataset(config.data)
-    if config.store.mode == "topk" and config.store.k > spec.num_classes:
-        raise StillError(
-            f"store.k={config.store.k} is larger than the number of classes of {spec.name!r} ({spec.num_classes})"
-        )
+    soft_labels = storage_spec(config, spec)
     from teacher_infer.teachers import teacher_fingerprint
 
     fingerprint = teacher_fingerprint(config.teacher.uri)
-    key, key_doc = cache_key(config, spec, fingerprint)
+    key, key_doc = cache_key(config, spec, fingerprint, soft_labels)
     store_dir = resolve(config.store.root).join(key)
     if store_dir.join(st.MANIFEST_NAME).exists():
         return _cache_hit(config, store_dir, key, started)
@@ -101,7 +101,7 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
     from teacher_infer.teachers import load_teacher
 
     teacher = load_teacher(config.teacher.uri)
-    input_dtype = _probe(config, spec, teacher)
+    input_dtype = _probe(config, spec, teacher, soft_labels)
     plan = _load_or_make_plan(config, spec, store_dir, key)
     done = _complete_shards(store_dir, plan)
     todo = [s for s in plan["shards"] if s["index"] not in done]
@@ -114,10 +114,10 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
                   tags={"cache_hit": "false", "store_key": key, "teacher_fingerprint": fingerprint}) as tracker:
         tracker.set_tags({"store_uri": store_dir.uri})
         infer_start = time.perf_counter()
-        written = _run_shards(config, spec, teacher, store_dir, todo) if todo else {}
+        written = _run_shards(config, spec, soft_labels, teacher, store_dir, key, todo) if todo else {}
         infer_seconds = time.perf_counter() - infer_start
-        manifest = _finalize(config, spec, teacher, store_dir, key, key_doc, plan, done, written, input_dtype,
-                             infer_seconds)
+        manifest = _finalize(config, spec, soft_labels, teacher, store_dir, key, key_doc, plan, done, written,
+                             input_dtype, infer_seconds)
         rows_written = sum(r["rows"] for r in written.values())
         metrics = manifest["teacher_metrics"]
         summary = {
@@ -127,6 +127,7 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
             "cache_hit": False,
             "bytes_per_row": manifest["bytes_per_row"],
             "teacher_accuracy": metrics["accuracy"],
+            "fidelity": manifest["fidelity"],
             "shards_written": len(written),
             "shards_resumed": len(done),
             "seconds": round(time.perf_counter() - started, 3),
@@ -136,7 +137,8 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
         flat_metrics = {f"teacher_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         for split, values in metrics["per_split"].items():
             flat_metrics.update({f"teacher_{k}_{split}": v for k, v in values.items() if v is not None})
-        tracker.log_metrics({**flat_metrics, "rows": manifest["rows"], "bytes_per_row": manifest["bytes_per_row"],
+        tracker.log_metrics({**flat_metrics, **fidelity_metrics(manifest["fidelity"]),
+                             "rows": manifest["rows"], "bytes_per_row": manifest["bytes_per_row"],
                              "rows_per_s": summary["rows_per_s"] or 0.0, "infer_seconds": infer_seconds,
                              "shards_written": len(written), "shards_resumed": len(done)})
         tracker.log_dict(manifest, "store_manifest.json")
@@ -155,6 +157,7 @@ def _cache_hit(config: InferConfig, store_dir: Location, key: str, started: floa
         "cache_hit": True,
         "bytes_per_row": store.manifest["bytes_per_row"],
         "teacher_accuracy": store.manifest["teacher_metrics"]["accuracy"],
+        "fidelity": store.fidelity,
         "shards_written": 0,
         "shards_resumed": 0,
     }
@@ -172,30 +175,43 @@ def _cache_hit(config: InferConfig, store_dir: Location, key: str, started: floa
 # --------------------------------------------------------------------------- key and plan
 
 
-def cache_key(config: InferConfig, spec: Any, teacher_fp: str) -> tuple[str, dict[str, Any]]:
+def storage_spec(config: InferConfig, spec: Any) -> SoftLabelSpec:
+    """The storage settings for this dataset, checked against it (mode vs task, k vs classes)."""
+    store = config.store
+    try:
+        return SoftLabelSpec.create(store.mode, spec.num_classes, dtype=store.dtype, k=store.k,
+                                    samples=store.samples, sample_temperature=store.sample_temperature,
+                                    temperatures=store.temperatures, task=spec.task)
+    except StillError as exc:
+        raise StillError(f"dataset {spec.name!r} ({spec.num_classes} classes, {spec.task}): {exc}") from None
+
+
+def cache_key(config: InferConfig, spec: Any, teacher_fp: str, soft_labels: SoftLabelSpec) -> tuple[str, dict[str, Any]]:
     """The store's content address: sha256 of teacher, data, preprocessing and storage.
 
     Returns:
         (16-hex-digit key, the document it hashes).
     """
-    storage = {
-        "mode": config.store.mode,
-        "k": config.store.k if config.store.mode == "topk" else None,
-        "dtype": config.store.dtype,
-        "include_inputs": config.store.include_inputs,
-        "feature_layer": config.teacher.feature_layer,
-    }
+    storage = {**soft_labels.manifest_fields(), "include_inputs": config.store.include_inputs,
+               "feature_layer": config.teacher.feature_layer}
     doc = {
         "format_version": st.FORMAT_VERSION,
         "teacher": teacher_fp,
         "dataset": spec.fingerprint,
         "columns": [spec.id_column, spec.feature_column, spec.label_column, spec.split_column],
+        "task": spec.task,
         "preprocessing": {"input_shape": list(spec.input_shape), "input_scale": float(spec.input_scale)},
         "split_rule": dict(spec.split_rule),
         "storage": storage,
     }
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16], doc
+
+
+def fidelity_metrics(fidelity: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The fidelity as flat MLflow metrics: ``fidelity_kl_mean_T4`` and so on."""
+    return {f"fidelity_{name}_T{temperature}": value for temperature, values in fidelity.items()
+            for name, value in values.items() if value is not None and math.isfinite(value)}
 
 
 def _file_rows(spec: Any) -> list[int]:
@@ -328,7 +344,7 @@ def _columns(spec: Any) -> list[str]:
     return columns
 
 
-def _probe(config: InferConfig, spec: Any, teacher: Any) -> str:
+def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelSpec) -> str:
     """Runs the teacher on a few rows on the driver; checks its output size first.
 
     Returns:
@@ -338,8 +354,8 @@ def _probe(config: InferConfig, spec: Any, teacher: Any) -> str:
 
     table = _read_rows(spec, [[0, 0, min(8, _file_rows_first(spec))]], _columns(spec))
     raw = _input_matrix(table[spec.feature_column], math.prod(spec.input_shape))
-    predictor = TeacherPredictor(teacher, spec.input_shape, spec.input_scale, mode="dense", dtype="float32",
-                                 feature_layer=config.teacher.feature_layer, with_stats=False)
+    predictor = TeacherPredictor(teacher, spec.input_shape, spec.input_scale,
+                                 feature_layer=config.teacher.feature_layer)
     try:
         logits, _ = predictor.logits(raw)
     except StillError:
@@ -351,10 +367,11 @@ def _probe(config: InferConfig, spec: Any, teacher: Any) -> str:
         ) from None
     finally:
         predictor.close()
-    if logits.shape[1] != spec.num_classes:
+    if logits.shape[1] != soft_labels.num_classes:
+        what = (f"multi-label rows {soft_labels.num_classes} labels wide" if soft_labels.task == "multilabel"
+                else f"{soft_labels.num_classes} classes")
         raise StillError(
-            f"teacher {config.teacher.uri!r} outputs {logits.shape[1]} classes but dataset {spec.name!r} "
-            f"has {spec.num_classes}"
+            f"teacher {config.teacher.uri!r} outputs {logits.shape[1]} classes but dataset {spec.name!r} has {what}"
         )
     return str(raw.dtype)
 
@@ -400,6 +417,8 @@ def infer_shard(
     include_inputs: bool,
     batch_size: int,
     write: bool,
+    seed: int,
+    measure_rows: int,
 ) -> dict[str, Any]:
     """The fused task body: read one shard's rows → infer → compress → write it atomically.
 
@@ -412,49 +431,65 @@ def infer_shard(
         batch_size: Rows per forward pass.
         write: Write the shard here (shared storage); False returns its bytes instead
             (``memory://`` stores, which only the driver's process can see).
+        seed: With the shard index, seeds the draws of ``sampled`` storage, so that a
+            shard rewritten after a kill holds the same draws.
+        measure_rows: About how many of the shard's rows get their fidelity measured.
 
     Returns:
-        ``index``, ``name``, ``rows``, ``bytes``, ``sha256``, ``stats`` (JSON) and ``data``
-        (the Parquet bytes when ``write`` is False, else empty).
+        ``index``, ``name``, ``rows``, ``bytes``, ``sha256``, ``stats`` (JSON: teacher
+        metric sums, measured fidelity rows, the widest row) and ``data`` (the
+        Parquet bytes when ``write`` is False, else empty).
     """
-    from still.datasets import assign_splits
+    from still.datasets import assign_splits, labels_to_numpy
 
+    soft_labels = predictor.soft_labels
     table = _read_rows(spec, shard["pieces"], _columns(spec))
     width = math.prod(spec.input_shape)
     raw = _input_matrix(table[spec.feature_column], width)
     ids = table[spec.id_column]
     id_values = ids.to_numpy()
-    labels_col = table[spec.label_column]
-    labeled = labels_col.null_count == 0
-    labels = labels_col.to_numpy().astype(np.int64) if labeled else None
+    labels = labels_to_numpy(table[spec.label_column], spec.task, spec.num_classes)
     source_split = table[spec.split_column].to_numpy() if spec.split_column else None
     splits = assign_splits(id_values, source_split, spec.split_rule)
-    stats = st.empty_stats()
-    chunks: dict[str, list[np.ndarray]] = {}
+    measure = fid.measured_rows(len(raw), measure_rows)
+    rng = np.random.default_rng([seed, shard["index"]])
+    stats = tm.empty_stats(spec.task, spec.num_classes)
+    fidelity = fid.empty_stats()
+    chunks: dict[str, list[Any]] = {}
     for lo in range(0, len(raw), batch_size):
         hi = min(lo + batch_size, len(raw))
-        batch = {"input": raw[lo:hi]}
-        if labels is not None:
-            batch["label"] = labels[lo:hi]
-        out = predictor(batch)
-        st.accumulate_stats(stats, out, splits[lo:hi], labeled)
+        out = predictor.label({"input": raw[lo:hi], "label": labels[lo:hi], "_measure": measure[lo:hi]}, rng)
+        tm.accumulate_stats(stats, out, splits[lo:hi])
+        if "_fidelity" in out:
+            fid.accumulate_stats(fidelity, out["_fidelity"])
         for name, value in out.items():
-            if name in ("input", "label") or name.startswith("_"):
-                continue
-            chunks.setdefault(name, []).append(value)
-    outputs = {name: np.concatenate(parts) for name, parts in chunks.items()}
+            if name not in ("input", "label") and not name.startswith("_"):
+                chunks.setdefault(name, []).append(value)
+    outputs = {name: _concat(parts) for name, parts in chunks.items()}
     features = outputs.pop("features", None)
     result = st.build_table(
-        ids, labels if labeled else labels_col, splits, outputs,
+        ids, labels, splits, outputs,
         inputs=_input_column(table[spec.feature_column], raw) if include_inputs else None,
-        features=features,
+        features=features, task=spec.task,
     )
-    data = st.shard_bytes(result, stats)
+    support = outputs.get("sample_idx")
+    shard_stats = {"metrics": stats, "fidelity": fidelity,
+                   "max_support": int(np.diff(support.offsets).max(initial=0)) if support is not None else None}
+    data = st.shard_bytes(result, shard_stats)
     name = st.shard_name(shard["index"])
     if write:
         resolve(store_uri).join(name).write_atomic(data)
     record = st.shard_record(name, data, result.num_rows)
-    return {**record, "index": shard["index"], "stats": json.dumps(stats), "data": b"" if write else data}
+    return {**record, "index": shard["index"], "stats": json.dumps(shard_stats), "data": b"" if write else data}
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Joins the batches of one output column (list columns stay ragged)."""
+    if not isinstance(parts[0], Ragged):
+        return np.concatenate(parts)
+    starts = np.cumsum([0] + [p.offsets[-1] for p in parts[:-1]])
+    offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + start for p, start in zip(parts, starts)])
+    return Ragged(offsets, np.concatenate([p.values for p in parts]))
 
 
 def _cached_predictor(payload: Any, spec: Any, config_items: tuple) -> Any:
@@ -489,8 +524,8 @@ class _ShardActor:
                            task_kwargs=self.task_kwargs)
 
 
-def _run_shards(config: InferConfig, spec: Any, teacher: Any, store_dir: Location,
-                todo: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+def _run_shards(config: InferConfig, spec: Any, soft_labels: SoftLabelSpec, teacher: Any, store_dir: Location,
+                key: str, todo: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Runs the missing shards on Ray Data; returns their records by index."""
     import ray
     import ray.data
@@ -504,12 +539,13 @@ def _run_shards(config: InferConfig, spec: Any, teacher: Any, store_dir: Locatio
     store_dir.fs.makedirs(store_dir.path, exist_ok=True)
     gpu = config.infer.num_gpus > 0
     predictor_items = (
-        ("mode", config.store.mode), ("k", config.store.k), ("dtype", config.store.dtype),
-        ("feature_layer", config.teacher.feature_layer), ("device", "cuda" if gpu else "cpu"),
-        ("torch_threads", config.infer.torch_threads),
+        ("soft_labels", soft_labels), ("feature_layer", config.teacher.feature_layer),
+        ("device", "cuda" if gpu else "cpu"), ("torch_threads", config.infer.torch_threads),
     )
+    shard_rows = max(s["rows"] for s in todo)
     task_kwargs = {"store_uri": store_dir.uri, "include_inputs": config.store.include_inputs,
-                   "batch_size": config.infer.batch_size, "write": write_in_task}
+                   "batch_size": config.infer.batch_size, "write": write_in_task, "seed": int(key, 16),
+                   "measure_rows": math.ceil(config.infer.fidelity_rows * shard_rows / max(1, spec.num_rows))}
     payload_ref = teacher.payload()
     items = [{"shard": json.dumps(s)} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -551,9 +587,9 @@ def _run_shards(config: InferConfig, spec: Any, teacher: Any, store_dir: Locatio
 # --------------------------------------------------------------------------- finalize
 
 
-def _finalize(config: InferConfig, spec: Any, teacher: Any, store_dir: Location, key: str, key_doc: dict[str, Any],
-              plan: dict[str, Any], done: dict[int, dict[str, Any]], written: dict[int, dict[str, Any]],
-              input_dtype: str, infer_seconds: float) -> dict[str, Any]:
+def _finalize(config: InferConfig, spec: Any, soft_labels: SoftLabelSpec, teacher: Any, store_dir: Location, key: str,
+              key_doc: dict[str, Any], plan: dict[str, Any], done: dict[int, dict[str, Any]],
+              written: dict[int, dict[str, Any]], input_dtype: str, infer_seconds: float) -> dict[str, Any]:
     """Checks every planned shard is present, then writes the manifest (last, atomically)."""
     from still.tracking import package_versions
 
@@ -576,11 +612,14 @@ def _finalize(config: InferConfig, spec: Any, teacher: Any, store_dir: Location,
     if rows != spec.num_rows:
         raise StillError(f"store {store_dir.uri!r} has {rows} rows, dataset {spec.name!r} has {spec.num_rows}")
     total_bytes = sum(s["bytes"] for s in shards)
-    metrics = st.finish_metrics(st.merge_stats(stats_parts))
-    metrics["ece_bins"] = st.ECE_BINS
-    columns = st.expected_schema_columns({"storage": {"mode": config.store.mode,
-                                                      "include_inputs": config.store.include_inputs,
-                                                      "feature_layer": config.teacher.feature_layer}})
+    metrics = tm.finish_metrics(tm.merge_stats([p["metrics"] for p in stats_parts]), spec.task)
+    fidelity_stats = fid.merge_stats([p["fidelity"] for p in stats_parts])
+    fidelity = fid.summarize(fidelity_stats)
+    storage = {**soft_labels.manifest_fields(), "include_inputs": config.store.include_inputs,
+               "feature_layer": config.teacher.feature_layer}
+    if soft_labels.mode == "sampled":
+        storage["max_support"] = max(p["max_support"] for p in stats_parts)
+    columns = st.expected_schema_columns({"storage": storage})
     manifest = {
         "format": st.FORMAT_NAME,
         "format_version": st.FORMAT_VERSION,
@@ -592,18 +631,18 @@ def _finalize(config: InferConfig, spec: Any, teacher: Any, store_dir: Location,
                     "label_column": spec.label_column, "split_column": spec.split_column},
         "preprocessing": {"input_shape": list(spec.input_shape), "input_scale": float(spec.input_scale),
                           "input_dtype": input_dtype, "rule": "model input = input * input_scale, reshaped to input_shape"},
-        "storage": {"mode": config.store.mode, "k": config.store.k if config.store.mode == "topk" else None,
-                    "dtype": config.store.dtype, "include_inputs": config.store.include_inputs,
-                    "feature_layer": config.teacher.feature_layer},
+        "storage": storage,
         "num_classes": spec.num_classes,
         "class_names": list(spec.class_names),
-        "task": "multiclass",
+        "task": spec.task,
         "split_rule": dict(spec.split_rule),
-        "split_codes": {name: i for i, name in enumerate(st.SPLIT_NAMES)},
+        "split_codes": {name: i for i, name in enumerate(tm.SPLIT_NAMES)},
         "columns": columns,
         "rows": rows,
         "shards": shards,
         "teacher_metrics": metrics,
+        "fidelity": fidelity,
+        "fidelity_rows": fidelity_stats["n"],
         "bytes_per_row": round(total_bytes / rows, 2) if rows else 0.0,
         "total_bytes": total_bytes,
         "package_versions": package_versions(),

@@ -1,14 +1,17 @@
 """``TeacherPredictor``: the batch-inference callable (no Ray imports; testable on numpy).
 
-    predictor = TeacherPredictor(teacher_payload, input_shape=(64,), input_scale=1/16,
-                                 mode="topk", k=5, dtype="float16")
+    spec = SoftLabelSpec.create("topk", 10, k=5, dtype="float16")
+    predictor = TeacherPredictor(teacher_payload, input_shape=(64,), input_scale=1/16, soft_labels=spec)
     out = predictor({"id": ids, "input": raw, "label": labels, "split": splits})
 
 The model is loaded once in ``__init__``. ``__call__`` preprocesses (raw × input_scale,
 reshaped to input_shape), runs the teacher under ``torch.inference_mode`` (and fp16
-autocast on CUDA), compresses the logits for the store, and adds per-row statistics
-computed from the FULL logits (``_conf``, ``_correct``, ``_nll``, ``_entropy``), which the
-writer aggregates into teacher metrics and drops before writing.
+autocast on CUDA), compresses the logits for the store
+(:func:`teacher_infer.soft_labels.compress`), and adds per-row statistics computed
+from the FULL logits (``_`` columns, :func:`teacher_infer.metrics.row_stats`), which
+the writer aggregates into teacher metrics and drops before writing. Rows flagged in
+an optional boolean ``_measure`` column also get their fidelity measured
+(``_fidelity``: :func:`teacher_infer.fidelity.measure_rows` of those rows).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 
 from still.errors import StillError
-from teacher_infer.store import compress, row_stats
+from teacher_infer.fidelity import measure_rows
+from teacher_infer.metrics import row_stats
+from teacher_infer.soft_labels import Ragged, SoftLabelSpec, compress
 
 
 def _as_matrix(values: Any) -> np.ndarray:
@@ -38,14 +43,14 @@ class TeacherPredictor:
         teacher: A ``TeacherPayload`` (bytes, loaded here), a ``Teacher`` or a model.
         input_shape: Shape of one model input.
         input_scale: Model input = raw × this.
-        mode: ``dense`` or ``topk``.
-        k: Classes kept per row in top-k mode.
-        dtype: ``float16`` or ``float32`` for stored logits and features.
+        soft_labels: How outputs are stored; None: :meth:`__call__` is not used
+            (probing calls :meth:`logits` only).
         feature_layer: Submodule (forward hook) or method name whose output is stored
             as ``features``; empty for none.
         device: ``cpu`` or ``cuda``; autocast (fp16) is used on CUDA.
         torch_threads: Intra-op threads (0 leaves torch's setting).
-        with_stats: Add the per-row ``_*`` statistic columns.
+        seed: Seeds the draws of ``sampled`` storage in :meth:`__call__` (:meth:`label`
+            takes a generator of its own).
     """
 
     def __init__(
@@ -53,13 +58,11 @@ class TeacherPredictor:
         teacher: Any,
         input_shape: tuple[int, ...],
         input_scale: float,
-        mode: str = "topk",
-        k: int = 10,
-        dtype: str = "float16",
+        soft_labels: SoftLabelSpec | None = None,
         feature_layer: str = "",
         device: str = "cpu",
         torch_threads: int = 0,
-        with_stats: bool = True,
+        seed: int = 0,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -75,8 +78,8 @@ class TeacherPredictor:
         self.model = model
         self.input_shape = tuple(int(d) for d in input_shape)
         self.input_scale = float(input_scale)
-        self.mode, self.k, self.dtype = mode, int(k), dtype
-        self.with_stats = with_stats
+        self.soft_labels = soft_labels
+        self._rng = np.random.default_rng(seed)
         self.feature_layer = feature_layer
         self._captured: list[torch.Tensor] = []
         self._feature_method = None
@@ -115,7 +118,7 @@ class TeacherPredictor:
             raise StillError(
                 f"teacher input: rows of {raw.size // max(n, 1)} values cannot be reshaped to input shape {self.input_shape}"
             )
-        x = torch.from_numpy(np.ascontiguousarray(raw).astype(np.float32, copy=False))
+        x = torch.from_numpy(np.ascontiguousarray(raw).astype(np.float32, copy=not raw.flags.writeable))
         with torch.inference_mode(), self._autocast():
             x = x.to(self.device, non_blocking=True)
             if self.input_scale != 1.0:
@@ -137,26 +140,58 @@ class TeacherPredictor:
             raise StillError(f"teacher output has shape {tuple(logits.shape)}, expected (batch, num_classes)")
         return logits, feats
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Infers one batch.
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Infers one batch (:meth:`label` with this predictor's own random generator)."""
+        return self.label(batch, self._rng)
+
+    def label(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+        """Infers one batch and turns the logits into store columns.
 
         Args:
-            batch: ``input`` (n, ...) raw values, and optionally ``id``, ``label``,
-                ``split`` (passed through unchanged).
+            batch: ``input`` (n, ...) raw values, and optionally ``id``, ``split``
+                (passed through unchanged), ``label`` (multi-class ``(n,)`` with -1 for
+                unlabelled rows; multi-label ``(n, C)`` 0/1 with rows of -1) and
+                ``_measure`` (bool ``(n,)``: the rows whose fidelity to measure).
+            rng: Draws the samples of ``sampled`` storage.
 
         Returns:
-            The pass-through columns, the compressed teacher outputs (``logits`` or
-            ``topk_idx``/``topk_logit``/``logsumexp``), ``features`` when configured,
-            and the per-row ``_conf``/``_correct``/``_nll``/``_entropy`` statistics.
+            The pass-through columns, the compressed teacher outputs (numpy, or
+            :class:`~teacher_infer.soft_labels.Ragged` list columns), ``features``
+            when configured, the per-row ``_`` statistics and, with ``_measure``,
+            ``_fidelity`` (the measured rows' fidelity, in row order).
         """
+        if self.soft_labels is None:
+            raise StillError("TeacherPredictor needs soft_labels to label batches")
+        spec = self.soft_labels
         logits, feats = self.logits(batch["input"])
-        out: dict[str, np.ndarray] = {k: v for k, v in batch.items()}
-        out.update(compress(logits, self.mode, self.k, self.dtype))
+        if logits.shape[1] != spec.num_classes:
+            raise StillError(f"teacher outputs {logits.shape[1]} classes, the store expects {spec.num_classes}")
+        out: dict[str, Any] = {k: v for k, v in batch.items() if not k.startswith("_")}
+        columns = compress(logits, spec, rng)
+        out.update(columns)
         if feats is not None:
-            out["features"] = feats.astype(self.dtype, copy=False)
-        if self.with_stats:
-            labels = batch.get("label")
-            if labels is not None and np.asarray(labels).dtype == object:
-                labels = None  # nullable labels with missing values: no accuracy
-            out.update(row_stats(logits, labels))
+            out["features"] = feats.astype(spec.dtype, copy=False)
+        labels = batch.get("label")
+        if labels is not None and np.asarray(labels).dtype == object:
+            labels = None  # labels with missing values as Python objects: treat as unlabelled
+        out.update(row_stats(logits, labels, spec.task))
+        measure = batch.get("_measure")
+        if measure is not None and np.asarray(measure).any():
+            rows = np.flatnonzero(measure)
+            out["_fidelity"] = measure_rows(logits[rows], _take_rows(columns, rows), spec)
         return out
+
+
+def _take_rows(columns: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
+    """The given rows of compressed columns (list columns stay ragged)."""
+    out: dict[str, Any] = {}
+    for name, value in columns.items():
+        if isinstance(value, Ragged):
+            lengths = np.diff(value.offsets)[rows]
+            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            picked = np.concatenate([value.values[value.offsets[r]:value.offsets[r + 1]] for r in rows])
+            out[name] = Ragged(offsets, picked)
+        else:
+            out[name] = value[rows]
+    return out

@@ -1,21 +1,28 @@
-"""The soft-label store, format v1: its one owner (writer helpers AND reader).
+"""The soft-label store, format v2: its one owner (writer helpers AND reader).
 
 A store is a directory ``<store.root>/<key>/`` on any storage URI::
 
     part-00000.parquet ... part-NNNNN.parquet   shards, each renamed into place complete
     manifest.json                               written last, atomically
 
-Columns (docs/internals.md): ``id``, ``view`` (int16, 0), ``label`` (int64, nullable),
-``split`` (int8: 0 train, 1 val, 2 test), ``input`` (fixed_size_list of the raw input
-dtype; model input = input × ``input_scale`` reshaped to ``input_shape``), then by mode
-``logits`` (dense) or ``topk_idx``/``topk_logit``/``logsumexp`` (topk), and optionally
+Columns (docs/internals.md): ``id``, ``view`` (int16, 0), ``label`` (int64, nullable;
+multi-label: fixed_size_list<int8>[C] multi-hot, nullable), ``split`` (int8: 0 train,
+1 val, 2 test), ``input`` (fixed_size_list of the raw input dtype; model input = input ×
+``input_scale`` reshaped to ``input_shape``), then the teacher outputs of the storage
+mode (:mod:`teacher_infer.soft_labels` says what each holds and why), and optionally
 ``features``. A directory without ``manifest.json`` is incomplete: no reader accepts it.
+
+Format v2 (this version) replaced v1's top-k columns, whose tail mass was derived by a
+cancellation that fp16 rounding decided: a v1 store is refused with a message to
+rerun ``still infer``, never read into wrong numbers (v1 readers refuse v2 stores on
+``format_version`` the same way).
 
 Reader API used by training and tuning::
 
-    store = open_store("stores/3f2a…")        # StillError unless complete
-    ds = store.read_dataset(columns=["input", "label", "topk_idx", "topk_logit", "logsumexp"])
-    t = dense_teacher_logits(batch, store.num_classes)   # (n, C) float32 logits
+    store = open_store("stores/3f2a…")        # StillError unless complete, format v2
+    store.soft_labels                         # SoftLabelSpec: mode, k, grid, task…
+    arrays = teacher_arrays(batch, store.soft_labels, store.max_support)  # fixed-width, sparse
+    target = teacher_infer.targets.target_from_columns(arrays, store.soft_labels)  # on the device
     verify_store(uri) -> {"ok": bool, "problems": [...]}
 """
 
@@ -24,8 +31,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import posixpath
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -34,17 +41,15 @@ import pyarrow.parquet as pq
 
 from still.errors import StillError
 from still.storage import Location, resolve
+from teacher_infer.soft_labels import MODE_COLUMNS, Ragged, SoftLabelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_NAME = "still-soft-label-store"
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = "_plan.json"
-SPLIT_NAMES = ("train", "val", "test")
-ECE_BINS = 15
 STATS_METADATA_KEY = b"still.shard_stats"
-
-MODE_COLUMNS = {"dense": ("logits",), "topk": ("topk_idx", "topk_logit", "logsumexp")}
 BASE_COLUMNS = ("id", "view", "label", "split")
+RERUN_HINT = "rerun still infer with the same settings to write it in this format"
 
 
 def shard_name(index: int) -> str:
@@ -84,13 +89,41 @@ class Store:
 
     @property
     def mode(self) -> str:
-        """``dense`` or ``topk``."""
+        """``dense``, ``topk`` or ``sampled``."""
         return self.manifest["storage"]["mode"]
 
     @property
     def k(self) -> int | None:
-        """Classes kept per row in ``topk`` mode; None for ``dense``."""
+        """Classes kept per row in ``topk`` mode; None otherwise."""
         return self.manifest["storage"].get("k")
+
+    @property
+    def task(self) -> str:
+        """``multiclass`` or ``multilabel``."""
+        return self.manifest.get("task", "multiclass")
+
+    @property
+    def soft_labels(self) -> SoftLabelSpec:
+        """How the teacher outputs are stored (mode, dtype, k, samples, temperature grid, task)."""
+        return SoftLabelSpec.from_manifest(self.manifest["storage"], self.num_classes, self.task)
+
+    @property
+    def max_support(self) -> int:
+        """The most classes any row stores: k for ``topk``, the widest row for ``sampled``, C for ``dense``."""
+        storage = self.manifest["storage"]
+        if storage["mode"] == "sampled":
+            return int(storage["max_support"])
+        return int(storage.get("k") or self.num_classes)
+
+    @property
+    def include_inputs(self) -> bool:
+        """True when the shards carry the raw inputs (``input`` column)."""
+        return bool(self.manifest["storage"].get("include_inputs", True))
+
+    @property
+    def fidelity(self) -> dict[str, dict[str, float]]:
+        """The measured fidelity per temperature (:mod:`teacher_infer.fidelity`)."""
+        return dict(self.manifest.get("fidelity") or {})
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -153,7 +186,8 @@ def open_store(uri: str) -> Store:
     Raises:
         StillError: ``uri`` does not exist, is not a store, is incomplete (no
             manifest: still being written, or its writer was killed), or its manifest
-            is unreadable or of another format version.
+            is unreadable or of another format version (the message says to rerun
+            ``still infer``).
     """
     location = resolve(uri)
     if not location.exists():
@@ -175,21 +209,23 @@ def open_store(uri: str) -> Store:
         raise StillError(f"store {uri!r} has an unreadable {MANIFEST_NAME} ({type(exc).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StillError(f"{uri!r} is not a still store ({MANIFEST_NAME} lacks format {FORMAT_NAME!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
         raise StillError(
-            f"store {uri!r} has format version {manifest.get('format_version')!r}; "
-            f"this still reads version {FORMAT_VERSION}"
+            f"store {uri!r} has format version {version!r}; this still reads version {FORMAT_VERSION} only: "
+            + ("upgrade still to read it, or " if newer else "") + RERUN_HINT
         )
     return Store(location, manifest)
 
 
 def _column_matrix(values: Any, dtype: Any = None) -> np.ndarray:
-    """Turns a list-like column (2-D array, object array of arrays, Arrow list) into 2-D numpy."""
+    """Turns a fixed-width list column (2-D array, object array of arrays, Arrow list) into 2-D numpy."""
     if isinstance(values, (pa.ChunkedArray, pa.Array)):
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        if pa.types.is_fixed_size_list(values.type):
-            width = values.type.list_size
+        if pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type):
             flat = values.flatten().to_numpy(zero_copy_only=False)
+            width = flat.size // len(values) if len(values) else 0
             return flat.reshape(len(values), width).astype(dtype or flat.dtype, copy=False)
         values = values.to_numpy(zero_copy_only=False)
     array = np.asarray(values)
@@ -198,72 +234,61 @@ def _column_matrix(values: Any, dtype: Any = None) -> np.ndarray:
     return array.astype(dtype, copy=False) if dtype is not None else array
 
 
-def dense_teacher_logits(batch: Mapping[str, Any], num_classes: int) -> np.ndarray:
-    """Returns full-length teacher logits (n, C) float32 from a store batch.
+def _ragged(values: Any) -> Ragged:
+    """A variable-length list column (Arrow list, or Ray Data's object array of arrays) as :class:`Ragged`."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        offsets = values.offsets.to_numpy() - values.offsets[0].as_py()
+        return Ragged(offsets.astype(np.int64), values.flatten().to_numpy(zero_copy_only=False))
+    rows = [np.asarray(row) for row in np.asarray(values, dtype=object)]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    return Ragged(offsets, np.concatenate(rows) if rows else np.zeros(0))
 
-    ``dense`` batches (a ``logits`` column) come back as stored. ``topk`` batches
-    (``topk_idx``, ``topk_logit``, ``logsumexp``) are rebuilt exactly on the top-k
-    support; every tail class gets one shared logit ``log(tail_mass / (C - k)) + lse``
-    with ``tail_mass = 1 - sum_i exp(topk_logit_i - lse)``, so softmax at T = 1
-    reproduces the stored top-k probabilities and the tail mass. (A tail mass that
-    rounds to <= 0 is floored at 1e-30 of the total.)
+
+def teacher_arrays(batch: Mapping[str, Any], spec: SoftLabelSpec, max_support: int, *,
+                   prefix: str = "") -> dict[str, np.ndarray]:
+    """A batch's teacher columns as fixed-width numpy arrays, still sparse: what training ships.
+
+    Nothing is expanded to ``(n, C)`` (only a dense store is dense). Values keep their
+    stored dtype (fp16 stays fp16); :func:`teacher_infer.targets.target_from_columns`
+    turns them into the target on the training device.
 
     Args:
-        batch: A mapping of column name to values (numpy arrays, object arrays of
-            arrays as Ray Data hands list columns over, or Arrow arrays).
-        num_classes: C, ``Store.num_classes``.
+        batch: Column name → values (Arrow arrays, numpy, or Ray Data's object arrays).
+        spec: The store's :attr:`Store.soft_labels`.
+        max_support: :attr:`Store.max_support`: ``sampled`` rows are padded to this
+            width (count 0), so every batch of a store has the same shapes.
+        prefix: Prepended to each output name (ensemble members: ``t1_``…).
+
+    Raises:
+        StillError: A column of the mode is missing, or has the wrong width.
     """
-    if "logits" in batch:
-        logits = _column_matrix(batch["logits"], np.float32)
-        if logits.shape[1] != num_classes:
-            raise StillError(f"stored logits have {logits.shape[1]} classes, expected {num_classes}")
-        return np.ascontiguousarray(logits)
-    missing = [c for c in MODE_COLUMNS["topk"] if c not in batch]
+    missing = [c for c in spec.columns if c not in batch]
     if missing:
-        raise StillError(f"batch has neither 'logits' nor the top-k columns (missing {', '.join(missing)})")
-    idx = _column_matrix(batch["topk_idx"], np.int64)
-    vals = _column_matrix(batch["topk_logit"], np.float64)
-    lse = np.asarray(batch["logsumexp"], dtype=np.float64).reshape(-1, 1)
-    n, k = idx.shape
-    if k > num_classes:
-        raise StillError(f"top-k batch has k={k} > num_classes={num_classes}")
-    out = np.empty((n, num_classes), dtype=np.float64)
-    if k < num_classes:
-        top_mass = np.exp(vals - lse).sum(axis=1, keepdims=True)
-        tail_mass = np.maximum(1.0 - top_mass, 1e-30)
-        out[:] = np.log(tail_mass / (num_classes - k)) + lse
-    np.put_along_axis(out, idx, vals, axis=1)
-    return out.astype(np.float32)
+        raise StillError(f"batch lacks the {spec.mode} store columns {', '.join(missing)}")
+    out: dict[str, np.ndarray] = {}
+    for name in spec.columns:
+        values = batch[name]
+        if name in ("sample_idx", "sample_count", "sample_logit"):
+            array = _ragged(values).padded(max_support)
+        elif name in ("logsumexp",):
+            array = np.asarray(values.to_numpy(zero_copy_only=False) if hasattr(values, "to_numpy") else values)
+        else:
+            array = _column_matrix(values)
+        array = np.ascontiguousarray(array)
+        out[prefix + name] = array if array.flags.writeable else array.copy()  # torch wants writable memory
+    width = {"logits": spec.num_classes, "topk_idx": spec.k, "tail_lognorm": len(spec.temperatures),
+             "lognorm": len(spec.temperatures)}
+    for name, expected in width.items():
+        key = prefix + name
+        if key in out and out[key].shape[1:] != (expected,):
+            raise StillError(f"store column {name!r} holds {out[key].shape[1:]} values per row, expected {expected}")
+    return out
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def compress(logits: np.ndarray, mode: str, k: int, dtype: str) -> dict[str, np.ndarray]:
-    """Turns full float32 logits (n, C) into the stored teacher-output columns.
-
-    Returns:
-        ``{"logits": (n, C) dtype}`` for dense; for topk ``topk_idx`` (n, k) int32 sorted
-        by decreasing logit, ``topk_logit`` (n, k) dtype, ``logsumexp`` (n,) float32
-        (over all C classes, from the float32 logits).
-    """
-    if mode == "dense":
-        return {"logits": logits.astype(dtype, copy=False)}
-    n, num_classes = logits.shape
-    if k >= num_classes:
-        idx = np.argsort(-logits, axis=1, kind="stable")
-    else:
-        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(logits, part, axis=1), axis=1, kind="stable")
-        idx = np.take_along_axis(part, order, axis=1)
-    top = np.take_along_axis(logits, idx, axis=1)
-    peak = logits.max(axis=1, keepdims=True)
-    lse = (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))[:, 0]
-    return {
-        "topk_idx": idx.astype(np.int32),
-        "topk_logit": top.astype(dtype),
-        "logsumexp": lse.astype(np.float32),
-    }
 
 
 def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
@@ -272,34 +297,56 @@ def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), width)
 
 
-def _label_array(labels: Any, n: int) -> pa.Array:
-    if labels is None:
-        return pa.nulls(n, pa.int64())
+def _label_array(labels: Any, n: int, task: str) -> pa.Array:
+    """The ``label`` column: int64 (multi-class) or multi-hot fixed_size_list<int8>[C], nulls kept.
+
+    Numpy labels mark unlabelled rows with -1 (multi-class) or a row of -1 (multi-label).
+    """
     if isinstance(labels, pa.ChunkedArray):
         labels = labels.combine_chunks()
     if isinstance(labels, pa.Array):
-        return labels.cast(pa.int64())
-    return pa.array(np.asarray(labels, dtype=np.int64))
+        return labels.cast(pa.int64()) if task == "multiclass" else labels
+    if labels is None:
+        return pa.nulls(n, pa.int64())
+    labels = np.asarray(labels)
+    if task == "multiclass":
+        labels = labels.astype(np.int64)
+        return pa.array(labels, mask=labels < 0)
+    hot = labels.astype(np.int8)
+    values = pa.array(np.where(hot < 0, 0, hot).reshape(-1))
+    mask = pa.array((hot < 0).any(axis=1))
+    return pa.FixedSizeListArray.from_arrays(values, hot.shape[1], mask=mask)
+
+
+def _list_column(values: Ragged | np.ndarray) -> pa.ListArray:
+    """A list<> column (not fixed-size, per the format: rows may differ in length)."""
+    if not isinstance(values, Ragged):
+        n, width = values.shape
+        values = Ragged(np.arange(0, (n + 1) * width, width, dtype=np.int64), np.ascontiguousarray(values).reshape(-1))
+    return pa.ListArray.from_arrays(pa.array(values.offsets.astype(np.int32)), pa.array(values.values))
 
 
 def build_table(
     ids: Any,
-    labels: np.ndarray | None,
+    labels: Any,
     splits: np.ndarray,
-    outputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, Any],
     inputs: pa.Array | np.ndarray | None = None,
     features: np.ndarray | None = None,
+    task: str = "multiclass",
 ) -> pa.Table:
-    """Builds one shard's Arrow table in the format-v1 column order.
+    """Builds one shard's Arrow table in the format-v2 column order.
 
     Args:
         ids: int64 or string ids (numpy or Arrow).
-        labels: int64 labels (numpy, or Arrow with nulls kept), or None (a null column).
+        labels: Labels: numpy (-1 marks unlabelled; multi-label ``(n, C)`` 0/1 with -1 rows)
+            or Arrow with nulls kept; None makes a null column.
         splits: int8 split codes.
-        outputs: :func:`compress` output.
+        outputs: :func:`teacher_infer.soft_labels.compress` output.
         inputs: Raw inputs: an Arrow fixed_size_list column (passed through as is)
             or a 2-D numpy array; None to leave them out.
         features: (n, d) hidden-layer features, or None.
+        task: ``multiclass`` or ``multilabel`` (the label column's type).
     """
     n = len(splits)
     id_array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids)
@@ -308,20 +355,18 @@ def build_table(
     columns: dict[str, Any] = {
         "id": id_array,
         "view": pa.array(np.zeros(n, dtype=np.int16)),
-        "label": _label_array(labels, n),
+        "label": _label_array(labels, n, task),
         "split": pa.array(np.asarray(splits, dtype=np.int8)),
     }
     if inputs is not None:
         columns["input"] = inputs if isinstance(inputs, (pa.Array, pa.ChunkedArray)) else _fixed_list(inputs)
-    if "logits" in outputs:
-        columns["logits"] = _fixed_list(outputs["logits"])
-    else:
-        # list<> (not fixed-size) per the format table: readers index them row-wise.
-        k = outputs["topk_idx"].shape[1]
-        offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-        columns["topk_idx"] = pa.ListArray.from_arrays(offsets, pa.array(outputs["topk_idx"].reshape(-1)))
-        columns["topk_logit"] = pa.ListArray.from_arrays(offsets, pa.array(outputs["topk_logit"].reshape(-1)))
-        columns["logsumexp"] = pa.array(outputs["logsumexp"])
+    for name, values in outputs.items():
+        if name in ("logits", "tail_lognorm", "lognorm"):
+            columns[name] = _fixed_list(values)
+        elif name == "logsumexp":
+            columns[name] = pa.array(values)
+        else:
+            columns[name] = _list_column(values)
     if features is not None:
         columns["features"] = _fixed_list(features)
     return pa.table(columns)
@@ -374,100 +419,6 @@ def file_sha256(location: Location) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def empty_stats() -> dict[str, Any]:
-    """Metric sums of zero rows, per split key ``all``/``train``/``val``/``test``."""
-    one = {"n": 0, "n_labeled": 0, "correct": 0, "nll": 0.0, "entropy": 0.0,
-           "bin_count": [0] * ECE_BINS, "bin_conf": [0.0] * ECE_BINS, "bin_acc": [0.0] * ECE_BINS}
-    return {name: json.loads(json.dumps(one)) for name in ("all", *SPLIT_NAMES)}
-
-
-def row_stats(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Per-row teacher statistics from FULL float32 logits (before any compression).
-
-    Returns:
-        ``_conf`` max probability, ``_correct`` (argmax == label; 0 when unlabeled),
-        ``_nll`` (−log p[label]; 0 when unlabeled), ``_entropy`` (nats), all float32.
-    """
-    logits = logits.astype(np.float64, copy=False)
-    peak = logits.max(axis=1, keepdims=True)
-    shifted = logits - peak
-    lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    logp = shifted - lse
-    p = np.exp(logp)
-    entropy = -(p * logp).sum(axis=1)
-    conf = p.max(axis=1)
-    if labels is None:
-        zeros = np.zeros(len(logits), dtype=np.float32)
-        return {"_conf": conf.astype(np.float32), "_correct": zeros, "_nll": zeros, "_entropy": entropy.astype(np.float32)}
-    labels = np.asarray(labels, dtype=np.int64)
-    safe = np.clip(labels, 0, logits.shape[1] - 1)
-    nll = -np.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
-    correct = (logits.argmax(axis=1) == labels).astype(np.float32)
-    return {"_conf": conf.astype(np.float32), "_correct": correct, "_nll": nll.astype(np.float32),
-            "_entropy": entropy.astype(np.float32)}
-
-
-def accumulate_stats(stats: dict[str, Any], rows: Mapping[str, np.ndarray], splits: np.ndarray, labeled: bool) -> None:
-    """Adds per-row statistics (:func:`row_stats`) to per-split metric sums in place."""
-    bins = np.minimum((rows["_conf"] * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-    for name, mask in (("all", None), *[(SPLIT_NAMES[i], splits == i) for i in range(3)]):
-        sel = slice(None) if mask is None else mask
-        target = stats[name]
-        n = int(len(splits) if mask is None else mask.sum())
-        if n == 0:
-            continue
-        target["n"] += n
-        target["entropy"] += float(rows["_entropy"][sel].sum(dtype=np.float64))
-        if not labeled:
-            continue
-        target["n_labeled"] += n
-        target["correct"] += int(rows["_correct"][sel].sum())
-        target["nll"] += float(rows["_nll"][sel].sum(dtype=np.float64))
-        b = bins[sel]
-        target["bin_count"] = (np.asarray(target["bin_count"]) + np.bincount(b, minlength=ECE_BINS)).tolist()
-        target["bin_conf"] = (np.asarray(target["bin_conf"]) + np.bincount(b, rows["_conf"][sel], ECE_BINS)).tolist()
-        target["bin_acc"] = (np.asarray(target["bin_acc"]) + np.bincount(b, rows["_correct"][sel], ECE_BINS)).tolist()
-
-
-def merge_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Sums per-shard metric sums."""
-    total = empty_stats()
-    for part in parts:
-        for name, values in part.items():
-            target = total[name]
-            for key, value in values.items():
-                if isinstance(value, list):
-                    target[key] = [a + b for a, b in zip(target[key], value)]
-                else:
-                    target[key] += value
-    return total
-
-
-def finish_metrics(stats: Mapping[str, Any]) -> dict[str, Any]:
-    """Turns metric sums into accuracy, NLL, ECE (15 equal-width bins), mean entropy."""
-
-    def one(values: Mapping[str, Any]) -> dict[str, Any]:
-        n, labeled = values["n"], values["n_labeled"]
-        out: dict[str, Any] = {"rows": n, "mean_entropy": values["entropy"] / n if n else None}
-        if labeled:
-            gaps = np.abs(np.asarray(values["bin_acc"]) - np.asarray(values["bin_conf"]))
-            out.update(
-                accuracy=values["correct"] / labeled,
-                nll=values["nll"] / labeled,
-                ece=float(gaps.sum() / labeled),
-            )
-        else:
-            out.update(accuracy=None, nll=None, ece=None)
-        return out
-
-    overall = one(stats["all"])
-    overall["per_split"] = {name: one(stats[name]) for name in SPLIT_NAMES if stats[name]["n"]}
-    return overall
-
-
 # --------------------------------------------------------------------------- verify / inspect
 
 
@@ -486,9 +437,9 @@ def verify_store(uri: str) -> dict[str, Any]:
     """Re-reads every shard of a store and checks it against its manifest.
 
     Checks: the manifest opens; every listed shard exists, its sha256 and row count
-    match, its columns are the format's, the float columns hold no NaN/inf, ids are
-    unique across the store, the total matches ``rows``, and no unlisted shard lies
-    in the directory.
+    match, its columns are the format's, the teacher columns hold sane values
+    (:func:`_check_values`), ids are unique across the store, the total matches
+    ``rows``, and no unlisted shard lies in the directory.
 
     Returns:
         ``{"ok": bool, "problems": [str, ...], "rows": int, "shards": int}``.
@@ -524,19 +475,7 @@ def verify_store(uri: str) -> dict[str, Any]:
             problems.append(f"{shard['name']}: {table.num_rows} rows, manifest says {shard['rows']}")
         if table.column_names != expected:
             problems.append(f"{shard['name']}: columns {table.column_names}, expected {expected}")
-        for name in ("logits", "topk_logit", "logsumexp", "features"):
-            if name not in table.column_names:
-                continue
-            column = table[name].combine_chunks()
-            values = column.flatten() if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type) else column
-            array = values.to_numpy(zero_copy_only=False).astype(np.float32)
-            bad = int((~np.isfinite(array)).sum())
-            if bad:
-                problems.append(f"{shard['name']}: {bad} NaN/inf values in {name}")
-        if "topk_idx" in table.column_names:
-            idx = table["topk_idx"].combine_chunks().flatten().to_numpy()
-            if idx.size and (idx.min() < 0 or idx.max() >= store.num_classes):
-                problems.append(f"{shard['name']}: topk_idx outside [0, {store.num_classes})")
+        problems += [f"{shard['name']}: {p}" for p in _check_values(table, store.soft_labels)]
         if "id" in table.column_names:
             ids.append(table["id"].to_numpy(zero_copy_only=False))
         total += table.num_rows
@@ -551,11 +490,43 @@ def verify_store(uri: str) -> dict[str, Any]:
     return {"ok": not problems, "problems": problems, "rows": total, "shards": len(store.manifest["shards"])}
 
 
+def _check_values(table: pa.Table, spec: SoftLabelSpec) -> list[str]:
+    """Problems with a shard's teacher values: NaN/inf, class ids out of range, draws that do not add up."""
+    problems = []
+
+    def flat(name: str) -> np.ndarray:
+        column = table[name].combine_chunks()
+        while pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
+            column = column.flatten()
+        return column.to_numpy(zero_copy_only=False)
+
+    for name in ("logits", "topk_logit", "sample_logit", "logsumexp", "lognorm", "features", "tail_lognorm"):
+        if name not in table.column_names:
+            continue
+        values = flat(name).astype(np.float32)
+        # an empty tail (k = C) has log-mass −inf; nothing else may be infinite or NaN
+        bad = np.isnan(values) | (values == np.inf) | ((values == -np.inf) if name != "tail_lognorm" else False)
+        if bad.any():
+            problems.append(f"{int(bad.sum())} NaN/inf values in {name}")
+    for name in ("topk_idx", "sample_idx"):
+        if name in table.column_names:
+            idx = flat(name)
+            if idx.size and (idx.min() < 0 or idx.max() >= spec.num_classes):
+                problems.append(f"{name} outside [0, {spec.num_classes})")
+    if "sample_count" in table.column_names:
+        draws = _ragged(table["sample_count"])
+        sums = np.add.reduceat(draws.values.astype(np.int64), draws.offsets[:-1]) if len(draws.values) else []
+        if np.diff(draws.offsets).min(initial=1) < 1 or np.any(np.asarray(sums) != spec.samples):
+            problems.append(f"sample_count rows do not add up to store.samples={spec.samples}")
+    return problems
+
+
 def inspect_store(uri: str) -> dict[str, Any]:
-    """Returns a flat summary of a store's manifest (what ``still store inspect`` prints)."""
+    """Returns a flat summary of a store's manifest, its ``fidelity`` and the manifest itself."""
     store = open_store(uri)
     m = store.manifest
     metrics = m.get("teacher_metrics", {})
+    storage = m["storage"]
     summary: dict[str, Any] = {
         "store": store.uri,
         "key": store.key,
@@ -565,9 +536,13 @@ def inspect_store(uri: str) -> dict[str, Any]:
         "shards": len(m["shards"]),
         "mode": store.mode,
         "k": store.k,
-        "dtype": m["storage"]["dtype"],
+        "samples": storage.get("samples"),
+        "sample_temperature": storage.get("sample_temperature"),
+        "temperatures": storage.get("temperatures"),
+        "dtype": storage["dtype"],
+        "include_inputs": store.include_inputs,
         "num_classes": store.num_classes,
-        "task": m.get("task"),
+        "task": store.task,
         "input_shape": "x".join(map(str, store.input_shape)),
         "input_scale": store.input_scale,
         "bytes_per_row": m.get("bytes_per_row"),
@@ -576,39 +551,47 @@ def inspect_store(uri: str) -> dict[str, Any]:
         "dataset": m["dataset"].get("name"),
         "dataset_fingerprint": m["dataset"].get("fingerprint"),
     }
-    for name in ("accuracy", "nll", "ece", "mean_entropy"):
-        summary[f"teacher_{name}"] = metrics.get(name)
+    for name in ("accuracy", "nll", "ece", "mean_entropy", "f1_micro", "f1_macro"):
+        if name in metrics:
+            summary[f"teacher_{name}"] = metrics.get(name)
     for split, values in metrics.get("per_split", {}).items():
         summary[f"rows_{split}"] = values.get("rows")
         summary[f"teacher_accuracy_{split}"] = values.get("accuracy")
+    summary["fidelity"] = store.fidelity
+    summary["fidelity_rows"] = m.get("fidelity_rows")
     summary["manifest"] = m
     return summary
+
+
+def format_fidelity(fidelity: Mapping[str, Mapping[str, float]]) -> str:
+    """The fidelity table ``still store inspect`` prints: one row per temperature."""
+    if not fidelity:
+        return "fidelity: not measured"
+    lines = [f"{'T':>4}  {'KL mean':>10}  {'KL p99':>10}  {'tail err':>9}  {'tail rel':>9}  {'TV mean':>8}"]
+    for temperature, f in fidelity.items():
+        lines.append(f"{temperature:>4}  {f['kl_mean']:>10.3g}  {f['kl_p99']:>10.3g}  {f['tail_mass_abs_err']:>9.2g}  "
+                     f"{f.get('tail_mass_rel_err', float('nan')):>9.2g}  {f.get('tv_mean', float('nan')):>8.3g}")
+    return "\n".join(lines)
 
 
 def cli_store(action: str, uri: str) -> dict[str, Any]:
     """``still store inspect|verify URI``.
 
     Returns:
-        inspect: the manifest summary (raises StillError for a non-store);
+        inspect: the manifest summary (raises StillError for a non-store); the
+        fidelity table is printed first;
         verify: ``{ok, problems, rows, shards}`` plus ``_exit_code: 1`` when not ok.
     """
     if action == "inspect":
-        return inspect_store(uri)
+        summary = inspect_store(uri)
+        print(format_fidelity(summary["fidelity"]), flush=True)
+        return summary
     if action == "verify":
         result = verify_store(uri)
         if not result["ok"]:
-            import sys
-
             for problem in result["problems"]:
                 print(f"still: problem: {uri}: {problem}", file=sys.stderr)
             result["_exit_code"] = 1
         result["store"] = uri
         return result
     raise StillError(f"unknown store action {action!r}; expected inspect or verify")
-
-
-def safe_float(value: float | None) -> float | None:
-    """Float or None, with NaN turned into None (JSON-safe)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return float(value)

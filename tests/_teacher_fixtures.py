@@ -123,3 +123,45 @@ def assert_killed_store(store_root: Path, shard_rows: int, planned: int) -> tupl
         assert pq.read_metadata(part).num_rows == shard_rows
     assert 4 <= len(killed_parts) < planned
     return store_dir, killed_parts
+
+
+def write_small_store(directory: str | Path, mode: str = "topk", rows: int = 10, classes: int = 5,
+                      k: int = 3, dtype: str = "float16", seed: int = 1) -> tuple[str, np.ndarray]:
+    """Writes a complete one-shard store with still's own writer functions (no Ray, no teacher).
+
+    Returns:
+        The store's URI and the full logits its teacher outputs came from.
+    """
+    from still.storage import resolve
+    from teacher_infer import fidelity as fid
+    from teacher_infer import metrics as tm
+    from teacher_infer import store as st
+    from teacher_infer.soft_labels import SoftLabelSpec, compress
+
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(rows, classes)) * 3).astype(np.float32)
+    labels = rng.integers(0, classes, rows)
+    splits = (np.arange(rows) % 3).astype(np.int8)
+    spec = SoftLabelSpec.create(mode, classes, dtype=dtype, k=k, samples=16)
+    outputs = compress(logits, spec, rng)
+    stats = tm.empty_stats()
+    tm.accumulate_stats(stats, tm.row_stats(logits, labels), splits)
+    fidelity = fid.empty_stats()
+    fid.accumulate_stats(fidelity, fid.measure_rows(logits, outputs, spec))
+    table = st.build_table(np.arange(rows), labels, splits, outputs,
+                           inputs=rng.integers(0, 255, (rows, 4)).astype(np.uint8))
+    data = st.shard_bytes(table, {"metrics": stats, "fidelity": fidelity})
+    loc = resolve(str(directory))
+    loc.join(st.shard_name(0)).write_atomic(data)
+    storage = {**spec.manifest_fields(), "include_inputs": True, "feature_layer": ""}
+    if mode == "sampled":
+        storage["max_support"] = int(np.diff(outputs["sample_idx"].offsets).max())
+    st.write_manifest(loc, {
+        "format": st.FORMAT_NAME, "format_version": st.FORMAT_VERSION, "key": "k" * 16, "rows": rows,
+        "num_classes": classes, "task": "multiclass", "storage": storage,
+        "preprocessing": {"input_shape": [4], "input_scale": 1 / 255},
+        "teacher": {"fingerprint": "f" * 64}, "dataset": {"name": "x", "fingerprint": "d"},
+        "shards": [st.shard_record(st.shard_name(0), data, rows)], "teacher_metrics": tm.finish_metrics(stats),
+        "fidelity": fid.summarize(fidelity),
+    })
+    return loc.uri, logits

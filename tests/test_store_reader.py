@@ -1,110 +1,120 @@
-"""The store reader API: dense_teacher_logits golden values, compression, open/verify."""
+"""The store reader: open/verify, sparse teacher arrays, format versions, corruption."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from _teacher_fixtures import write_small_store
 from still.errors import StillError
-from still.storage import resolve
 from teacher_infer import store as st
-
-
-def _softmax(x):
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def test_dense_teacher_logits_golden():
-    # Hand-checked: logits [2, 1, 0, -1], k = 2 -> p = [0.6439, 0.2369, 0.0871, 0.0321],
-    # lse = 2.4402, tail mass 0.1192 -> each tail logit log(0.1192 / 2) + lse = log((1 + e^-1) / 2) = -0.3799.
-    logits = np.array([[2.0, 1.0, 0.0, -1.0]], dtype=np.float32)
-    packed = st.compress(logits, "topk", 2, "float32")
-    assert packed["topk_idx"].tolist() == [[0, 1]]
-    np.testing.assert_allclose(packed["logsumexp"], [2.4401897], rtol=1e-6)
-    full = st.dense_teacher_logits(packed, 4)
-    np.testing.assert_allclose(full, [[2.0, 1.0, -0.3798854, -0.3798854]], rtol=1e-5)
-    probs = _softmax(full)
-    np.testing.assert_allclose(probs[0, :2], [0.6439142, 0.2368828], rtol=1e-5)
-    np.testing.assert_allclose(probs[0, 2:].sum(), 0.0871443 + 0.0320586, rtol=1e-5)
-
-
-def test_dense_teacher_logits_reproduces_topk_probs_and_tail():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(scale=3, size=(64, 100)).astype(np.float32)
-    for dtype in ("float32", "float16"):
-        packed = st.compress(logits, "topk", 7, dtype)
-        # as Ray Data hands list columns over: object arrays of 1-D arrays
-        as_objects = {k: (np.array(list(v), dtype=object) if v.ndim == 2 else v) for k, v in packed.items()}
-        full = st.dense_teacher_logits(as_objects, 100)
-        assert full.shape == (64, 100) and full.dtype == np.float32
-        p_true = _softmax(logits)
-        p_rebuilt = _softmax(full)
-        idx = packed["topk_idx"].astype(np.int64)
-        stored = np.exp(packed["topk_logit"].astype(np.float64) - packed["logsumexp"][:, None])
-        np.testing.assert_allclose(np.take_along_axis(p_rebuilt, idx, 1), stored, rtol=1e-4, atol=1e-7)
-        tol = 1e-6 if dtype == "float32" else 5e-3
-        np.testing.assert_allclose(np.take_along_axis(p_rebuilt, idx, 1), np.take_along_axis(p_true, idx, 1), atol=tol)
-        tail_true = 1 - np.take_along_axis(p_true, idx, 1).sum(1)
-        tail_rebuilt = 1 - np.take_along_axis(p_rebuilt, idx, 1).sum(1)
-        np.testing.assert_allclose(tail_rebuilt, tail_true, atol=tol)
-    dense = st.dense_teacher_logits(st.compress(logits, "dense", 0, "float32"), 100)
-    np.testing.assert_array_equal(dense, logits)
-
-
-def test_topk_k_equals_classes_is_exact():
-    logits = np.array([[0.5, -1.0, 3.0]], dtype=np.float32)
-    full = st.dense_teacher_logits(st.compress(logits, "topk", 3, "float32"), 3)
-    np.testing.assert_allclose(full, logits, rtol=1e-6)
-
-
-def _write_tiny_store(directory, mode="topk"):
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(10, 5)).astype(np.float32)
-    labels = rng.integers(0, 5, 10)
-    splits = np.zeros(10, dtype=np.int8)
-    stats = st.empty_stats()
-    st.accumulate_stats(stats, st.row_stats(logits, labels), splits, True)
-    table = st.build_table(np.arange(10), labels, splits, st.compress(logits, mode, 3, "float16"),
-                           inputs=rng.integers(0, 255, (10, 4)).astype(np.uint8))
-    data = st.shard_bytes(table, stats)
-    loc = resolve(str(directory))
-    loc.join(st.shard_name(0)).write_atomic(data)
-    manifest = {
-        "format": st.FORMAT_NAME, "format_version": st.FORMAT_VERSION, "key": "abc", "rows": 10,
-        "num_classes": 5, "storage": {"mode": mode, "k": 3 if mode == "topk" else None, "dtype": "float16",
-                                      "include_inputs": True, "feature_layer": ""},
-        "preprocessing": {"input_shape": [4], "input_scale": 1 / 255},
-        "teacher": {"fingerprint": "f" * 64}, "dataset": {"name": "x", "fingerprint": "d"},
-        "shards": [st.shard_record(st.shard_name(0), data, 10)],
-        "teacher_metrics": st.finish_metrics(stats),
-    }
-    st.write_manifest(loc, manifest)
-    return loc, logits
+from teacher_infer.targets import target_from_columns
 
 
 def test_open_verify_and_corruption(tmp_path):
-    loc, logits = _write_tiny_store(tmp_path / "s")
-    store = st.open_store(loc.uri)
-    assert (store.key, store.num_classes, store.mode, store.k, store.input_shape) == ("abc", 5, "topk", 3, (4,))
+    uri, logits = write_small_store(tmp_path / "s")
+    store = st.open_store(uri)
+    assert (store.key, store.num_classes, store.mode, store.k, store.input_shape) == ("k" * 16, 5, "topk", 3, (4,))
+    assert store.soft_labels.temperatures == (1.0, 2.0, 4.0, 8.0) and store.max_support == 3
     assert store.shard_uris() == [str(tmp_path / "s" / "part-00000.parquet")]
     table = store.read_table()
-    assert table.column_names == ["id", "view", "label", "split", "input", "topk_idx", "topk_logit", "logsumexp"]
-    full = st.dense_teacher_logits({c: table[c] for c in table.column_names}, 5)
-    assert full.argmax(1).tolist() == logits.argmax(1).tolist()
-    assert st.verify_store(loc.uri) == {"ok": True, "problems": [], "rows": 10, "shards": 1}
-    assert json.loads(pq.ParquetFile(loc.join("part-00000.parquet").path).metadata.metadata[st.STATS_METADATA_KEY])
-    # corrupt a byte in the middle of the shard
+    assert table.column_names == ["id", "view", "label", "split", "input",
+                                  "topk_idx", "topk_logit", "logsumexp", "tail_lognorm"]
+    arrays = st.teacher_arrays({c: table[c] for c in table.column_names}, store.soft_labels, store.max_support)
+    target = target_from_columns(arrays, store.soft_labels)
+    assert target.top1().tolist() == logits.argmax(1).tolist()
+    assert st.verify_store(uri) == {"ok": True, "problems": [], "rows": 10, "shards": 1}
+    assert json.loads(pq.ParquetFile(tmp_path / "s" / "part-00000.parquet").metadata.metadata[st.STATS_METADATA_KEY])
     path = tmp_path / "s" / "part-00000.parquet"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    result = st.verify_store(loc.uri)
+    result = st.verify_store(uri)
     assert not result["ok"] and any("checksum" in p for p in result["problems"])
+
+
+@pytest.mark.parametrize("mode", ["dense", "topk", "sampled"])
+def test_teacher_arrays_stay_sparse_and_fixed_width(tmp_path, mode):
+    uri, _ = write_small_store(tmp_path / mode, mode=mode, rows=40, classes=50, k=4)
+    store = st.open_store(uri)
+    table = store.read_table()
+    arrays = st.teacher_arrays({c: table[c] for c in table.column_names}, store.soft_labels, store.max_support,
+                               prefix="t0_")
+    widths = {name: a.shape[1:] for name, a in arrays.items()}
+    grid = (len(store.soft_labels.temperatures),)
+    expected = {
+        "dense": {"t0_logits": (50,)},
+        "topk": {"t0_topk_idx": (4,), "t0_topk_logit": (4,), "t0_logsumexp": (), "t0_tail_lognorm": grid},
+        "sampled": {"t0_sample_idx": (store.max_support,), "t0_sample_count": (store.max_support,),
+                    "t0_sample_logit": (store.max_support,), "t0_logsumexp": (), "t0_lognorm": grid},
+    }[mode]
+    assert widths == expected
+    if mode == "sampled":
+        assert store.max_support < 50  # 16 draws: a row never holds all 50 classes
+        assert (arrays["t0_sample_count"].sum(axis=1) == 16).all()  # padding carries count 0
+    if mode != "dense":
+        assert arrays["t0_logsumexp"].dtype == np.float32
+    # Ray Data hands list columns over as object arrays of arrays: same result
+    objects = {c: np.array(table[c].to_pylist(), dtype=object) if pa.types.is_list(table[c].type) else table[c]
+               for c in table.column_names}
+    again = st.teacher_arrays(objects, store.soft_labels, store.max_support, prefix="t0_")
+    for name in arrays:
+        np.testing.assert_array_equal(again[name], arrays[name])
+
+
+def test_verify_catches_bad_teacher_values(tmp_path):
+    uri, _ = write_small_store(tmp_path / "s", mode="sampled", rows=12)
+    path = tmp_path / "s" / "part-00000.parquet"
+    table = pq.read_table(path)
+    counts = table["sample_count"].to_pylist()
+    counts[3][0] += 1  # one row now claims 17 draws of 16
+    bad = table.set_column(table.column_names.index("sample_count"), "sample_count",
+                           pa.array(counts, type=table["sample_count"].type))
+    pq.write_table(bad, path)
+    problems = st.verify_store(uri)["problems"]
+    assert any("do not add up to store.samples=16" in p for p in problems)
+
+
+def test_format_v1_store_is_refused_with_a_rerun_hint(tmp_path):
+    uri, _ = write_small_store(tmp_path / "s")
+    manifest_path = tmp_path / "s" / st.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StillError, match=r"format version 1; this still reads version 2 only: rerun still infer"):
+        st.open_store(uri)
+    assert not st.verify_store(uri)["ok"]
+    manifest["format_version"] = 3
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StillError, match="upgrade still to read it, or rerun still infer"):
+        st.open_store(uri)
+
+
+def test_the_format_v1_reader_refuses_a_v2_store(tmp_path):
+    """The other way round: the reader still shipped before format v2 (from git history)."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["git", "-C", str(repo), "log", "--format=%H", "-1", "-S", "FORMAT_VERSION = 1", "--",
+                           "teacher_infer/store.py"], capture_output=True, text=True)
+    commit = done.stdout.strip()
+    if done.returncode != 0 or not commit:
+        pytest.skip("no git history with the format v1 reader in this checkout")
+    old = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:teacher_infer/store.py"],
+                         capture_output=True, text=True, check=True).stdout
+    (tmp_path / "store_v1.py").write_text(old)
+    module_spec = importlib.util.spec_from_file_location("store_v1", tmp_path / "store_v1.py")
+    v1 = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(v1)
+    assert v1.FORMAT_VERSION == 1
+    uri, _ = write_small_store(tmp_path / "s")
+    with pytest.raises(StillError, match="has format version 2; this still reads version 1"):
+        v1.open_store(uri)
 
 
 def test_open_store_rejects_non_stores(tmp_path):
@@ -120,6 +130,16 @@ def test_open_store_rejects_non_stores(tmp_path):
 
 
 def test_memory_store_roundtrip():
-    loc, _ = _write_tiny_store("memory://still-test/reader")
-    assert st.verify_store(loc.uri)["ok"]
+    uri, _ = write_small_store("memory://still-test/reader")
+    assert st.verify_store(uri)["ok"]
     assert st.open_store("memory://still-test/reader").read_table().num_rows == 10
+
+
+def test_inspect_prints_the_fidelity_table(tmp_path, capsys):
+    uri, _ = write_small_store(tmp_path / "s")
+    summary = st.cli_store("inspect", uri)
+    assert set(summary["fidelity"]) == {"1", "2", "4", "8"}
+    assert set(summary["fidelity"]["4"]) >= {"kl_mean", "kl_p99", "tail_mass_abs_err"}
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:3] == ["T", "KL", "mean"] and [line.split()[0] for line in printed[1:]] == [
+        "1", "2", "4", "8"]

@@ -14,7 +14,7 @@ import pytest
 
 from _teacher_fixtures import still_cli, synthetic_parquet, train_digits_teacher
 from teacher_infer import store as st
-from test_store_reader import _write_tiny_store
+from _teacher_fixtures import write_small_store
 
 
 def _tree_digest(root: Path) -> str:
@@ -39,7 +39,7 @@ def workspace(tmp_path_factory):
     teacher = train_digits_teacher(base / "teacher.pt", steps=20)
     teacher5 = train_digits_teacher(base / "teacher5.pt", steps=20, num_classes=5)
     root = base / "stores"
-    _write_tiny_store(root / "goodstore")
+    write_small_store(root / "goodstore")
     (base / "notes.txt").write_text("not a model")
     (base / "garbage").mkdir()
     (base / "garbage" / "x.parquet").write_bytes(b"this is not parquet")
@@ -55,6 +55,11 @@ CASES = {
     "teacher not a model": (["teacher.uri={base}/notes.txt"], "notes.txt"),
     "teacher output size": (["teacher.uri={teacher5}"], "outputs 5 classes"),
     "k > classes": (["teacher.uri={teacher}", "store.k=11"], "store.k=11"),
+    "no samples": (["teacher.uri={teacher}", "store.mode=sampled", "store.samples=0"], "store.samples must be >= 1"),
+    "top-k of multi-label data": (["data.source=builtin:digits-overlay", "teacher.uri={teacher}", "store.mode=topk"],
+                                  "use store.mode=dense"),
+    "multi-label width": (["data.source=builtin:digits-overlay", "teacher.uri={teacher5}", "store.mode=dense"],
+                          "outputs 5 classes but dataset 'digits-overlay' has multi-label rows 10 labels wide"),
 }
 
 

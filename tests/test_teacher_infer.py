@@ -16,6 +16,7 @@ from teacher_infer import infer as infer_mod
 from teacher_infer import store as st
 from teacher_infer import teachers
 from teacher_infer.config import InferConfig
+from teacher_infer.targets import target_from_columns
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
     cases = [
         (("store.mode=dense", "store.dtype=float32"), pa.float32(), ["logits"]),
         (("store.mode=dense", "store.dtype=float16", "teacher.feature_layer=body"), pa.float16(), ["logits", "features"]),
-        (("store.mode=topk", "store.k=3"), pa.float16(), ["topk_idx", "topk_logit", "logsumexp"]),
+        (("store.mode=sampled", "store.samples=32", "store.sample_temperature=2"), pa.float16(),
+         ["sample_idx", "sample_count", "sample_logit", "logsumexp", "lognorm"]),
+        (("store.mode=topk", "store.k=3"), pa.float16(), ["topk_idx", "topk_logit", "logsumexp", "tail_lognorm"]),
     ]
     keys = set()
     for overrides, value_type, out_columns in cases:
@@ -48,7 +51,7 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
         assert table.column_names == ["id", "view", "label", "split", "input", *out_columns]
         assert table.num_rows == 1797 and len(np.unique(table["id"].to_numpy())) == 1797
         assert table.schema.field("input").type == pa.list_(pa.uint8(), 64)
-        value_column = "logits" if "logits" in out_columns else "topk_logit"
+        value_column = {"dense": "logits", "topk": "topk_logit", "sampled": "sample_logit"}[store.mode]
         assert table.schema.field(value_column).type.value_type == value_type
         m = store.manifest
         for field in ("format_version", "key", "teacher", "dataset", "preprocessing", "storage", "num_classes",
@@ -65,9 +68,21 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
         cluster_cpus = int(ray_cluster.cluster_resources()["CPU"])
         assert [s["rows"] for s in m["shards"]][0] == math.ceil(1797 / (2 * cluster_cpus))
         assert st.verify_store(store.uri)["ok"]
-        full = st.dense_teacher_logits({c: table[c] for c in table.column_names}, 10)
-        assert (full.argmax(1) == table["label"].to_numpy()).mean() == pytest.approx(metrics["accuracy"])
-    assert len(keys) == 3
+        arrays = st.teacher_arrays({c: table[c] for c in table.column_names}, store.soft_labels, store.max_support)
+        top1 = target_from_columns(arrays, store.soft_labels).top1().numpy()
+        agreement = (top1 == table["label"].to_numpy()).mean()
+        if store.mode == "sampled":  # 32 draws at T = 2 miss the teacher's class on a few rows
+            assert agreement == pytest.approx(metrics["accuracy"], abs=0.02)
+        else:
+            assert agreement == pytest.approx(metrics["accuracy"])
+        fidelity = summary["fidelity"]
+        assert fidelity == m["fidelity"] and set(fidelity) == {"1", "2", "4", "8"}
+        assert m["fidelity_rows"] == 1797  # fewer rows than infer.fidelity_rows: every row is measured
+        if store.mode == "topk":
+            assert fidelity["1"]["tail_mass_abs_err"] < 1e-6 and fidelity["4"]["kl_mean"] > 0
+        if store.mode == "dense":
+            assert fidelity["4"]["kl_mean"] < 1e-5 and fidelity["4"]["tail_mass_abs_err"] == 0
+    assert len(keys) == 4
     # the top-k store computed its metrics from the FULL logits: same as the dense store's
     dense = st.open_store(str(root / sorted(keys)[0])).manifest["teacher_metrics"]
     assert summary["teacher_accuracy"] == pytest.approx(dense["accuracy"])
@@ -86,11 +101,12 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
     experiment = client.get_experiment_by_name("still-infer")
     runs = client.search_runs([experiment.experiment_id])
     hits = [r for r in runs if r.data.tags.get("cache_hit") == "true"]
-    assert len(runs) == 4 and len(hits) == 1
+    assert len(runs) == 5 and len(hits) == 1
     assert hits[0].data.tags["store_key"] == summary["key"]
     full_run = next(r for r in runs if r.data.tags.get("store_key") == summary["key"] and r is not hits[0])
     assert full_run.data.metrics["rows"] == 1797 and full_run.data.metrics["rows_per_s"] > 0
     assert full_run.data.params["store.mode"] == "topk"
+    assert full_run.data.metrics["fidelity_tail_mass_abs_err_T1"] < 1e-6 and "fidelity_kl_p99_T8" in full_run.data.metrics
 
 
 @pytest.mark.timeout(120)
@@ -102,3 +118,33 @@ def test_memory_store_root(ray_cluster, teacher_ckpt):
     assert summary["shards_written"] == 3
     assert st.verify_store(summary["store"])["ok"]
     assert st.open_store(summary["store"]).read_table(["id"]).num_rows == 1797
+
+
+@pytest.mark.timeout(120)
+def test_unlabelled_rows_stay_out_of_teacher_metrics(ray_cluster, teacher_ckpt, tmp_path):
+    import pyarrow.parquet as pq
+
+    from still.config import DataConfig
+    from still.datasets import resolve_dataset
+
+    digits = pq.read_table(resolve_dataset(DataConfig(source="builtin:digits")).files[0])
+    labels = digits["label"].to_numpy()
+    missing = np.arange(len(labels)) % 3 == 0
+    pixels = digits["features"].combine_chunks().flatten().to_numpy().astype(np.float32) / 16  # as the teacher saw them
+    data = tmp_path / "partly_labelled.parquet"
+    pq.write_table(pa.table({"id": digits["id"], "features": pa.FixedSizeListArray.from_arrays(pa.array(pixels), 64),
+                             "label": pa.array(labels, mask=missing)}), data)
+    summary = infer_mod.run_infer(_config(teacher_ckpt, tmp_path / "stores", "store.mode=dense", "store.dtype=float32",
+                                          "tracking.enabled=false", f"data.source={data}"))
+    store = st.open_store(summary["store"])
+    table = store.read_table(["label", "logits"])
+    assert table["label"].null_count == int(missing.sum())
+    metrics = store.manifest["teacher_metrics"]
+    assert metrics["rows"] == len(labels) and metrics["labeled_rows"] == int((~missing).sum())
+    logits = np.stack(table["logits"].to_numpy(zero_copy_only=False))
+    stored_labels = table["label"].to_numpy(zero_copy_only=False)
+    labelled = ~np.isnan(stored_labels.astype(float))
+    expected = (logits[labelled].argmax(1) == stored_labels[labelled].astype(int)).mean()
+    assert metrics["accuracy"] == pytest.approx(expected)
+    # class 0 is not where unlabelled rows go: with every row counted as 0, accuracy would drop by a third
+    assert metrics["accuracy"] > 0.9

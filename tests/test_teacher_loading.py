@@ -10,7 +10,8 @@ from _teacher_fixtures import train_digits_teacher
 from still.checkpoints import load_checkpoint
 from still.errors import StillError
 from teacher_infer.predictor import TeacherPredictor
-from teacher_infer.store import dense_teacher_logits
+from teacher_infer.soft_labels import SoftLabelSpec
+from teacher_infer.targets import target_from_columns
 from teacher_infer.teachers import load_teacher, teacher_fingerprint
 
 
@@ -95,18 +96,22 @@ def test_predictor_on_numpy(teacher_ckpt):
     raw = np.random.default_rng(2).integers(0, 17, (20, 64)).astype(np.uint8)
     expected = _reference(teacher_ckpt, raw.astype(np.float32) / 16)
     labels = expected.argmax(1)
-    dense = TeacherPredictor(teacher.payload(), (64,), 1 / 16, mode="dense", dtype="float32")
+    dense_spec = SoftLabelSpec.create("dense", 10, dtype="float32")
+    dense = TeacherPredictor(teacher.payload(), (64,), 1 / 16, soft_labels=dense_spec)
     out = dense({"id": np.arange(20), "input": raw, "label": labels})
     np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-5)
     assert out["_correct"].tolist() == [1.0] * 20 and out["id"].tolist() == list(range(20))
-    topk = TeacherPredictor(teacher, (64,), 1 / 16, mode="topk", k=3, dtype="float16", feature_layer="body")
-    out = topk({"input": raw})
+    topk_spec = SoftLabelSpec.create("topk", 10, k=3, dtype="float16")
+    topk = TeacherPredictor(teacher, (64,), 1 / 16, soft_labels=topk_spec, feature_layer="body")
+    out = topk({"input": raw, "label": np.where(np.arange(20) < 5, -1, labels), "_measure": np.arange(20) < 8})
     assert out["topk_idx"].shape == (20, 3) and out["topk_idx"].dtype == np.int32
     assert out["topk_logit"].dtype == np.float16 and out["features"].shape == (20, 64)
     assert (out["topk_idx"][:, 0] == labels).all()
-    rebuilt = dense_teacher_logits(out, 10)
-    assert (rebuilt.argmax(1) == labels).all()
-    by_method = TeacherPredictor(teacher, (64,), 1 / 16, mode="dense", dtype="float32", feature_layer="features")
+    assert out["_labeled"].tolist() == [False] * 5 + [True] * 15 and out["_correct"][:5].tolist() == [0.0] * 5
+    assert out["_fidelity"]["kl"].shape == (8, 4)  # the measured rows, at T = 1, 2, 4, 8
+    rebuilt = target_from_columns(out, topk_spec)
+    assert (rebuilt.top1().numpy() == labels).all()
+    by_method = TeacherPredictor(teacher, (64,), 1 / 16, soft_labels=dense_spec, feature_layer="features")
     np.testing.assert_allclose(by_method({"input": raw})["features"], out["features"], rtol=1e-2, atol=1e-2)
     with pytest.raises(StillError, match="feature_layer='nope'"):
         TeacherPredictor(teacher, (64,), 1 / 16, feature_layer="nope")

@@ -23,9 +23,10 @@ from still.checkpoints import load_checkpoint
 from still.config import load_config
 from still.errors import StillError
 from student_train.config import TrainConfig
-from student_train.data import combine_teachers
 from student_train.driver import run_train, train_job
 from student_train.loop import jitter
+from student_train.losses import soft_kl, teacher_top1
+from teacher_infer.targets import DenseTarget
 
 
 def _cfg(tmp_path, *overrides):
@@ -51,17 +52,14 @@ def test_jitter_shifts_images_within_range():
     assert torch.all(out.sum(dim=(1, 2, 3)) == 1.0)
 
 
-def test_ensemble_average_is_the_mean_probability_at_temperature():
+def test_ensemble_teacher_is_the_mean_probability_at_temperature():
     rng = np.random.default_rng(0)
-    a, b = rng.normal(0, 2, (4, 5)), rng.normal(0, 2, (4, 5))
+    a, b, s = (torch.tensor(rng.normal(0, 2, (4, 5))) for _ in range(3))
     T = 3.0
-
-    def softmax(z):
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    combined = combine_teachers([a, b], T)
-    np.testing.assert_allclose(softmax(combined / T), (softmax(a / T) + softmax(b / T)) / 2, rtol=1e-5)
+    mean = (torch.softmax(a / T, 1) + torch.softmax(b / T, 1)) / 2
+    expected = (mean * (mean.log() - torch.log_softmax(s / T, 1))).sum(1).mean()
+    assert float(soft_kl(s, [DenseTarget(a), DenseTarget(b)], T)) == pytest.approx(float(expected), rel=1e-10)
+    assert teacher_top1([DenseTarget(a), DenseTarget(b)]).tolist() == mean.argmax(1).tolist()
 
 
 # --------------------------------------------------------------------------- in process
@@ -93,14 +91,17 @@ def test_ensemble_of_two_stores(digits_store, digits_teacher, ray_cluster, tmp_p
     from teacher_infer.config import InferConfig
     from teacher_infer.infer import run_infer
 
-    dense = run_infer(load_config(InferConfig, None, [
+    sampled = run_infer(load_config(InferConfig, None, [
         "data.source=builtin:digits", f"teacher.uri={digits_teacher}", f"store.root={tmp_path / 'stores'}",
-        "store.mode=dense", "tracking.enabled=false",
+        "store.mode=sampled", "store.samples=32", "store.sample_temperature=4", "tracking.enabled=false",
     ]))["store"]
-    out = train_job(_cfg(tmp_path, f"store.uri=[{digits_store}, {dense}]", "scaling.num_workers=0"),
-                    run_name="ensemble", quiet=True)
-    assert out["student_test_accuracy"] > 0.5
-    assert "," in out["store_key"]
+    # a top-k and a sampled store, mixed on the device: in process, and joined by Ray Data for 2 workers
+    for workers in (0, 2):
+        out = train_job(_cfg(tmp_path / str(workers), f"store.uri=[{digits_store}, {sampled}]",
+                             f"scaling.num_workers={workers}", "train.epochs=6"), run_name=f"ensemble-{workers}",
+                        quiet=True)
+        assert out["student_test_accuracy"] > 0.5 and out["test_agreement"] > 0.5
+        assert "," in out["store_key"]
 
 
 def test_init_from_checkpoint_loads_matching_layers(digits_teacher, tmp_path):

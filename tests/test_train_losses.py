@@ -92,23 +92,3 @@ def test_unlabelled_rows_are_left_out_of_the_hard_term():
 def test_hint_loss_is_mse():
     a, b = torch.ones(2, 3), torch.zeros(2, 3)
     assert hint_loss(a, b).item() == pytest.approx(1.0)
-
-
-def test_topk_with_k_equal_to_classes_equals_dense():
-    store = pytest.importorskip("teacher_infer.store")
-    rng = np.random.default_rng(3)
-    logits = rng.normal(0, 3, (6, 5)).astype(np.float32)
-    lse = np.log(np.exp(logits).sum(axis=1))
-    order = np.argsort(-logits, axis=1)
-    batch = {
-        "topk_idx": order.astype(np.int32),
-        "topk_logit": np.take_along_axis(logits, order, axis=1),
-        "logsumexp": lse.astype(np.float32),
-    }
-    rebuilt = store.dense_teacher_logits(batch, 5)
-    s = torch.tensor(rng.normal(0, 1, (6, 5)), dtype=torch.float32)
-    y = torch.tensor(rng.integers(0, 5, 6))
-    for temperature in (1.0, 4.0):
-        dense = kd_loss(s, torch.tensor(logits), y, temperature, 0.5)["loss"].item()
-        topk = kd_loss(s, torch.tensor(rebuilt), y, temperature, 0.5)["loss"].item()
-        assert topk == pytest.approx(dense, rel=1e-5)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
+from _teacher_fixtures import write_small_store
 from still.config import load_config
 from still.errors import StillError
-from still.storage import resolve
-from teacher_infer import store as st
 from tuning import space as sp
 from tuning.config import TuneConfig, check_sections_cover_train_config
 from tuning.driver import pick_best, plan_sweep
@@ -25,26 +23,7 @@ def _cfg(*overrides, store=STORE):
 
 
 def _tiny_store(directory):
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(10, 5)).astype(np.float32)
-    labels = rng.integers(0, 5, 10)
-    splits = (np.arange(10) % 3).astype(np.int8)
-    stats = st.empty_stats()
-    st.accumulate_stats(stats, st.row_stats(logits, labels), splits, True)
-    table = st.build_table(np.arange(10), labels, splits, st.compress(logits, "topk", 3, "float16"),
-                           inputs=rng.integers(0, 255, (10, 4)).astype(np.uint8))
-    data = st.shard_bytes(table, stats)
-    loc = resolve(str(directory))
-    loc.join(st.shard_name(0)).write_atomic(data)
-    st.write_manifest(loc, {
-        "format": st.FORMAT_NAME, "format_version": st.FORMAT_VERSION, "key": "k" * 16, "rows": 10,
-        "num_classes": 5, "storage": {"mode": "topk", "k": 3, "dtype": "float16", "include_inputs": True,
-                                      "feature_layer": ""},
-        "preprocessing": {"input_shape": [4], "input_scale": 1 / 255},
-        "teacher": {"fingerprint": "f" * 64}, "dataset": {"name": "x", "fingerprint": "d"},
-        "shards": [st.shard_record(st.shard_name(0), data, 10)], "teacher_metrics": st.finish_metrics(stats),
-    })
-    return str(directory)
+    return write_small_store(directory)[0]
 
 
 # ------------------------------------------------------------------ config

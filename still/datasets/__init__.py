@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from still.config import DataConfig
-from still.datasets.arrays import features_to_numpy
+from still.datasets.arrays import features_to_numpy, labels_to_numpy
 from still.datasets.builtin import BUILTINS, resolve_builtin, resolve_idx_dir
 from still.datasets.cache import cache_root
 from still.datasets.idx import find_idx_files
@@ -38,6 +38,7 @@ __all__ = [
     "assign_splits",
     "cache_root",
     "features_to_numpy",
+    "labels_to_numpy",
     "load_arrays",
     "resolve_dataset",
 ]
@@ -72,7 +73,8 @@ def load_arrays(
 
     Returns:
         ``(ids, x, y)``: ids, float32 features ``(n, *input_shape)`` already scaled by
-        ``input_scale``, and int64 labels, in file order.
+        ``input_scale``, and labels (:func:`labels_to_numpy`: int64, or int8 multi-hot
+        rows for multi-label data), in file order.
     """
     unknown = sorted(set(splits) - set(SPLIT_CODES))
     if unknown:
@@ -88,4 +90,5 @@ def load_arrays(
     x = features_to_numpy(
         table[spec.feature_column].filter(pa.array(keep)), spec.input_shape, spec.input_scale
     )
-    return ids[keep], x, table[spec.label_column].to_numpy()[keep].astype(np.int64)
+    labels = labels_to_numpy(table[spec.label_column].filter(pa.array(keep)), spec.task, spec.num_classes)
+    return ids[keep], x, labels

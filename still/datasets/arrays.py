@@ -59,3 +59,65 @@ def _arrow_values(array: pa.Array) -> np.ndarray:
     ):
         array = array.flatten()
     return array.to_numpy(zero_copy_only=False)
+
+
+def labels_to_numpy(values: Any, task: str, num_classes: int) -> np.ndarray:
+    """Converts a label column to numpy, marking unlabelled rows.
+
+    Args:
+        values: A pyarrow (Chunked)Array, numpy array, or Ray Data's object array.
+            Multi-class: integers, nulls allowed. Multi-label: per row either a
+            multi-hot fixed-size list of C numbers or a list of class ids; null rows
+            allowed.
+        task: ``multiclass`` or ``multilabel``.
+        num_classes: C.
+
+    Returns:
+        Multi-class: int64 ``(n,)``, -1 where unlabelled (null or negative).
+        Multi-label: int8 ``(n, C)`` 0/1, a row of -1 where unlabelled.
+
+    Raises:
+        StillError: A multi-hot row is not C wide, or a class id is out of range.
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if task == "multiclass":
+        if isinstance(values, pa.Array):
+            values = values.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
+        array = np.asarray(values)
+        if array.dtype == object:
+            array = np.array([-1 if v is None else v for v in array], dtype=np.float64)
+        if np.issubdtype(array.dtype, np.floating):
+            array = np.where(np.isnan(array), -1, array)
+        return np.where(array < 0, -1, array).astype(np.int64)
+    if isinstance(values, pa.Array) and pa.types.is_fixed_size_list(values.type) or (
+            isinstance(values, np.ndarray) and values.dtype != object and values.ndim == 2):
+        return _multi_hot(values, num_classes)
+    rows = values.to_pylist() if isinstance(values, pa.Array) else list(values)
+    out = np.full((len(rows), num_classes), -1, dtype=np.int8)
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        ids = np.asarray(row, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            raise StillError(f"label row {i} names class {int(ids.max())}, outside [0, {num_classes})")
+        out[i] = 0
+        out[i, ids] = 1
+    return out
+
+
+def _multi_hot(values: Any, num_classes: int) -> np.ndarray:
+    """Multi-hot rows (Arrow fixed-size list with null rows, or a 2-D array) as int8, -1 rows for nulls."""
+    if isinstance(values, pa.Array):
+        width = values.type.list_size
+        nulls = values.is_null().to_numpy(zero_copy_only=False)
+        flat = values.flatten().to_numpy(zero_copy_only=False) if width else np.zeros(0)
+        hot = np.zeros((len(values), width), dtype=np.int8)
+        hot[~nulls] = flat.reshape(-1, width).astype(np.int8) if flat.size else hot[~nulls]
+        hot[nulls] = -1
+    else:
+        hot = np.asarray(values).astype(np.int8)
+        width = hot.shape[1]
+    if width != num_classes:
+        raise StillError(f"multi-hot labels are {width} wide, expected {num_classes}")
+    return hot

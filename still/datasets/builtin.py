@@ -8,6 +8,9 @@ Sources, first that works:
 - ``builtin:fashion-mnist``: the cache; ``$STILL_FASHION_MNIST_DIR``; Debian's
   ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
 - ``builtin:digits``: the cache; ``sklearn.datasets.load_digits`` (no official split).
+- ``builtin:mnist-pairs`` (100 classes), ``builtin:mnist-overlay`` and
+  ``builtin:digits-overlay`` (multi-label): composed from those images by
+  :mod:`still.datasets.composed`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from still.config import DataConfig
 from still.datasets.cache import cache_root, chunks, part_files, read_info, table_fingerprint, write_cache
+from still.datasets.composed import overlay_table, pairs_table
 from still.datasets.idx import example_table, find_idx_files, read_idx_table
+from still.datasets.parquet import label_layout
 from still.datasets.spec import DatasetSpec, split_rule
 from still.errors import StillError
 
@@ -66,6 +70,7 @@ class Layout:
     input_shape: tuple[int, ...]
     input_scale: float
     split_column: str | None
+    task: str = "multiclass"
 
 
 def _mnist() -> pa.Table:
@@ -101,6 +106,12 @@ BUILTINS: dict[str, tuple[Layout, Callable[[], pa.Table]]] = {
     "mnist": (Layout(DIGIT_NAMES, (1, 28, 28), 1 / 255, "split"), _mnist),
     "fashion-mnist": (Layout(FASHION_CLASSES, (1, 28, 28), 1 / 255, "split"), _fashion),
     "digits": (Layout(DIGIT_NAMES, (64,), 1 / 16, None), _digits),
+    "mnist-pairs": (Layout(tuple(f"{i:02d}" for i in range(100)), (1, 28, 56), 1 / 255, "split"),
+                    lambda: pairs_table(_mnist())),
+    "mnist-overlay": (Layout(DIGIT_NAMES, (1, 28, 28), 1 / 255, "split", "multilabel"),
+                      lambda: overlay_table(_mnist())),
+    "digits-overlay": (Layout(DIGIT_NAMES, (64,), 1 / 16, None, "multilabel"),
+                       lambda: overlay_table(_digits(), copies=3)),
 }
 
 
@@ -139,7 +150,7 @@ def _ensure_cache(directory: Path, build: Callable[[], pa.Table]) -> dict:
         info = {
             "fingerprint": table_fingerprint(table),
             "num_rows": table.num_rows,
-            "num_classes": int(pc.max(table["label"]).as_py()) + 1,
+            "num_classes": label_layout(table["label"])[1],
             "item_shape": json.loads(table.schema.metadata[b"still.item_shape"]),
         }
         write_cache(chunks(table), directory, info)
@@ -162,6 +173,7 @@ def _cached_spec(name: str, directory: Path, info: dict, layout: Layout, cfg: Da
         split_column=layout.split_column,
         input_scale=layout.input_scale,
         split_rule=split_rule(cfg, layout.split_column),
+        task=layout.task,
     )
 
 

@@ -42,6 +42,7 @@ def resolve_parquet(cfg: DataConfig) -> DatasetSpec:
         _check_columns(schema, cfg)
         labels = pq.read_table(files, columns=[cfg.label_column], filesystem=fs)[cfg.label_column]
         input_shape, input_scale = _feature_layout(schema.field(cfg.feature_column), fs, files[0], uri)
+        task, num_classes = label_layout(labels)
     fingerprint = _fingerprint(location, files, footers)
     split_column = cfg.split_column if cfg.split_column in schema.names else None
     if cfg.id_column in schema.names:
@@ -49,7 +50,6 @@ def resolve_parquet(cfg: DataConfig) -> DatasetSpec:
     else:
         directory = _with_ids(fs, files, cfg.id_column, fingerprint)
         uris, filesystem_uri = part_files(directory), str(directory)
-    num_classes = int(pc.max(labels).as_py()) + 1
     return DatasetSpec(
         name=uri,
         files=uris,
@@ -65,7 +65,23 @@ def resolve_parquet(cfg: DataConfig) -> DatasetSpec:
         split_column=split_column,
         input_scale=input_scale,
         split_rule=split_rule(cfg, split_column),
+        task=task,
     )
+
+
+def label_layout(labels: pa.ChunkedArray | pa.Array) -> tuple[str, int]:
+    """The task and number of classes a label column implies.
+
+    Integers: ``multiclass`` with max + 1 classes. A fixed-size list (multi-hot): ``multilabel``
+    with its width. A list of class ids: ``multilabel`` with max id + 1.
+    """
+    kind = labels.type
+    if pa.types.is_fixed_size_list(kind):
+        return "multilabel", kind.list_size
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        flat = pc.list_flatten(labels)
+        return "multilabel", int(pc.max(flat).as_py() or 0) + 1
+    return "multiclass", int(pc.max(labels).as_py()) + 1
 
 
 @contextlib.contextmanager
@@ -120,9 +136,12 @@ def _check_columns(schema: pa.Schema, cfg: DataConfig) -> None:
                 f"its columns are: {', '.join(schema.names)}"
             )
     label_type = schema.field(cfg.label_column).type
-    if not pa.types.is_integer(label_type):
+    item = label_type.value_type if pa.types.is_list(label_type) or pa.types.is_fixed_size_list(label_type) else None
+    if not (pa.types.is_integer(label_type) or (item is not None and (pa.types.is_integer(item)
+                                                                     or pa.types.is_boolean(item)))):
         raise StillError(
-            f"dataset {cfg.source!r}: label column {cfg.label_column!r} must be integers, got {label_type}"
+            f"dataset {cfg.source!r}: label column {cfg.label_column!r} must be integers (multi-class), or a "
+            f"multi-hot fixed-size list or a list of class ids (multi-label); got {label_type}"
         )
 
 

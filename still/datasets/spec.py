@@ -31,6 +31,8 @@ class DatasetSpec:
         input_scale: Model input = raw feature * input_scale.
         split_rule: ``{"val_fraction", "test_fraction", "seed", "source_split_column"}``,
             what :func:`still.datasets.assign_splits` takes; recorded in manifests.
+        task: ``multiclass`` (an integer label per row) or ``multilabel`` (a multi-hot
+            fixed-size list or a list of class ids per row).
     """
 
     name: str
@@ -47,6 +49,7 @@ class DatasetSpec:
     split_column: str | None
     input_scale: float
     split_rule: dict[str, Any]
+    task: str = "multiclass"
 
     def arrow_files(self) -> tuple[pafs.FileSystem, list[str]]:
         """Returns a pyarrow filesystem and the files' paths on it.

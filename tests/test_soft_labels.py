@@ -1,0 +1,183 @@
+"""Exact soft labels: compression, the rebuilt targets, sparse KL on the device, sampled storage.
+
+Every numeric test uses what a user's teacher hands the store: a confident 1000-class
+teacher (a peak of 8-16 over N(0, 1.5) noise), fp16 values, k < C and T != 1 — the
+inputs on which format v1's derived tail mass was orders of magnitude wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from still.config import load_config
+from still.errors import StillError
+from student_train.config import TrainConfig
+from student_train.losses import kd_loss, soft_kl
+from teacher_infer.config import InferConfig
+from teacher_infer.fidelity import fixed_width, measure_rows
+from teacher_infer.soft_labels import SoftLabelSpec, compress
+from teacher_infer.targets import SampledTarget, TopKTarget, target_from_columns
+
+C = 1000
+
+
+def confident_logits(rows: int, classes: int = C, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (rows, classes)).astype(np.float32)
+    logits[np.arange(rows), rng.integers(0, classes, rows)] += rng.uniform(8, 16, rows).astype(np.float32)
+    return logits
+
+
+def target(logits, mode="topk", dtype="float16", torch_dtype=torch.float64, **kw):
+    spec = SoftLabelSpec.create(mode, logits.shape[1], dtype=dtype, **kw)
+    return target_from_columns(fixed_width(compress(logits, spec, np.random.default_rng(1))), spec,
+                               dtype=torch_dtype), spec
+
+
+def test_topk_golden_values():
+    # logits [2, 1, 0, -1], k = 2: shifted v = [0, -1, -2, -3]; logsumexp(v) = log(1 + e^-1 + e^-2 + e^-3)
+    # = 0.4401897; the tail {2, 3} at T = 1: log(e^-2 + e^-3) = -1.6867383; at T = 2: log(e^-1 + e^-1.5) = -0.5259230.
+    spec = SoftLabelSpec.create("topk", 4, dtype="float32", k=2)
+    packed = compress(np.array([[2.0, 1.0, 0.0, -1.0]], dtype=np.float32), spec)
+    assert packed["topk_idx"].tolist() == [[0, 1]] and packed["topk_logit"].tolist() == [[0.0, -1.0]]
+    np.testing.assert_allclose(packed["logsumexp"], [0.4401897], rtol=1e-6)
+    np.testing.assert_allclose(packed["tail_lognorm"][0, :2], [-1.6867383, -0.5259230], rtol=1e-6)
+    rebuilt = target_from_columns(packed, spec, dtype=torch.float64)
+    top, tail = rebuilt.parts(1.0)
+    # softmax([2, 1, 0, -1]) = [0.6439142, 0.2368828, 0.0871443, 0.0320586]
+    np.testing.assert_allclose(top.exp().numpy(), [[0.6439142, 0.2368828]], rtol=1e-6)
+    np.testing.assert_allclose(tail.exp().numpy(), [0.0871443 + 0.0320586], rtol=1e-6)
+    # softmax([2, 1, 0, -1] / 2) = (e^1, e^0.5, 1, e^-0.5) / 5.9735340 = [0.4550542, 0.2760043, 0.1674051, 0.1015363]
+    top, tail = rebuilt.parts(2.0)
+    np.testing.assert_allclose(top.exp().numpy(), [[0.4550542, 0.2760043]], rtol=1e-6)
+    np.testing.assert_allclose(tail.exp().numpy(), [0.1674051 + 0.1015363], rtol=1e-6)
+    np.testing.assert_allclose(rebuilt.dense_log_probs(2.0).exp().numpy(),
+                               [[0.4550542, 0.2760043, 0.1344707, 0.1344707]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_tail_mass_at_t1_is_exact_in_every_dtype(dtype):
+    logits = confident_logits(400)
+    rebuilt, _ = target(logits, dtype=dtype, k=10)
+    p = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=1)
+    true_tail = 1.0 - p.gather(1, rebuilt.idx).sum(dim=1)
+    _, log_tail = rebuilt.parts(1.0)
+    assert float(((log_tail.exp() - true_tail).abs() / true_tail).max()) < 1e-4
+    assert float(true_tail.min()) < 1e-5  # the confident rows where fp16 rounding used to decide the tail
+    # the top-k log-probabilities carry the value dtype's own precision: half an ulp of each stored
+    # value v (after the float32 shift), plus the renormalisation that makes top-k mass + tail mass = 1
+    # (mass-weighted, as small)
+    top, _ = rebuilt.parts(1.0)
+    p_top = p.gather(1, rebuilt.idx)
+    shifted = torch.tensor(logits, dtype=torch.float64)
+    shifted = (shifted - shifted.max(dim=1, keepdim=True).values).gather(1, rebuilt.idx)
+    eps = (2.0**-11 if dtype == "float16" else 0.0) + 2.0**-23
+    bound = eps * (shifted.abs() + (p_top * shifted.abs()).sum(dim=1, keepdim=True) + math.log(C))  # + float32 lse
+    assert bool(((top - torch.log(p_top)).abs() <= bound).all())
+    mass_weighted = float((p_top * (top.exp() / p_top - 1).abs()).sum(1).max())
+    assert mass_weighted < (1.5e-3 if dtype == "float16" else 1e-6)
+
+
+def test_fp16_topk_is_as_faithful_as_fp32_at_every_temperature():
+    logits = confident_logits(600)
+    kls = {}
+    for dtype in ("float16", "float32"):
+        spec = SoftLabelSpec.create("topk", C, dtype=dtype, k=10)
+        kls[dtype] = measure_rows(logits, compress(logits, spec), spec)["kl"].mean(axis=0)
+    assert (kls["float16"] <= 1.05 * kls["float32"] + 1e-4).all(), kls
+    assert kls["float16"][2] < 0.1  # T = 4; format v1 measured a mean KL of 1.37 nats here
+
+
+@pytest.mark.parametrize("temperature,tolerance", [(2.0, 1e-5), (4.0, 1e-5), (8.0, 1e-5), (3.0, 0.01),
+                                                   (20.0, 1e-3)])
+def test_tail_mass_exact_on_the_grid_interpolated_between(temperature, tolerance):
+    logits = confident_logits(300)
+    rebuilt, spec = target(logits, dtype="float32", k=10)
+    assert spec.temperatures == (1.0, 2.0, 4.0, 8.0)
+    p = torch.softmax(torch.tensor(logits, dtype=torch.float64) / temperature, dim=1)
+    true_tail = 1.0 - p.gather(1, rebuilt.idx).sum(dim=1)
+    _, log_tail = rebuilt.parts(temperature)
+    assert float(((log_tail.exp() - true_tail).abs() / true_tail).max()) < tolerance
+
+
+def test_topk_with_k_equal_to_classes_is_exact():
+    logits = confident_logits(20, classes=7)
+    rebuilt, _ = target(logits, dtype="float32", k=7)
+    for temperature in (1.0, 3.0):
+        np.testing.assert_allclose(rebuilt.dense_log_probs(temperature).numpy(),
+                                   torch.log_softmax(torch.tensor(logits, dtype=torch.float64) / temperature, 1),
+                                   atol=1e-5)
+    assert math.isinf(float(rebuilt.parts(1.0)[1][0]))
+
+
+def _dense_reference(student, rebuilt, temperature, tail):
+    """The loss computed the expensive way: the dense (n, C) target rebuilt, then a plain KL."""
+    log_q = F.log_softmax(student / temperature, dim=1)
+    log_p = rebuilt.dense_log_probs(temperature)
+    if isinstance(rebuilt, TopKTarget) and tail == "bucket":  # coarsen both to k classes + one tail bin
+        tail_mask = torch.ones_like(log_p, dtype=torch.bool).scatter(1, rebuilt.idx, False)
+
+        def coarse(log_x):
+            return torch.cat([log_x.gather(1, rebuilt.idx),
+                              torch.logsumexp(log_x.masked_fill(~tail_mask, -math.inf), 1, keepdim=True)], 1)
+
+        log_p, log_q = coarse(log_p), coarse(log_q)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("mode,tail", [("topk", "uniform"), ("topk", "bucket"), ("sampled", "bucket"),
+                                       ("dense", "bucket")])
+@pytest.mark.parametrize("temperature", [1.0, 2.5, 4.0, 20.0])
+def test_sparse_loss_matches_the_dense_rebuild(mode, tail, temperature):
+    logits = confident_logits(64)
+    labels = torch.tensor(np.where(np.arange(64) % 5 == 0, -1, logits.argmax(1)))  # some rows unlabelled
+    for torch_dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):  # fp32: abs 1e-8 is its own rounding
+        rebuilt, _ = target(logits, mode=mode, torch_dtype=torch_dtype, k=10, samples=64, sample_temperature=2.0)
+        student = torch.tensor(np.random.default_rng(2).normal(0, 2, (64, C)), dtype=torch_dtype, requires_grad=True)
+        sparse = soft_kl(student, rebuilt, temperature, tail)
+        (sparse_grad,) = torch.autograd.grad(sparse, student)
+        dense = _dense_reference(student, rebuilt, temperature, tail)
+        (dense_grad,) = torch.autograd.grad(dense, student)
+        assert float(sparse) == pytest.approx(float(dense), rel=rtol, abs=1e-8)
+        torch.testing.assert_close(sparse_grad, dense_grad, rtol=rtol * 10, atol=1e-9)
+        total = kd_loss(student, rebuilt, labels, temperature, 0.7, tail)
+        ce = F.cross_entropy(student[labels >= 0], labels[labels >= 0])
+        assert float(total["loss"]) == pytest.approx(float(0.3 * ce + 0.7 * temperature**2 * dense), rel=rtol * 10)
+
+
+@pytest.mark.parametrize("sample_temperature,temperatures", [(1.0, (1.0, 2.0)), (2.0, (1.0, 2.0, 4.0))])
+def test_sampled_rows_are_an_unbiased_estimate(sample_temperature, temperatures):
+    """Averaged over many independent draws, the rebuilt target converges to softmax(t/T)."""
+    draws = 6000
+    one = np.array([[4.0, 3.0, 2.5, 1.0, 0.0, -0.5, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0]], dtype=np.float32)
+    logits = np.repeat(one, draws, axis=0)
+    rebuilt, spec = target(logits, mode="sampled", dtype="float32", samples=8, sample_temperature=sample_temperature)
+    assert isinstance(rebuilt, SampledTarget) and spec.temperatures == (1.0, 2.0, 4.0, 8.0)
+    for temperature in temperatures:
+        estimates = rebuilt.dense_log_probs(temperature).exp()  # one row per independent draw
+        truth = torch.softmax(torch.tensor(one[0], dtype=torch.float64) / temperature, dim=0)
+        mean, error = estimates.mean(dim=0), estimates.std(dim=0) / math.sqrt(draws)
+        assert bool(((mean - truth).abs() <= 5 * error + 1e-12).all()), (temperature, mean, truth)
+        other = torch.softmax(torch.tensor(one[0], dtype=torch.float64) / (temperature * 2), dim=0)
+        assert float(((mean - other).abs() / (5 * error + 1e-12)).max()) > 1  # the test tells temperatures apart
+    counts = rebuilt.count.sum(dim=1)
+    assert bool((counts == 8).all())
+
+
+def test_bad_storage_and_loss_settings_fail_naming_the_key():
+    with pytest.raises(StillError, match=r"store.samples must be >= 1"):
+        load_config(InferConfig, None, ["store.mode=sampled", "store.samples=0"])
+    with pytest.raises(StillError, match=r"store.temperatures must be a non-empty list of values > 0"):
+        load_config(InferConfig, None, ["store.temperatures=[1, -2]"])
+    with pytest.raises(StillError, match=r"kd.tail must be one of 'uniform', 'bucket'; got 'gaussian'"):
+        load_config(TrainConfig, None, ["kd.tail=gaussian"])
+    with pytest.raises(StillError, match=r"store.k=11 must be in \[1, 10\], the number of classes"):
+        SoftLabelSpec.create("topk", 10, k=11)
+    with pytest.raises(StillError, match="multi-label"):
+        SoftLabelSpec.create("topk", 10, k=3, task="multilabel")
