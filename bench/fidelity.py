@@ -73,6 +73,25 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
+def tail_mass_between_grid_points(logits: np.ndarray) -> dict[str, dict[str, float]]:
+    """Top-10 fp16: relative error of the tail mass at temperatures on and off the stored grid."""
+    import torch
+
+    from teacher_infer.soft_labels import SoftLabelSpec, compress
+    from teacher_infer.targets import target_from_columns
+
+    spec = SoftLabelSpec.create("topk", logits.shape[1], dtype="float16", k=10)
+    target = target_from_columns(compress(logits, spec), spec, dtype=torch.float64)
+    full = torch.tensor(logits, dtype=torch.float64)
+    out = {}
+    for t in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0, 50.0):
+        p = torch.softmax(full / t, dim=1)
+        true_tail = 1.0 - p.gather(1, target.idx).sum(dim=1)
+        error = (target.parts(t)[1].exp() - true_tail).abs() / true_tail
+        out[f"{t:g}"] = {"mean": float(error.mean()), "max": float(error.max())}
+    return out
+
+
 def settings(quick: bool) -> list[dict]:
     rows = [{"mode": "dense", "dtype": d} for d in ("float16", "float32")]
     for k in ((10,) if quick else (5, 10, 20, 50)):
@@ -111,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         if setting["mode"] == "topk":
             v1 = v1_topk_kl(logits, setting["k"], setting["dtype"])
             results.append({**setting, "format": 1, **{f"kl_T{t:g}": v for t, v in zip(TEMPERATURES, v1)}})
+    off_grid = tail_mass_between_grid_points(logits)
     by = {(r["format"], r.get("k"), r["dtype"]): r for r in results if r["mode"] == "topk"}
     k = 10
     ratios = {f"T{t:g}": by[(2, k, "float16")][f"kl_T{t:g}"] / by[(2, k, "float32")][f"kl_T{t:g}"]
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()} {platform.python_version()}", "results": results,
         "topk10_fp16_over_fp32_kl": ratios,
         "topk10_fp16_v1_over_v2_kl_T4": by[(1, k, "float16")]["kl_T4"] / by[(2, k, "float16")]["kl_T4"],
+        "topk10_fp16_tail_mass_rel_err_by_T": off_grid,
     }
     print(format_table(results))
     print(f"top-10 fp16/fp32 KL ratio per T: {', '.join(f'{t} {v:.3f}' for t, v in ratios.items())}; "
@@ -127,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
+    print("top-10 fp16 tail-mass relative error (mean / max) by T, grid 1, 2, 4, 8: "
+          + ", ".join(f"T={t} {v['mean']:.1e}/{v['max']:.1e}" for t, v in off_grid.items()))
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
     return summary
 

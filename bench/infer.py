@@ -79,7 +79,8 @@ def plain_loop(data: Path, teacher_uri: str, out: Path, batch_size: int, k: int 
     import torch
 
     from still.checkpoints import load_checkpoint
-    from teacher_infer.store import build_table, compress
+    from teacher_infer.soft_labels import SoftLabelSpec, compress
+    from teacher_infer.store import build_table
 
     start = time.perf_counter()
     model, _ = load_checkpoint(teacher_uri)
@@ -95,7 +96,8 @@ def plain_loop(data: Path, teacher_uri: str, out: Path, batch_size: int, k: int 
                 x = torch.from_numpy(raw[lo:lo + batch_size].astype(np.float32)) * (1 / 255)
                 with torch.inference_mode():
                     parts.append(model(x).numpy())
-            outputs = compress(np.concatenate(parts), "topk", k, "float16")
+            logits = np.concatenate(parts)
+            outputs = compress(logits, SoftLabelSpec.create("topk", logits.shape[1], k=k, dtype="float16"))
             result = build_table(table["id"], table["label"].to_numpy(), np.zeros(table.num_rows, np.int8), outputs,
                                  inputs=table["features"].combine_chunks())
             pq.write_table(result, out / f"part-{index:03d}-{g:05d}.parquet", compression="zstd", compression_level=1)

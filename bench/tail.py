@@ -1,7 +1,7 @@
 """Which ``kd.tail`` should be the default? Students distilled from dense, top-k and sampled
 stores of one teacher, on a 100-class task, at T = 1 and T = 4.
 
-    python bench/tail.py              # ~25 min on 2 CPUs; JSON saved to bench/results/tail.json
+    python bench/tail.py              # ~35 min on 2 CPUs; JSON saved to bench/results/tail.json
     python bench/tail.py --quick      # a smoke run on a slice of the data (numbers mean nothing)
 
 The task: ``builtin:mnist-pairs`` — two real MNIST digits side by side, labelled with the
@@ -12,10 +12,10 @@ knowledge a top-k store with k = 10 of 100 classes must keep.
 
 Everything goes through still's own entry points (``run_infer``, ``train_job`` in
 process): one teacher (MLP 1568-1200-1200-100, dropout), its stores (dense fp16,
-top-10 fp16, sampled 64 draws fp16), and per temperature and seed one student
+top-10 fp16, sampled 64 draws fp16 at T_s = 1 and at T_s = 4), and per temperature and seed one student
 (MLP 1568-300-300-100) for each of: CE only, dense, top-10 with ``kd.tail=uniform``,
-top-10 with ``kd.tail=bucket``, sampled. The figure is test errors out of 10,000,
-mean over seeds.
+top-10 with ``kd.tail=bucket``, and the sampled stores drawn at T_s = 1 and T_s = 4.
+The figure is test errors out of 10,000, mean and standard error over seeds.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -60,7 +61,7 @@ def infer(out: Path, teacher: str, overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--teacher-epochs", type=int, default=12)
     parser.add_argument("--student-epochs", type=int, default=12)
     args = parser.parse_args(argv)
@@ -78,12 +79,15 @@ def main(argv: list[str] | None = None) -> dict:
         stores = {
             "dense": infer(out, teacher_ckpt, ["store.mode=dense", "store.dtype=float16"]),
             "topk": infer(out, teacher_ckpt, ["store.mode=topk", "store.k=10", "store.dtype=float16"]),
-            "sampled": infer(out, teacher_ckpt, ["store.mode=sampled", "store.samples=64", "store.dtype=float16"]),
+            "sampled-T1": infer(out, teacher_ckpt, ["store.mode=sampled", "store.samples=64", "store.dtype=float16"]),
+            "sampled-T4": infer(out, teacher_ckpt, ["store.mode=sampled", "store.samples=64", "store.dtype=float16",
+                                                    "store.sample_temperature=4"]),
         }
         student = ["student.width=300", "student.depth=2", f"train.epochs={student_epochs}", "train.batch_size=128",
                    "train.lr=0.001", "kd.weight=0.9"]
         variants = {"ce": (None, ["kd.weight=0"]), "dense": ("dense", []), "topk-uniform": ("topk", ["kd.tail=uniform"]),
-                    "topk-bucket": ("topk", ["kd.tail=bucket"]), "sampled": ("sampled", [])}
+                    "topk-bucket": ("topk", ["kd.tail=bucket"]), "sampled-T1": ("sampled-T1", []),
+                    "sampled-T4": ("sampled-T4", [])}
         runs = []
         for temperature in (1.0, 4.0):
             for name, (store, extra) in variants.items():
@@ -101,16 +105,18 @@ def main(argv: list[str] | None = None) -> dict:
         key = f"{run['variant']} T={run['temperature']:g}"
         table.setdefault(key, []).append(run["test_errors"])
     mean_errors = {key: sum(v) / len(v) for key, v in table.items()}
+    standard_errors = {key: (statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else None) for key, v in table.items()}
     summary = {
         "bench": "tail", "task": "builtin:mnist-pairs (100 classes)", "seeds": seeds,
         "teacher_test_errors": teacher["test_errors"], "test_count": teacher["test_count"],
         "stores": {name: {"bytes_per_row": s["bytes_per_row"], "fidelity_T4": s["fidelity"].get("4")}
                    for name, s in stores.items()},
-        "mean_test_errors": mean_errors, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
+        "mean_test_errors": mean_errors, "standard_error": standard_errors, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()} {platform.python_version()}",
     }
     for key, value in mean_errors.items():
-        print(f"{key:<20} {value:8.1f} test errors")
+        spread = f" ± {standard_errors[key]:.1f}" if standard_errors[key] is not None else ""
+        print(f"{key:<20} {value:8.1f}{spread} test errors")
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(summary, indent=1) + "\n")

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -109,6 +110,7 @@ def train_job(
     if cfg.kd.hint_weight > 0 and not source.feature_dim:
         raise StillError("kd.hint_weight > 0 needs a store with a features column "
                          "(write one with still infer teacher.feature_layer=<layer>)")
+    _warn_far_from_sample_temperature(cfg, source)
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
         raise StillError(f"student.num_classes={cfg.student.num_classes} but the "
                          f"{'store' if source.has_teacher else 'data'} {source.name!r} has {source.num_classes} classes")
@@ -197,6 +199,23 @@ def _online_teacher(cfg: TrainConfig, source: Source) -> Any:
         raise StillError(f"kd.online_teacher {cfg.kd.online_teacher!r} has {out.shape[-1]} outputs, "
                          f"the data has {source.num_classes} classes")
     return teacher.payload()
+
+
+def _warn_far_from_sample_temperature(cfg: TrainConfig, source: Source) -> None:
+    """Warns when a sampled store is used at a temperature far from the one it was drawn at.
+
+    The target stays unbiased, but its variance grows with the gap: bench/tail.py measured
+    a student at T = 4 from draws at T_s = 1 worse than one trained on labels alone.
+    """
+    if cfg.kd.weight == 0:
+        return
+    for spec in source.teachers:
+        gap = max(cfg.kd.temperature / spec.sample_temperature, spec.sample_temperature / cfg.kd.temperature)
+        if spec.mode == "sampled" and gap >= 2:
+            print(f"still train: warning: kd.temperature={cfg.kd.temperature:g} is {gap:g}x away from the sampled "
+                  f"store's sample_temperature={spec.sample_temperature:g}: its target is unbiased but noisy there "
+                  "(bench/tail.py); write the store with store.sample_temperature near the training temperature",
+                  file=sys.stderr, flush=True)
 
 
 def _tags(source: Source, cfg: TrainConfig) -> dict[str, str]:

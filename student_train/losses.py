@@ -28,8 +28,9 @@ columns; the KL is computed without a dense teacher array where the mode allows:
     ``Σ_top p_i(log p_i − log q_i) + p_tail(log p_tail − log q_tail)`` with ``q_tail``
     the student's total tail mass. It says nothing about the tail's shape.
 
-- ``sampled``: ``Σ_drawn p̂_i(log p̂_i − log q_i)`` with p̂ the unbiased estimate of
-  softmax(t/T) on the drawn classes (Anshumann et al., 2025): its gradient is, in
+- ``sampled``: ``Σ_drawn p̂_i(log p̂_i − log q_i)`` with p̂ an unbiased estimate of
+  softmax(t/T) on the drawn classes (Anshumann et al., 2025; the Horvitz–Thompson
+  weights of ``teacher_infer.targets.SampledTarget``): its gradient is, in
   expectation over the draws, the full KL's gradient.
 
 Ensembles of stores average the members' probabilities at T (the mixture is rebuilt

@@ -41,16 +41,17 @@ class StoreConfig:
     mode: Literal["dense", "topk", "sampled"] = "topk"
     """``dense``: all C logits; ``topk``: the k largest logits with their class ids, the
     log-normaliser and the tail's exact log-mass at each of ``store.temperatures``;
-    ``sampled``: ``store.samples`` classes drawn from the teacher distribution at
-    ``store.sample_temperature``, as counts (an unbiased estimate; Anshumann et al. 2025).
-    What each can and cannot know: ``teacher_infer.soft_labels``."""
+    ``sampled``: the classes of ``store.samples`` draws from the teacher distribution at
+    ``store.sample_temperature``, with counts and logits (an unbiased estimate;
+    Anshumann et al. 2025). What each can and cannot know: ``teacher_infer.soft_labels``."""
     k: int = 10
     """Number of classes kept per row in ``topk`` mode (must be <= num_classes)."""
     samples: int = 64
     """Draws per row in ``sampled`` mode (with replacement; distinct classes are stored once)."""
     sample_temperature: float = 1.0
     """The temperature of the distribution ``sampled`` mode draws from. The estimate is
-    unbiased at every temperature of the grid; its variance is smallest near this one."""
+    unbiased at every temperature of the grid, but noisy far from this one: draw at the
+    temperature students will train at (bench/tail.py)."""
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     """Temperatures at which ``topk`` and ``sampled`` rows keep exact log-normalisers
     (float32 each); training at other temperatures interpolates between them. 1 (and

@@ -35,10 +35,15 @@ T = 20 for σ = 1.5). How the tail mass is spread over the tail classes is not
 stored and cannot be recovered: ``kd.tail`` chooses how the loss treats it.
 
 Sampled rows (Anshumann et al., ACL 2025, "Sparse Logit Sampling", arXiv:2503.16870)
-are an unbiased estimate of the teacher distribution: ``count_i / N`` estimates
-softmax(t/T_s)_i. At another T the importance weight softmax(t/T)_i / softmax(t/T_s)_i
-needs ``v_i`` and the two normalisers, which ``lognorm`` holds exactly at the grid
-temperatures (T_s is always on the grid), so the estimate is unbiased there too.
+keep the distinct classes of N draws from softmax(t/T_s) with their counts: an
+unbiased estimate of the teacher distribution. ``count_i / N`` estimates
+softmax(t/T_s)_i, as in the paper. Because each drawn class also keeps its logit and
+``lognorm`` holds the normaliser at every grid temperature (T_s is always on it),
+:class:`teacher_infer.targets.SampledTarget` reads a lower-variance estimate from the
+same row, unbiased at every grid temperature: Horvitz–Thompson, ``p_T(i) / π_i`` with
+``π_i = 1 − (1 − q_i)^N`` the chance that the draws include class i. A class drawn
+almost surely (the teacher's confident part) is then exact; the noise sits in the
+rarely drawn tail, and it grows as T moves away from T_s.
 """
 
 from __future__ import annotations

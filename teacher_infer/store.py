@@ -467,7 +467,10 @@ def verify_store(uri: str) -> dict[str, Any]:
         if digest != shard["sha256"]:
             problems.append(f"{shard['name']}: checksum mismatch (sha256 {digest[:12]}…, manifest {shard['sha256'][:12]}…)")
         try:
-            table = pq.read_table(io.BytesIO(data))
+            # ParquetFile, not read_table: read_table over an in-memory buffer leaves a pyarrow thread that
+            # aborts the interpreter at exit ("terminate called without an active exception"; pyarrow 25,
+            # one run in five on 2 CPUs)
+            table = pq.ParquetFile(pa.BufferReader(data)).read()
         except Exception as exc:  # corrupt bytes raise several Arrow error types
             problems.append(f"{shard['name']}: unreadable Parquet ({type(exc).__name__}: {str(exc)[:80]})")
             continue
@@ -536,8 +539,8 @@ def inspect_store(uri: str) -> dict[str, Any]:
         "shards": len(m["shards"]),
         "mode": store.mode,
         "k": store.k,
-        "samples": storage.get("samples"),
-        "sample_temperature": storage.get("sample_temperature"),
+        **({"samples": storage["samples"], "sample_temperature": storage["sample_temperature"]}
+           if store.mode == "sampled" else {}),
         "temperatures": storage.get("temperatures"),
         "dtype": storage["dtype"],
         "include_inputs": store.include_inputs,
@@ -563,11 +566,12 @@ def inspect_store(uri: str) -> dict[str, Any]:
     return summary
 
 
-def format_fidelity(fidelity: Mapping[str, Mapping[str, float]]) -> str:
+def format_fidelity(fidelity: Mapping[str, Mapping[str, float]], rows: int | None = None) -> str:
     """The fidelity table ``still store inspect`` prints: one row per temperature."""
     if not fidelity:
         return "fidelity: not measured"
-    lines = [f"{'T':>4}  {'KL mean':>10}  {'KL p99':>10}  {'tail err':>9}  {'tail rel':>9}  {'TV mean':>8}"]
+    lines = [f"fidelity: the stored target vs the full teacher output, on {rows} rows (teacher_infer.fidelity)",
+             f"{'T':>4}  {'KL mean':>10}  {'KL p99':>10}  {'tail err':>9}  {'tail rel':>9}  {'TV mean':>8}"]
     for temperature, f in fidelity.items():
         lines.append(f"{temperature:>4}  {f['kl_mean']:>10.3g}  {f['kl_p99']:>10.3g}  {f['tail_mass_abs_err']:>9.2g}  "
                      f"{f.get('tail_mass_rel_err', float('nan')):>9.2g}  {f.get('tv_mean', float('nan')):>8.3g}")
@@ -584,7 +588,7 @@ def cli_store(action: str, uri: str) -> dict[str, Any]:
     """
     if action == "inspect":
         summary = inspect_store(uri)
-        print(format_fidelity(summary["fidelity"]), flush=True)
+        print(format_fidelity(summary["fidelity"], summary["fidelity_rows"]), flush=True)
         return summary
     if action == "verify":
         result = verify_store(uri)

@@ -8,7 +8,7 @@ infer`` measures fidelity. One target class per storage mode::
     target = target_from_columns(batch, spec, prefix="t0_", device="cuda")
     target.top1()                          # the teacher's predicted class per row
     TopKTarget.parts(T)                    # log-probs on the top-k, log tail mass at T
-    SampledTarget.weights(T)               # the unbiased estimate of softmax(t/T) on the draws
+    SampledTarget.weights(T)               # an unbiased estimate of softmax(t/T) on the drawn classes
     target.dense_log_probs(T)              # (n, C), for tests, ensembles and fidelity
 
 Top-k at temperature T (β = 1/T), with ``v`` the stored shifted logits, ``lse`` the
@@ -154,7 +154,7 @@ class TopKTarget:
 
 @dataclasses.dataclass
 class SampledTarget:
-    """A sampled row: N draws from softmax(t / T_s), as distinct classes and counts.
+    """A sampled row: the distinct classes of N draws from softmax(t / T_s), their counts and logits.
 
     Attributes:
         idx: ``(n, m)`` int64 drawn classes (padding: count 0).
@@ -179,14 +179,19 @@ class SampledTarget:
     def log_weights(self, temperature: float) -> torch.Tensor:
         """``(n, m)`` log of the unbiased estimate of softmax(t / T) on the drawn classes.
 
-        ``(count_i / N)·softmax(t/T)_i / softmax(t/T_s)_i``; its expectation over the
-        draws is softmax(t/T) exactly where both normalisers are stored exactly (the
-        grid). Padding entries are −inf.
+        A Horvitz–Thompson estimate: a drawn class i gets ``p_T(i) / π_i``, with ``p_T(i)``
+        from its stored logit and the stored normaliser, and ``π_i = 1 − (1 − q_i)^N``
+        the probability that N draws from ``q = softmax(t/T_s)`` include it. Its
+        expectation over the draws is softmax(t/T) exactly where the normaliser at T
+        is stored exactly (the grid). Unlike ``count_i / N`` (reweighted by
+        ``p_T(i)/q_i``) it is exact for a class that is drawn almost surely, so the
+        confident part of the teacher carries no sampling noise. Padding entries are −inf.
         """
-        proposal = self.lognorm[:, self.temperatures.index(self.sample_temperature)]
-        target = lognorm_at(self.lognorm, self.temperatures, temperature, math.log(self.num_classes))
-        ratio = (1.0 / temperature - 1.0 / self.sample_temperature) * self.logit
-        log_w = ratio + (proposal - target)[:, None] + torch.log(self.count / self.samples)
+        log_q = self.logit / self.sample_temperature - self.lognorm[:, self.temperatures.index(self.sample_temperature)][:, None]
+        log_miss = self.samples * torch.log1p(-log_q.exp().clamp_max(1.0))  # log (1 − q)^N
+        log_included = torch.log(-torch.expm1(log_miss))  # log π
+        norm = lognorm_at(self.lognorm, self.temperatures, temperature, math.log(self.num_classes))
+        log_w = self.logit / temperature - norm[:, None] - log_included
         return torch.where(self.count > 0, log_w, torch.full_like(log_w, -math.inf))
 
     def weights(self, temperature: float) -> torch.Tensor:

@@ -162,6 +162,6 @@ def write_small_store(directory: str | Path, mode: str = "topk", rows: int = 10,
         "preprocessing": {"input_shape": [4], "input_scale": 1 / 255},
         "teacher": {"fingerprint": "f" * 64}, "dataset": {"name": "x", "fingerprint": "d"},
         "shards": [st.shard_record(st.shard_name(0), data, rows)], "teacher_metrics": tm.finish_metrics(stats),
-        "fidelity": fid.summarize(fidelity),
+        "fidelity": fid.summarize(fidelity), "fidelity_rows": fidelity["n"],
     })
     return loc.uri, logits

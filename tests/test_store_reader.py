@@ -145,5 +145,6 @@ def test_inspect_prints_the_fidelity_table(tmp_path, capsys):
     assert set(summary["fidelity"]) == {"1", "2", "4", "8"}
     assert set(summary["fidelity"]["4"]) >= {"kl_mean", "kl_p99", "tail_mass_abs_err"}
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split()[:3] == ["T", "KL", "mean"] and [line.split()[0] for line in printed[1:]] == [
+    assert printed[0].startswith("fidelity:") and "on 10 rows" in printed[0]
+    assert printed[1].split()[:3] == ["T", "KL", "mean"] and [line.split()[0] for line in printed[2:]] == [
         "1", "2", "4", "8"]

@@ -22,6 +22,7 @@ import torch
 from still.checkpoints import load_checkpoint
 from still.config import load_config
 from still.errors import StillError
+from still.models import build_model
 from student_train.config import TrainConfig
 from student_train.driver import run_train, train_job
 from student_train.loop import jitter
@@ -50,6 +51,18 @@ def test_jitter_shifts_images_within_range():
     assert int((rows - 4).abs().max()) <= 2 and int((cols - 4).abs().max()) <= 2
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 5
     assert torch.all(out.sum(dim=(1, 2, 3)) == 1.0)
+
+
+@pytest.mark.parametrize("family,shape", [("mlp", (64,)), ("cnn", (1, 8, 8))])
+def test_hint_features_are_taken_before_dropout(family, shape):
+    # one hidden layer for the mlp: its only dropout is the one after the features
+    model = build_model(family, input_shape=shape, num_classes=10, width=1 if family == "cnn" else 32,
+                        depth=2 if family == "cnn" else 1, dropout=0.5).train()
+    x = torch.randn(16, *shape)
+    assert torch.equal(model.features(x), model.features(x))  # no dropout inside the features
+    assert not torch.equal(model(x), model(x))  # while training, dropout still acts before the head
+    model.eval()
+    torch.testing.assert_close(model(x), model.head(model.features(x)))
 
 
 def test_ensemble_teacher_is_the_mean_probability_at_temperature():
@@ -128,7 +141,7 @@ def _incomplete_store(tmp_path, digits_store):
     return broken
 
 
-@pytest.mark.parametrize("case", ["incomplete", "corrupt", "classes", "unreachable"])
+@pytest.mark.parametrize("case", ["incomplete", "corrupt", "classes", "hints", "unreachable"])
 def test_bad_input_fails_before_training(case, digits_store, tmp_path):
     import shutil
 
@@ -147,6 +160,9 @@ def test_bad_input_fails_before_training(case, digits_store, tmp_path):
     elif case == "classes":
         overrides.append("student.num_classes=3")
         match = "student.num_classes=3 but the store"
+    elif case == "hints":
+        overrides.append("kd.hint_weight=0.5")
+        match = r"a store with a features column \(write one with still infer teacher.feature_layer=<layer>\)"
     else:
         overrides += ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"]
         match = "unreachable"
@@ -284,3 +300,14 @@ def test_tracking_on_a_real_mlflow_server(ray_cluster, digits_store, mlflow_serv
     version = client.get_model_version_by_alias("digits-student", "champion")
     assert version.run_id == out["run_id"]
     json.dumps(out, default=str)
+
+
+def test_a_sampled_store_far_from_its_sample_temperature_warns(tmp_path, capsys):
+    from _teacher_fixtures import write_small_store
+
+    store, _ = write_small_store(tmp_path / "sampled", mode="sampled", rows=30)  # drawn at T_s = 1
+    for temperature, warned in ((1.5, False), (4, True)):
+        train_job(_cfg(tmp_path / str(temperature), f"store.uri={store}", "scaling.num_workers=0", "train.epochs=1",
+                       f"kd.temperature={temperature}"), run_name="sampled", quiet=True, log_model=False)
+        err = capsys.readouterr().err
+        assert ("kd.temperature=4 is 4x away from the sampled store's sample_temperature=1" in err) is warned
