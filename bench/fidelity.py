@@ -78,10 +78,10 @@ def tail_mass_between_grid_points(logits: np.ndarray) -> dict[str, dict[str, flo
     import torch
 
     from teacher_infer.soft_labels import SoftLabelSpec, compress
-    from teacher_infer.targets import target_from_columns
+    from teacher_infer.targets import prepare, target_from_columns
 
     spec = SoftLabelSpec.create("topk", logits.shape[1], dtype="float16", k=10)
-    target = target_from_columns(compress(logits, spec), spec, dtype=torch.float64)
+    target = target_from_columns(prepare(compress(logits, spec), spec), spec, dtype=torch.float64)
     full = torch.tensor(logits, dtype=torch.float64)
     out = {}
     for t in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0, 50.0):

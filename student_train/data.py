@@ -6,9 +6,9 @@ dataset's id/features/label/split columns) into the arrays the loop consumes:
     x      float32 (n, *input_shape)   the model input, preprocessed (raw × input_scale)
     y      int64 (n,) class ids, -1 when unlabelled; multi-label: int8 (n, C) 0/1, -1 rows unlabelled
     split  int8 (n,)                   0 train, 1 val, 2 test
-    t<i>_* the teacher columns of store i as stored, fixed-width and still sparse
-           (``teacher_infer.store.teacher_arrays``: k ids and values per row for top-k,
-           the padded draws for sampled, C logits only for dense stores)
+    t<i>_* the training columns of store i, fixed-width and still sparse
+           (``teacher_infer.store.teacher_arrays``: k ids and log-probabilities per row
+           for top-k, the padded draws for sampled, C logits only for dense stores)
     f      float32 (n, d)              teacher hint features (stores with ``features`` only)
 
 No dense ``(n, C)`` teacher array is built here, in Ray Data or in the object store:

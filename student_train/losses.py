@@ -223,19 +223,21 @@ def _dense_kl(log_p: torch.Tensor, student_logits: torch.Tensor, temperature: fl
 def _topk_kl(student_logits: torch.Tensor, target: TopKTarget, temperature: float, tail: str) -> torch.Tensor:
     scaled = student_logits / temperature
     log_norm = torch.logsumexp(scaled, dim=1)
-    log_q_top = scaled.gather(1, target.idx) - log_norm[:, None]
+    scaled_top = scaled.gather(1, target.idx)
     log_p_top, log_p_tail = (part.to(scaled.dtype) for part in target.parts(temperature))
-    kl = _plogp_ratio(log_p_top, log_q_top).sum(dim=1)
+    p_top = log_p_top.exp()
+    # Σ_top p_i(log p_i − log q_i) with log q_i = s_i/T − log_norm; every top-k p_i is > 0
+    kl = (p_top * (log_p_top - scaled_top)).sum(dim=1) + p_top.sum(dim=1) * log_norm
     if target.tail_classes == 0:
         return kl.mean()
     p_tail = log_p_tail.exp()
     if tail == "bucket":
         log_q_tail = torch.logsumexp(scaled.scatter(1, target.idx, -math.inf), dim=1) - log_norm
-        kl = kl + _plogp_ratio(log_p_tail, log_q_tail)
+        kl = kl + torch.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
     else:
         # Σ_tail u(log u − log q_j) with u = p_tail/(C − k) and log q_j = s_j/T − log_norm
         # = p_tail·(log u + log_norm − mean_tail(s/T)), summing no log-probabilities.
-        tail_mean = (scaled.sum(dim=1) - scaled.gather(1, target.idx).sum(dim=1)) / target.tail_classes
+        tail_mean = (scaled.sum(dim=1) - scaled_top.sum(dim=1)) / target.tail_classes
         log_u = log_p_tail - math.log(target.tail_classes)
         kl = kl + p_tail * (log_u + log_norm - tail_mean)
     return kl.mean()

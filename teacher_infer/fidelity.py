@@ -34,21 +34,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from teacher_infer.soft_labels import Ragged, SoftLabelSpec
-from teacher_infer.targets import SampledTarget, TopKTarget, lognorm_at, target_from_columns
+from teacher_infer.soft_labels import SoftLabelSpec
+from teacher_infer.targets import SampledTarget, TopKTarget, lognorm_at, prepare, target_from_columns
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 """The temperatures fidelity is reported at (keys "1", "2", "4", "8")."""
 FIELDS = ("kl", "tail_abs", "tail_rel", "tv")
-
-
-def fixed_width(columns: Mapping[str, Any], width: int | None = None) -> dict[str, np.ndarray]:
-    """Pads ragged (``sampled``) columns to one width; other columns pass through."""
-    ragged = [v for v in columns.values() if isinstance(v, Ragged)]
-    if not ragged:
-        return dict(columns)
-    width = width or max(1, int(np.diff(ragged[0].offsets).max(initial=1)))
-    return {name: value.padded(width) if isinstance(value, Ragged) else value for name, value in columns.items()}
 
 
 def measure_rows(logits: np.ndarray, columns: Mapping[str, Any], spec: SoftLabelSpec,
@@ -65,7 +56,7 @@ def measure_rows(logits: np.ndarray, columns: Mapping[str, Any], spec: SoftLabel
         ``{"kl", "tail_abs", "tail_rel", "tv"}``, each ``(n, len(temperatures))`` float64.
     """
     full = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    target = target_from_columns(fixed_width(columns), spec, dtype=torch.float64)
+    target = target_from_columns(prepare(columns, spec), spec, dtype=torch.float64)
     out = {name: np.zeros((len(full), len(temperatures))) for name in FIELDS}
     for j, temperature in enumerate(temperatures):
         if spec.task == "multilabel":
@@ -101,14 +92,14 @@ def _multiclass(full: torch.Tensor, target: Any, temperature: float) -> dict[str
 
 def _drawn_mask(target: SampledTarget) -> torch.Tensor:
     mask = torch.zeros(target.idx.shape[0], target.num_classes, dtype=torch.float64)
-    return mask.scatter_add(1, target.idx, (target.count > 0).double()).clamp_max(1.0)
+    return mask.scatter_add(1, target.idx, target.drawn().double()).clamp_max(1.0)
 
 
 def _exact_on_draws(target: SampledTarget, drawn: torch.Tensor, temperature: float) -> torch.Tensor:
     """What a sampled row knows exactly: softmax(t/T) on its drawn classes, the rest spread evenly."""
-    norm = lognorm_at(target.lognorm, target.temperatures, temperature, math.log(target.num_classes))
-    on_draws = target.logit / temperature - norm[:, None]
-    exact = torch.zeros_like(drawn).scatter_add(1, target.idx, torch.where(target.count > 0, on_draws.exp(), 0.0))
+    norm = lognorm_at(target.norm, target.temperatures, temperature, math.log(target.num_classes))
+    on_draws = target.log_p / temperature - norm[:, None]
+    exact = torch.zeros_like(drawn).scatter_add(1, target.idx, torch.where(target.drawn(), on_draws.exp(), 0.0))
     rest = (1.0 - exact.sum(dim=1)).clamp_min(1e-30)  # rounding can leave nothing for classes of tiny mass
     unseen = (target.num_classes - drawn.sum(dim=1)).clamp_min(1.0)
     return torch.log(torch.where(drawn > 0, exact, (rest / unseen)[:, None]))

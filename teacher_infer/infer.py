@@ -4,11 +4,13 @@
     still infer --config infer.yaml --address ray://head:10001 --json
     python -c "from teacher_infer.infer import run_infer; ..."   # what tests call
 
-Reads top to bottom: resolve the data → fingerprint the teacher → cache key → return
-the existing store if complete (no Ray, no teacher forward pass) → load the teacher and
-probe one batch (output size, feature layer) → plan shards → Ray Data runs one fused
-read → infer → compress → write task per missing shard → finalize (checksums,
-metrics, manifest written last, atomically) → MLflow run.
+Reads top to bottom: resolve the data → check the storage settings against it (mode
+vs task, k vs classes) → fingerprint the teacher → cache key → return the existing
+store if complete (no Ray, no teacher forward pass) → load the teacher and probe one
+batch (output size, feature layer) → plan shards → Ray Data runs one fused read →
+infer → compress (``teacher_infer.soft_labels``) → write task per missing shard, which
+also measures the fidelity of a sample of its rows → finalize (checksums, teacher
+metrics, fidelity, manifest written last, atomically) → MLflow run.
 
 Plan and resume (why not Ray Data's own checkpointing)
 ------------------------------------------------------
@@ -34,8 +36,8 @@ named ``part-{i:05d}.parquet``. The plan is saved as ``_plan.json`` in the store
 directory on the first run and reused by reruns. One Ray Data task per missing shard
 reads its row range, runs the teacher (model cached per worker process), writes
 the shard to a temporary name and renames it into place (``Location.write_atomic``),
-and returns the shard's row count, sha256 and metric sums (also kept in the shard's
-Parquet footer, so shards from a killed run still contribute their metrics). After
+and returns the shard's row count, sha256, metric and fidelity sums (also kept in the
+shard's Parquet footer, so shards from a killed run still contribute them). After
 ``kill -9`` only complete ``part-*`` files exist; a rerun skips the complete ones and
 writes only the rest, so every id is in the store exactly once.
 """
@@ -437,12 +439,11 @@ def infer_shard(
 
     Returns:
         ``index``, ``name``, ``rows``, ``bytes``, ``sha256``, ``stats`` (JSON: teacher
-        metric sums, measured fidelity rows, the widest row) and ``data`` (the
+        metric sums, fidelity sums, the widest sampled row) and ``data`` (the
         Parquet bytes when ``write`` is False, else empty).
     """
     from still.datasets import assign_splits, labels_to_numpy
 
-    soft_labels = predictor.soft_labels
     table = _read_rows(spec, shard["pieces"], _columns(spec))
     width = math.prod(spec.input_shape)
     raw = _input_matrix(table[spec.feature_column], width)

@@ -21,7 +21,7 @@ Reader API used by training and tuning::
 
     store = open_store("stores/3f2a…")        # StillError unless complete, format v2
     store.soft_labels                         # SoftLabelSpec: mode, k, grid, task…
-    arrays = teacher_arrays(batch, store.soft_labels, store.max_support)  # fixed-width, sparse
+    arrays = teacher_arrays(batch, store.soft_labels, store.max_support)  # fixed-width, sparse, on the CPU
     target = teacher_infer.targets.target_from_columns(arrays, store.soft_labels)  # on the device
     verify_store(uri) -> {"ok": bool, "problems": [...]}
 """
@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from still.errors import StillError
 from still.storage import Location, resolve
 from teacher_infer.soft_labels import MODE_COLUMNS, Ragged, SoftLabelSpec
+from teacher_infer.targets import prepare
 
 FORMAT_VERSION = 2
 FORMAT_NAME = "still-soft-label-store"
@@ -249,17 +250,18 @@ def _ragged(values: Any) -> Ragged:
 
 def teacher_arrays(batch: Mapping[str, Any], spec: SoftLabelSpec, max_support: int, *,
                    prefix: str = "") -> dict[str, np.ndarray]:
-    """A batch's teacher columns as fixed-width numpy arrays, still sparse: what training ships.
+    """A batch's teacher columns as training columns: fixed width, still sparse, what training ships.
 
-    Nothing is expanded to ``(n, C)`` (only a dense store is dense). Values keep their
-    stored dtype (fp16 stays fp16); :func:`teacher_infer.targets.target_from_columns`
-    turns them into the target on the training device.
+    Nothing is expanded to ``(n, C)`` (only a dense store is dense, and keeps its
+    stored dtype). The T-independent part of the target is computed here, on the CPU
+    (:func:`teacher_infer.targets.prepare`); :func:`teacher_infer.targets.target_from_columns`
+    finishes it on the training device.
 
     Args:
         batch: Column name → values (Arrow arrays, numpy, or Ray Data's object arrays).
         spec: The store's :attr:`Store.soft_labels`.
         max_support: :attr:`Store.max_support`: ``sampled`` rows are padded to this
-            width (count 0), so every batch of a store has the same shapes.
+            width, so every batch of a store has the same shapes.
         prefix: Prepended to each output name (ensemble members: ``t1_``…).
 
     Raises:
@@ -268,23 +270,24 @@ def teacher_arrays(batch: Mapping[str, Any], spec: SoftLabelSpec, max_support: i
     missing = [c for c in spec.columns if c not in batch]
     if missing:
         raise StillError(f"batch lacks the {spec.mode} store columns {', '.join(missing)}")
-    out: dict[str, np.ndarray] = {}
+    stored: dict[str, np.ndarray] = {}
     for name in spec.columns:
         values = batch[name]
         if name in ("sample_idx", "sample_count", "sample_logit"):
-            array = _ragged(values).padded(max_support)
-        elif name in ("logsumexp",):
-            array = np.asarray(values.to_numpy(zero_copy_only=False) if hasattr(values, "to_numpy") else values)
+            stored[name] = _ragged(values).padded(max_support)
+        elif name == "logsumexp":
+            stored[name] = np.asarray(values.to_numpy(zero_copy_only=False) if hasattr(values, "to_numpy") else values)
         else:
-            array = _column_matrix(values)
-        array = np.ascontiguousarray(array)
-        out[prefix + name] = array if array.flags.writeable else array.copy()  # torch wants writable memory
+            stored[name] = _column_matrix(values)
     width = {"logits": spec.num_classes, "topk_idx": spec.k, "tail_lognorm": len(spec.temperatures),
              "lognorm": len(spec.temperatures)}
     for name, expected in width.items():
-        key = prefix + name
-        if key in out and out[key].shape[1:] != (expected,):
-            raise StillError(f"store column {name!r} holds {out[key].shape[1:]} values per row, expected {expected}")
+        if name in stored and stored[name].shape[1:] != (expected,):
+            raise StillError(f"store column {name!r} holds {stored[name].shape[1:]} values per row, expected {expected}")
+    out = {}
+    for name, array in prepare(stored, spec).items():
+        array = np.ascontiguousarray(array)
+        out[prefix + name] = array if array.flags.writeable else array.copy()  # torch wants writable memory
     return out
 
 

@@ -11,7 +11,7 @@ from still.checkpoints import load_checkpoint
 from still.errors import StillError
 from teacher_infer.predictor import TeacherPredictor
 from teacher_infer.soft_labels import SoftLabelSpec
-from teacher_infer.targets import target_from_columns
+from teacher_infer.targets import prepare, target_from_columns
 from teacher_infer.teachers import load_teacher, teacher_fingerprint
 
 
@@ -109,7 +109,7 @@ def test_predictor_on_numpy(teacher_ckpt):
     assert (out["topk_idx"][:, 0] == labels).all()
     assert out["_labeled"].tolist() == [False] * 5 + [True] * 15 and out["_correct"][:5].tolist() == [0.0] * 5
     assert out["_fidelity"]["kl"].shape == (8, 4)  # the measured rows, at T = 1, 2, 4, 8
-    rebuilt = target_from_columns(out, topk_spec)
+    rebuilt = target_from_columns(prepare(out, topk_spec), topk_spec)
     assert (rebuilt.top1().numpy() == labels).all()
     by_method = TeacherPredictor(teacher, (64,), 1 / 16, soft_labels=dense_spec, feature_layer="features")
     np.testing.assert_allclose(by_method({"input": raw})["features"], out["features"], rtol=1e-2, atol=1e-2)
