@@ -144,11 +144,11 @@ def test_sparse_loss_matches_the_dense_rebuild(mode, tail, temperature):
         (sparse_grad,) = torch.autograd.grad(sparse, student)
         dense = _dense_reference(student, rebuilt, temperature, tail)
         (dense_grad,) = torch.autograd.grad(dense, student)
-        assert float(sparse) == pytest.approx(float(dense), rel=rtol, abs=1e-8)
+        assert sparse.item() == pytest.approx(dense.item(), rel=rtol, abs=1e-8)
         torch.testing.assert_close(sparse_grad, dense_grad, rtol=rtol * 10, atol=1e-9)
         total = kd_loss(student, rebuilt, labels, temperature, 0.7, tail)
         ce = F.cross_entropy(student[labels >= 0], labels[labels >= 0])
-        assert float(total["loss"]) == pytest.approx(float(0.3 * ce + 0.7 * temperature**2 * dense), rel=rtol * 10)
+        assert total["loss"].item() == pytest.approx((0.3 * ce + 0.7 * temperature**2 * dense).item(), rel=rtol * 10)
 
 
 @pytest.mark.parametrize("sample_temperature,temperatures", [(1.0, (1.0, 2.0)), (2.0, (1.0, 2.0, 4.0))])
