@@ -114,7 +114,7 @@ def train_job(
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
         raise StillError(f"student.num_classes={cfg.student.num_classes} but the "
                          f"{'store' if source.has_teacher else 'data'} {source.name!r} has {source.num_classes} classes")
-    model_args = _model_args(cfg, source)
+    model_args = student_model_args(cfg, source)
     probe = build_model(cfg.student.family, **dict(model_args))
     init_state, init_report = None, None
     if cfg.student.init:
@@ -178,7 +178,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _model_args(cfg: TrainConfig, source: Source) -> dict[str, Any]:
+def student_model_args(cfg: TrainConfig, source: Source) -> dict[str, Any]:
+    """The student's constructor arguments: ``cfg.student`` fitted to the data's shape and classes.
+
+    Raises:
+        StillError: A key that the chosen family does not take.
+    """
     s = cfg.student
     args: dict[str, Any] = {"input_shape": list(source.input_shape), "num_classes": source.num_classes,
                             "width": s.width, "depth": s.depth, "dropout": s.dropout}
