@@ -194,8 +194,6 @@ def cache_key(config: InferConfig, spec: Any, teacher_fp: str, soft_labels: Soft
     Returns:
         (16-hex-digit key, the document it hashes).
     """
-    storage = {**soft_labels.manifest_fields(), "include_inputs": config.store.include_inputs,
-               "feature_layer": config.teacher.feature_layer}
     doc = {
         "format_version": st.FORMAT_VERSION,
         "teacher": teacher_fp,
@@ -204,10 +202,16 @@ def cache_key(config: InferConfig, spec: Any, teacher_fp: str, soft_labels: Soft
         "task": spec.task,
         "preprocessing": {"input_shape": list(spec.input_shape), "input_scale": float(spec.input_scale)},
         "split_rule": dict(spec.split_rule),
-        "storage": storage,
+        "storage": _storage_fields(config, soft_labels),
     }
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16], doc
+
+
+def _storage_fields(config: InferConfig, soft_labels: SoftLabelSpec) -> dict[str, Any]:
+    """What the store keeps, as the cache key and the manifest's ``storage`` section record it."""
+    return {**soft_labels.manifest_fields(), "include_inputs": config.store.include_inputs,
+            "feature_layer": config.teacher.feature_layer}
 
 
 def fidelity_metrics(fidelity: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -466,7 +470,8 @@ def infer_shard(
         for name, value in out.items():
             if name not in ("input", "label") and not name.startswith("_"):
                 chunks.setdefault(name, []).append(value)
-    outputs = {name: _concat(parts) for name, parts in chunks.items()}
+    outputs = {name: Ragged.concat(parts) if isinstance(parts[0], Ragged) else np.concatenate(parts)
+               for name, parts in chunks.items()}
     features = outputs.pop("features", None)
     result = st.build_table(
         ids, labels, splits, outputs,
@@ -482,15 +487,6 @@ def infer_shard(
         resolve(store_uri).join(name).write_atomic(data)
     record = st.shard_record(name, data, result.num_rows)
     return {**record, "index": shard["index"], "stats": json.dumps(shard_stats), "data": b"" if write else data}
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Joins the batches of one output column (list columns stay ragged)."""
-    if not isinstance(parts[0], Ragged):
-        return np.concatenate(parts)
-    starts = np.cumsum([0] + [p.offsets[-1] for p in parts[:-1]])
-    offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + start for p, start in zip(parts, starts)])
-    return Ragged(offsets, np.concatenate([p.values for p in parts]))
 
 
 def _cached_predictor(payload: Any, spec: Any, config_items: tuple) -> Any:
@@ -616,8 +612,7 @@ def _finalize(config: InferConfig, spec: Any, soft_labels: SoftLabelSpec, teache
     metrics = tm.finish_metrics(tm.merge_stats([p["metrics"] for p in stats_parts]), spec.task)
     fidelity_stats = fid.merge_stats([p["fidelity"] for p in stats_parts])
     fidelity = fid.summarize(fidelity_stats)
-    storage = {**soft_labels.manifest_fields(), "include_inputs": config.store.include_inputs,
-               "feature_layer": config.teacher.feature_layer}
+    storage = _storage_fields(config, soft_labels)
     if soft_labels.mode == "sampled":
         storage["max_support"] = max(p["max_support"] for p in stats_parts)
     columns = st.expected_schema_columns({"storage": storage})

@@ -178,20 +178,8 @@ class TeacherPredictor:
         measure = batch.get("_measure")
         if measure is not None and np.asarray(measure).any():
             rows = np.flatnonzero(measure)
-            out["_fidelity"] = measure_rows(logits[rows], _take_rows(columns, rows), spec)
+            measured = {name: value.take(rows) if isinstance(value, Ragged) else value[rows]
+                        for name, value in columns.items()}
+            out["_fidelity"] = measure_rows(logits[rows], measured, spec)
         return out
 
-
-def _take_rows(columns: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
-    """The given rows of compressed columns (list columns stay ragged)."""
-    out: dict[str, Any] = {}
-    for name, value in columns.items():
-        if isinstance(value, Ragged):
-            lengths = np.diff(value.offsets)[rows]
-            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            picked = np.concatenate([value.values[value.offsets[r]:value.offsets[r + 1]] for r in rows])
-            out[name] = Ragged(offsets, picked)
-        else:
-            out[name] = value[rows]
-    return out

@@ -156,14 +156,30 @@ class Ragged:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def take(self, rows: np.ndarray) -> Ragged:
+        """The given rows, in that order."""
+        lengths = np.diff(self.offsets)[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        starts = np.repeat(self.offsets[:-1][rows] - offsets[:-1], lengths)
+        return Ragged(offsets, self.values[np.arange(offsets[-1]) + starts])
+
+    @staticmethod
+    def concat(parts: list[Ragged]) -> Ragged:
+        """The rows of ``parts``, one after the other."""
+        starts = np.cumsum([0] + [p.offsets[-1] - p.offsets[0] for p in parts[:-1]])
+        offsets = np.concatenate([np.zeros(1, dtype=np.int64)]
+                                 + [p.offsets[1:] - p.offsets[0] + start for p, start in zip(parts, starts)])
+        return Ragged(offsets, np.concatenate([p.values[p.offsets[0]:p.offsets[-1]] for p in parts]))
+
     def padded(self, width: int, fill: float | int = 0) -> np.ndarray:
         """Returns a ``(rows, width)`` array, rows padded with ``fill`` (and cut at ``width``)."""
         lengths = np.diff(self.offsets)
         out = np.full((len(self), width), fill, dtype=self.values.dtype)
         row = np.repeat(np.arange(len(self)), lengths)
-        col = np.arange(len(self.values)) - np.repeat(self.offsets[:-1], lengths)
+        col = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         keep = col < width
-        out[row[keep], col[keep]] = self.values[keep]
+        out[row[keep], col[keep]] = self.values[(np.repeat(self.offsets[:-1], lengths) + col)[keep]]
         return out
 
 

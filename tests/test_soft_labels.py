@@ -20,7 +20,7 @@ from student_train.config import TrainConfig
 from student_train.losses import kd_loss, soft_kl
 from teacher_infer.config import InferConfig
 from teacher_infer.fidelity import measure_rows
-from teacher_infer.soft_labels import SoftLabelSpec, compress
+from teacher_infer.soft_labels import Ragged, SoftLabelSpec, compress
 from teacher_infer.targets import SampledTarget, TopKTarget, prepare, target_from_columns
 
 C = 1000
@@ -167,6 +167,23 @@ def test_sampled_rows_are_an_unbiased_estimate(sample_temperature, temperatures)
         other = torch.softmax(torch.tensor(one[0], dtype=torch.float64) / (temperature * 2), dim=0)
         assert float(((mean - other).abs() / (5 * error + 1e-12)).max()) > 1  # the test tells temperatures apart
     assert bool((rebuilt.drawn().sum(dim=1) <= 8).all()) and bool(rebuilt.drawn()[:, 0].all())
+
+
+def test_ragged_rows_taken_and_joined_match_the_python_lists():
+    rows = [[3, 1], [], [7], [2, 2, 9, 4], [5]]
+    lengths = [len(r) for r in rows]
+    ragged = Ragged(np.concatenate([[0], np.cumsum(lengths)]), np.array(sum(rows, []), dtype=np.int32))
+
+    def as_lists(r: Ragged) -> list[list[int]]:
+        return [r.values[r.offsets[i]:r.offsets[i + 1]].tolist() for i in range(len(r))]
+
+    picked = np.array([3, 0, 1, 3])
+    assert as_lists(ragged.take(picked)) == [rows[i] for i in picked]
+    tail = ragged.take(np.array([2, 3, 4]))  # its offsets start at 0; a slice of the parent's would not
+    sliced = Ragged(ragged.offsets[3:], ragged.values)  # rows 3 and 4, offsets starting mid-array
+    assert as_lists(Ragged.concat([ragged.take(np.array([0, 1])), tail, sliced])) == rows[:2] + rows[2:] + rows[3:]
+    assert ragged.padded(3, fill=-1).tolist() == [[3, 1, -1], [-1, -1, -1], [7, -1, -1], [2, 2, 9], [5, -1, -1]]
+    assert sliced.padded(2).tolist() == [[2, 2], [5, 0]]
 
 
 def test_bad_storage_and_loss_settings_fail_naming_the_key():
