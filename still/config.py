@@ -26,6 +26,41 @@ T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """How encoded images (PNG/JPEG bytes, image folders) become model inputs.
+
+    Decoding, resizing and cropping run in CPU tasks and give uint8 ``(channels, H, W)``
+    rows; scaling to [0, 1] and ``mean``/``std`` run on the teacher's device. Every key
+    enters the store's cache key.
+    """
+
+    mode: str = "auto"
+    """Pillow mode the images are converted to: ``L`` (1 channel), ``RGB`` (3); ``auto``:
+    the first image's (``L`` for grey images, else ``RGB``)."""
+    resize: int = 0
+    """Resize so the shorter side has this many pixels (bilinear); 0: keep the size."""
+    crop: int = 0
+    """Centre crop to ``crop`` × ``crop`` after resizing; 0: no crop. Images whose final
+    sizes differ are an error that asks for ``resize``/``crop``."""
+    mean: tuple[float, ...] = ()
+    """Per-channel mean subtracted from the [0, 1] pixels (e.g. ImageNet's 0.485, 0.456,
+    0.406); empty: none."""
+    std: tuple[float, ...] = ()
+    """Per-channel standard deviation the pixels are divided by; empty: none."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "L", "RGB"):
+            raise StillError(f"data.image.mode must be auto, L or RGB, got {self.mode!r}")
+        if self.resize < 0 or self.crop < 0:
+            raise StillError(f"data.image.resize and data.image.crop must be >= 0, got {self.resize}, {self.crop}")
+        if len(self.mean) != len(self.std):
+            raise StillError(f"data.image.mean and data.image.std need one value per channel each, got "
+                             f"{len(self.mean)} and {len(self.std)}")
+        if any(v <= 0 for v in self.std):
+            raise StillError(f"data.image.std values must be > 0, got {list(self.std)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from and how they are split."""
 
@@ -35,7 +70,8 @@ class DataConfig:
     id_column: str = "id"
     """Unique id per example; generated deterministically (row order) when absent."""
     feature_column: str = "features"
-    """Input column: a fixed-size list or tensor column of numbers."""
+    """Input column: a fixed-size list or tensor column of numbers, or encoded images
+    (a binary column of PNG/JPEG bytes, or a struct with a ``bytes`` field)."""
     label_column: str = "label"
     """Integer class label column."""
     split_column: str = "split"
@@ -46,6 +82,8 @@ class DataConfig:
     """Share held out for test when the data has no split column of its own."""
     split_seed: int = 0
     """Seed of the id hash that assigns splits; recorded in the store manifest."""
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    """Decoding and preprocessing of image sources (ignored for numeric features)."""
 
     def __post_init__(self) -> None:
         for key in ("val_fraction", "test_fraction"):

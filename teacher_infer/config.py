@@ -58,8 +58,13 @@ class StoreConfig:
     ``store.sample_temperature``) are always added."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage type of the logits (and features); normalisers are always float32."""
-    include_inputs: bool = True
-    """Store the raw inputs (``input`` column) so the store is self-contained."""
+    include_inputs: bool | Literal["auto"] = "auto"
+    """``true``: copy the raw (decoded) inputs into the store as ``input``, so it is
+    self-contained (small data; moving a store between clusters). ``false``: a
+    labels-only store: ids, labels, splits and teacher outputs; training reads the
+    inputs from the source recorded in the manifest and refuses a source whose
+    fingerprint changed. ``auto``: ``true`` up to 1 GiB of decoded inputs
+    (``teacher_infer.key.SELF_CONTAINED_MAX_BYTES``), else ``false``."""
 
     def __post_init__(self) -> None:
         if not self.root:
@@ -81,11 +86,25 @@ class InferRunConfig:
     batch_size: int = 4096
     """Rows per teacher forward pass."""
     shard_rows: int = 0
-    """Rows per store shard (one Ray task reads, infers and writes one shard);
+    """Rows per store shard (the unit that is written, and resumed, exactly once);
     0: chosen from the row size (about 32 MiB of input per shard, at most
     ``ceil(rows / (2 * CPUs))`` so every CPU gets work)."""
     num_gpus: float = 0.0
-    """GPUs per teacher actor; > 0 runs one actor per GPU with autocast (fp16)."""
+    """GPUs per teacher actor (fractions share a GPU); > 0 runs the teacher in an actor
+    pool on GPU nodes. A value no node of the cluster has is refused before any work."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Forward-pass precision (autocast for bf16/fp16); enters the cache key and the
+    manifest. ``auto``: bf16 on GPUs (use fp16 on GPUs older than Ampere), fp32 on CPUs."""
+    plan: Literal["auto", "fused", "streaming"] = "auto"
+    """``fused``: one Ray task per shard reads, infers, compresses and writes (fastest on
+    CPUs); ``streaming``: CPU read tasks → teacher actor pool → CPU compress/write tasks
+    (GPUs busy while CPUs do I/O). ``auto``: streaming with GPUs, fused without."""
+    min_actors: int = 1
+    """Streaming plan: teacher actors kept however idle."""
+    max_actors: int = 0
+    """Streaming plan: most teacher actors; 0: as many as the cluster can place (the
+    pool grows as GPU nodes join and shrinks when they idle). On CPUs the pool leaves
+    one CPU for the read and write tasks."""
     torch_threads: int = 0
     """Intra-op threads per inference task; 0: the task's CPU count (Ray's default)."""
     num_cpus_per_task: float = 1.0
@@ -105,6 +124,10 @@ class InferRunConfig:
             raise StillError(f"infer.torch_threads must be >= 0, got {self.torch_threads}")
         if self.num_cpus_per_task <= 0:
             raise StillError(f"infer.num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+        if self.min_actors < 1:
+            raise StillError(f"infer.min_actors must be >= 1, got {self.min_actors}")
+        if self.max_actors < 0 or (self.max_actors and self.max_actors < self.min_actors):
+            raise StillError(f"infer.max_actors must be 0 (no limit) or >= infer.min_actors, got {self.max_actors}")
         if self.fidelity_rows < 0:
             raise StillError(f"infer.fidelity_rows must be >= 0, got {self.fidelity_rows}")
 

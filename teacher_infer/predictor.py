@@ -1,17 +1,17 @@
-"""``TeacherPredictor``: the batch-inference callable (no Ray imports; testable on numpy).
+"""``TeacherPredictor``: the teacher's forward passes, and nothing else (no Ray imports).
 
-    spec = SoftLabelSpec.create("topk", 10, k=5, dtype="float16")
-    predictor = TeacherPredictor(teacher_payload, input_shape=(64,), input_scale=1/16, soft_labels=spec)
-    out = predictor({"id": ids, "input": raw, "label": labels, "split": splits})
+    predictor = TeacherPredictor(teacher_payload, Normalisation((64,), 1 / 16), device="cuda", precision="bf16")
+    logits, features = predictor.forward(raw_uint8_rows)      # float32 (n, C), (n, d) or None
 
-The model is loaded once in ``__init__``. ``__call__`` preprocesses (raw × input_scale,
-reshaped to input_shape), runs the teacher under ``torch.inference_mode`` (and fp16
-autocast on CUDA), compresses the logits for the store
-(:func:`teacher_infer.soft_labels.compress`), and adds per-row statistics computed
-from the FULL logits (``_`` columns, :func:`teacher_infer.metrics.row_stats`), which
-the writer aggregates into teacher metrics and drops before writing. Rows flagged in
-an optional boolean ``_measure`` column also get their fidelity measured
-(``_fidelity``: :func:`teacher_infer.fidelity.measure_rows` of those rows).
+The model is loaded once in ``__init__``. :meth:`TeacherPredictor.forward` takes the
+rows as stored in the source (uint8 pixels stay uint8), moves each batch to the device
+(pinned host memory and an asynchronous copy on CUDA), turns it into the model input
+there (raw × scale, minus mean, over std, per channel), and runs the teacher under
+``torch.inference_mode`` at ``precision`` (``fp32``; ``bf16``/``fp16`` by autocast,
+so weights and reductions the autocast policy keeps in float32 stay there). Logits
+come back as float32 numpy. Compression and statistics happen elsewhere, on CPUs
+(:mod:`teacher_infer.shards`), so on a GPU cluster the actor holding this object
+spends its time in forward passes.
 """
 
 from __future__ import annotations
@@ -23,49 +23,41 @@ from typing import Any
 import numpy as np
 import torch
 
+from still.datasets.inputs import Normalisation
 from still.errors import StillError
-from teacher_infer.fidelity import measure_rows
-from teacher_infer.metrics import row_stats
-from teacher_infer.soft_labels import Ragged, SoftLabelSpec, compress
 
-
-def _as_matrix(values: Any) -> np.ndarray:
-    array = np.asarray(values)
-    if array.dtype == object:
-        array = np.stack([np.asarray(row) for row in array]) if len(array) else array.reshape(0, 0)
-    return array
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TeacherPredictor:
-    """Runs a teacher over dict-of-numpy batches and returns store columns.
+    """Holds a teacher on a device and runs forward passes over raw rows.
 
     Args:
         teacher: A ``TeacherPayload`` (bytes, loaded here), a ``Teacher`` or a model.
-        input_shape: Shape of one model input.
-        input_scale: Model input = raw × this.
-        soft_labels: How outputs are stored; None: :meth:`__call__` is not used
-            (probing calls :meth:`logits` only).
-        feature_layer: Submodule (forward hook) or method name whose output is stored
-            as ``features``; empty for none.
-        device: ``cpu`` or ``cuda``; autocast (fp16) is used on CUDA.
+        normalisation: How raw rows become model inputs.
+        feature_layer: Submodule (forward hook) or method name whose output is
+            returned as features; empty for none.
+        device: ``cpu`` or ``cuda`` (``cuda:N``).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast on the device).
+        batch_size: Rows per forward pass.
         torch_threads: Intra-op threads (0 leaves torch's setting).
-        seed: Seeds the draws of ``sampled`` storage in :meth:`__call__` (:meth:`label`
-            takes a generator of its own).
     """
 
     def __init__(
         self,
         teacher: Any,
-        input_shape: tuple[int, ...],
-        input_scale: float,
-        soft_labels: SoftLabelSpec | None = None,
+        normalisation: Normalisation,
+        *,
         feature_layer: str = "",
         device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 4096,
         torch_threads: int = 0,
-        seed: int = 0,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if precision not in PRECISIONS:
+            raise StillError(f"infer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if hasattr(teacher, "load") and hasattr(teacher, "data"):
             model = teacher.load()
         elif hasattr(teacher, "model") and hasattr(teacher, "fingerprint"):
@@ -76,11 +68,9 @@ class TeacherPredictor:
         if self.device.type != "cpu":
             model = model.to(self.device)
         self.model = model
-        self.input_shape = tuple(int(d) for d in input_shape)
-        self.input_scale = float(input_scale)
-        self.soft_labels = soft_labels
-        self._rng = np.random.default_rng(seed)
-        self.feature_layer = feature_layer
+        self.normalisation = normalisation
+        self.precision = precision
+        self.batch_size = int(batch_size)
         self._captured: list[torch.Tensor] = []
         self._feature_method = None
         self._hooks: list[Any] = []
@@ -106,80 +96,63 @@ class TeacherPredictor:
         self._hooks.clear()
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    def logits(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Full float32 logits (n, C) and features (n, d) or None for raw inputs."""
-        raw = _as_matrix(raw)
+    def forward(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Runs the teacher over all rows, ``batch_size`` at a time.
+
+        Args:
+            raw: ``(n, ...)`` rows as the source holds them (any numeric dtype).
+
+        Returns:
+            float32 logits ``(n, C)`` and features ``(n, d)`` (None without a feature layer).
+
+        Raises:
+            StillError: The rows cannot be reshaped to the input shape, or the teacher
+                does not return ``(batch, C)``.
+        """
+        raw = np.asarray(raw)
         n = raw.shape[0]
-        if raw.size != n * math.prod(self.input_shape):
-            raise StillError(
-                f"teacher input: rows of {raw.size // max(n, 1)} values cannot be reshaped to input shape {self.input_shape}"
-            )
-        x = torch.from_numpy(np.ascontiguousarray(raw).astype(np.float32, copy=not raw.flags.writeable))
-        with torch.inference_mode(), self._autocast():
-            x = x.to(self.device, non_blocking=True)
-            if self.input_scale != 1.0:
-                x = x * self.input_scale
-            x = x.reshape(n, *self.input_shape)
-            self._captured.clear()
+        per_row = math.prod(self.normalisation.input_shape)
+        if raw.size != n * per_row:
+            raise StillError(f"teacher input: rows of {raw.size // max(n, 1)} values cannot be reshaped to input "
+                             f"shape {self.normalisation.input_shape}")
+        raw = np.ascontiguousarray(raw).reshape(n, per_row)
+        host = torch.from_numpy(raw if raw.flags.writeable else raw.copy())  # Arrow buffers are read-only
+        cuda = self.device.type == "cuda"
+        if cuda:
+            host = host.pin_memory()
+        logits, feats = [], []
+        with torch.inference_mode():
+            for lo in range(0, n, self.batch_size):
+                chunk = host[lo:lo + self.batch_size].to(self.device, non_blocking=cuda)
+                out, feat = self._forward_batch(self.normalisation.apply(chunk))
+                logits.append(out)
+                if feat is not None:
+                    feats.append(feat)
+            logits_np = torch.cat(logits).cpu().numpy() if logits else np.zeros((0, 0), np.float32)
+            feats_np = torch.cat(feats).cpu().numpy() if feats else None
+        if logits_np.ndim != 2:
+            raise StillError(f"teacher output has shape {tuple(logits_np.shape)}, expected (batch, num_classes)")
+        bad = ~np.isfinite(logits_np).all(axis=1)
+        if bad.any():
+            hint = "; run it at infer.precision=fp32 (or bf16, which has fp32's range)" if self.precision == "fp16" \
+                else ""
+            raise StillError(f"the teacher returned NaN/inf logits for {int(bad.sum())} of {n} rows at "
+                             f"infer.precision={self.precision}{hint}")
+        return logits_np, feats_np
+
+    def _forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._captured.clear()
+        with self._autocast():
             out = self.model(x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            feats = None
-            if self._feature_method is not None:
-                feats = self._feature_method(x)
-            elif self._captured:
-                feats = self._captured[-1]
-            logits = out.float().cpu().numpy()
-            if feats is not None:
-                feats = feats.float().reshape(n, -1).cpu().numpy()
-        if logits.ndim != 2:
-            raise StillError(f"teacher output has shape {tuple(logits.shape)}, expected (batch, num_classes)")
-        return logits, feats
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Infers one batch (:meth:`label` with this predictor's own random generator)."""
-        return self.label(batch, self._rng)
-
-    def label(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
-        """Infers one batch and turns the logits into store columns.
-
-        Args:
-            batch: ``input`` (n, ...) raw values, and optionally ``id``, ``split``
-                (passed through unchanged), ``label`` (multi-class ``(n,)`` with -1 for
-                unlabelled rows; multi-label ``(n, C)`` 0/1 with rows of -1) and
-                ``_measure`` (bool ``(n,)``: the rows whose fidelity to measure).
-            rng: Draws the samples of ``sampled`` storage.
-
-        Returns:
-            The pass-through columns, the compressed teacher outputs (numpy, or
-            :class:`~teacher_infer.soft_labels.Ragged` list columns), ``features``
-            when configured, the per-row ``_`` statistics and, with ``_measure``,
-            ``_fidelity`` (the measured rows' fidelity, in row order).
-        """
-        if self.soft_labels is None:
-            raise StillError("TeacherPredictor needs soft_labels to label batches")
-        spec = self.soft_labels
-        logits, feats = self.logits(batch["input"])
-        if logits.shape[1] != spec.num_classes:
-            raise StillError(f"teacher outputs {logits.shape[1]} classes, the store expects {spec.num_classes}")
-        out: dict[str, Any] = {k: v for k, v in batch.items() if not k.startswith("_")}
-        columns = compress(logits, spec, rng)
-        out.update(columns)
+            feats = self._feature_method(x) if self._feature_method is not None else (
+                self._captured[-1] if self._captured else None)
+        out = out.float()
         if feats is not None:
-            out["features"] = feats.astype(spec.dtype, copy=False)
-        labels = batch.get("label")
-        if labels is not None and np.asarray(labels).dtype == object:
-            labels = None  # labels with missing values as Python objects: treat as unlabelled
-        out.update(row_stats(logits, labels, spec.task))
-        measure = batch.get("_measure")
-        if measure is not None and np.asarray(measure).any():
-            rows = np.flatnonzero(measure)
-            measured = {name: value.take(rows) if isinstance(value, Ragged) else value[rows]
-                        for name, value in columns.items()}
-            out["_fidelity"] = measure_rows(logits[rows], measured, spec)
-        return out
-
+            feats = feats.float().reshape(x.shape[0], -1)
+        return out, feats

@@ -33,12 +33,14 @@ import io
 import json
 import posixpath
 import sys
+import zlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from still.datasets.arrays import column_matrix
 from still.errors import StillError
 from still.storage import Location, resolve
 from teacher_infer.soft_labels import MODE_COLUMNS, Ragged, SoftLabelSpec
@@ -181,6 +183,74 @@ class Store:
         return f"Store({self.uri!r}, key={self.key}, rows={self.num_rows}, mode={self.mode})"
 
 
+def source_dataset(store: Store) -> Any:
+    """The dataset a labels-only store's rows join back to, checked against the manifest.
+
+    Resolves ``dataset.source`` with the settings recorded in the manifest and compares
+    its fingerprint with the one the store was written from: a moved, missing or changed
+    source is refused, never read as other inputs.
+
+    Raises:
+        StillError: Naming the store, the source and what is wrong with it.
+    """
+    from still.config import DataConfig, ImageConfig
+    from still.datasets import resolve_dataset
+
+    recorded = store.manifest["dataset"]
+    source = recorded["source"]
+    settings = dict(recorded.get("config") or {})
+    image = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (settings.pop("image", None)
+                                                                                 or {}).items()})
+    try:
+        spec = resolve_dataset(DataConfig(source=source, image=image, **settings))
+    except StillError as exc:
+        raise StillError(f"store {store.uri!r} is labels-only: its inputs are read from the source dataset "
+                         f"{source!r}, which cannot be opened: {exc}") from None
+    if spec.fingerprint != recorded["fingerprint"] or spec.num_rows != store.num_rows:
+        raise StillError(
+            f"store {store.uri!r} is labels-only, and its source dataset {source!r} has changed since the store was "
+            f"written (fingerprint {spec.fingerprint[:12]}…, {spec.num_rows} rows; the store was made from "
+            f"{recorded['fingerprint'][:12]}…, {store.num_rows} rows): its inputs would not match the teacher's "
+            "outputs. Restore the source, or rerun still infer on it"
+        )
+    return spec
+
+
+def read_joined_shard(store: Store, index: int, columns: Sequence[str], dataset: Any) -> pa.Table:
+    """Reads shard ``index`` of a store, with its ``input`` column read from the source when labels-only.
+
+    Args:
+        store: The store.
+        index: Position of the shard in the manifest.
+        columns: Store columns to read (``input`` included or not).
+        dataset: :func:`source_dataset` of a labels-only store (None for a self-contained one).
+
+    Raises:
+        StillError: The source rows' ids are not the shard's (the source was rewritten
+            in another order without changing its fingerprint: it never is, but checked).
+    """
+    shard = store.manifest["shards"][index]
+    loc = store.location.join(shard["name"])
+    wanted = [c for c in columns if c != "input" or store.include_inputs]
+    table = pq.read_table(loc.path, columns=wanted, filesystem=loc.arrow_fs())
+    if "input" not in columns or store.include_inputs:
+        return table
+    from still.datasets import decode_inputs, read_rows
+
+    fs, paths = dataset.arrow_files()
+    source = read_rows(fs, paths, shard["source_rows"], [dataset.id_column, dataset.feature_column])
+    ids = table["id"] if "id" in table.column_names else pq.read_table(loc.path, columns=["id"],
+                                                                        filesystem=loc.arrow_fs())["id"]
+    source_ids = source[dataset.id_column].combine_chunks()
+    if not source_ids.cast(ids.type).equals(ids.combine_chunks()):
+        raise StillError(f"store {store.uri!r}: shard {shard['name']}'s rows are not rows "
+                         f"{shard['source_rows']} of {dataset.name!r} (the ids differ)")
+    raw = decode_inputs(source[dataset.feature_column], dataset, source_ids)
+    flat = raw.reshape(len(raw), -1)
+    inputs = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+    return table.append_column("input", inputs).select(list(columns))
+
+
 def open_store(uri: str) -> Store:
     """Opens a complete store.
 
@@ -218,21 +288,6 @@ def open_store(uri: str) -> Store:
             + ("upgrade still to read it, or " if newer else "") + RERUN_HINT
         )
     return Store(location, manifest)
-
-
-def _column_matrix(values: Any, dtype: Any = None) -> np.ndarray:
-    """Turns a fixed-width list column (2-D array, object array of arrays, Arrow list) into 2-D numpy."""
-    if isinstance(values, (pa.ChunkedArray, pa.Array)):
-        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        if pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type):
-            flat = values.flatten().to_numpy(zero_copy_only=False)
-            width = flat.size // len(values) if len(values) else 0
-            return flat.reshape(len(values), width).astype(dtype or flat.dtype, copy=False)
-        values = values.to_numpy(zero_copy_only=False)
-    array = np.asarray(values)
-    if array.dtype == object:
-        array = np.stack([np.asarray(row) for row in array]) if len(array) else array.reshape(0, 0)
-    return array.astype(dtype, copy=False) if dtype is not None else array
 
 
 def _ragged(values: Any) -> Ragged:
@@ -278,7 +333,7 @@ def teacher_arrays(batch: Mapping[str, Any], spec: SoftLabelSpec, max_support: i
         elif name == "logsumexp":
             stored[name] = np.asarray(values.to_numpy(zero_copy_only=False) if hasattr(values, "to_numpy") else values)
         else:
-            stored[name] = _column_matrix(values)
+            stored[name] = column_matrix(values)
     width = {"logits": spec.num_classes, "topk_idx": spec.k, "tail_lognorm": len(spec.temperatures),
              "lognorm": len(spec.temperatures)}
     for name, expected in width.items():
@@ -382,11 +437,12 @@ def shard_bytes(table: pa.Table, stats: Mapping[str, Any]) -> bytes:
     a resumed run aggregates teacher metrics over shards written by an earlier run
     without recomputing anything.
     """
-    metadata = dict(table.schema.metadata or {})
-    metadata[STATS_METADATA_KEY] = json.dumps(stats).encode()
-    table = table.replace_schema_metadata(metadata)
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", compression_level=1, row_group_size=max(1, table.num_rows))
+    # In the file's key-value metadata only (schema metadata would be written twice, once more inside
+    # the serialised Arrow schema), zlib-compressed: on small shards these bytes are much of the file.
+    with pq.ParquetWriter(sink, table.schema, compression="zstd", compression_level=1) as writer:
+        writer.write_table(table, row_group_size=max(1, table.num_rows))
+        writer.add_key_value_metadata({STATS_METADATA_KEY: zlib.compress(json.dumps(stats).encode(), 9)})
     return sink.getvalue()
 
 
@@ -408,7 +464,7 @@ def read_shard_stats(location: Location) -> tuple[dict[str, Any], int]:
     raw = (meta.metadata or {}).get(STATS_METADATA_KEY)
     if raw is None:
         raise StillError(f"shard {location.uri!r} has no still stats in its footer")
-    return json.loads(raw), meta.num_rows
+    return json.loads(zlib.decompress(raw)), meta.num_rows
 
 
 def file_sha256(location: Location) -> tuple[str, int]:

@@ -31,7 +31,8 @@ def test_open_verify_and_corruption(tmp_path):
     target = target_from_columns(arrays, store.soft_labels)
     assert target.top1().tolist() == logits.argmax(1).tolist()
     assert st.verify_store(uri) == {"ok": True, "problems": [], "rows": 10, "shards": 1}
-    assert json.loads(pq.ParquetFile(tmp_path / "s" / "part-00000.parquet").metadata.metadata[st.STATS_METADATA_KEY])
+    stats, rows = st.read_shard_stats(store.location.join("part-00000.parquet"))
+    assert rows == 10 and stats["metrics"]["all"]["n"] == 10
     path = tmp_path / "s" / "part-00000.parquet"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF

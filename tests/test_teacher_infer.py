@@ -92,7 +92,7 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
         raise AssertionError("the teacher must not be loaded on a cache hit")
 
     monkeypatch.setattr(teachers, "load_teacher", boom)
-    monkeypatch.setattr(infer_mod, "_run_shards", boom)
+    monkeypatch.setattr(infer_mod, "run_shards", boom)
     start = time.perf_counter()
     again = infer_mod.run_infer(_config(teacher_ckpt, root, "store.mode=topk", "store.k=3"))
     assert time.perf_counter() - start < 5

@@ -9,6 +9,7 @@ import torch
 from _teacher_fixtures import train_digits_teacher
 from still.checkpoints import load_checkpoint
 from still.errors import StillError
+from still.datasets import Normalisation
 from teacher_infer.predictor import TeacherPredictor
 from teacher_infer.soft_labels import SoftLabelSpec
 from teacher_infer.targets import prepare, target_from_columns
@@ -95,23 +96,29 @@ def test_predictor_on_numpy(teacher_ckpt):
     teacher = load_teacher(str(teacher_ckpt))
     raw = np.random.default_rng(2).integers(0, 17, (20, 64)).astype(np.uint8)
     expected = _reference(teacher_ckpt, raw.astype(np.float32) / 16)
-    labels = expected.argmax(1)
-    dense_spec = SoftLabelSpec.create("dense", 10, dtype="float32")
-    dense = TeacherPredictor(teacher.payload(), (64,), 1 / 16, soft_labels=dense_spec)
-    out = dense({"id": np.arange(20), "input": raw, "label": labels})
-    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-5)
-    assert out["_correct"].tolist() == [1.0] * 20 and out["id"].tolist() == list(range(20))
-    topk_spec = SoftLabelSpec.create("topk", 10, k=3, dtype="float16")
-    topk = TeacherPredictor(teacher, (64,), 1 / 16, soft_labels=topk_spec, feature_layer="body")
-    out = topk({"input": raw, "label": np.where(np.arange(20) < 5, -1, labels), "_measure": np.arange(20) < 8})
-    assert out["topk_idx"].shape == (20, 3) and out["topk_idx"].dtype == np.int32
-    assert out["topk_logit"].dtype == np.float16 and out["features"].shape == (20, 64)
-    assert (out["topk_idx"][:, 0] == labels).all()
-    assert out["_labeled"].tolist() == [False] * 5 + [True] * 15 and out["_correct"][:5].tolist() == [0.0] * 5
-    assert out["_fidelity"]["kl"].shape == (8, 4)  # the measured rows, at T = 1, 2, 4, 8
-    rebuilt = target_from_columns(prepare(out, topk_spec), topk_spec)
-    assert (rebuilt.top1().numpy() == labels).all()
-    by_method = TeacherPredictor(teacher, (64,), 1 / 16, soft_labels=dense_spec, feature_layer="features")
-    np.testing.assert_allclose(by_method({"input": raw})["features"], out["features"], rtol=1e-2, atol=1e-2)
+    norm = Normalisation((64,), 1 / 16)
+    predictor = TeacherPredictor(teacher.payload(), norm, batch_size=7)  # 3 forward passes, uint8 rows in
+    logits, feats = predictor.forward(raw)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert logits.dtype == np.float32 and feats is None
+    hooked = TeacherPredictor(teacher, norm, feature_layer="body")
+    _, feats = hooked.forward(raw)
+    assert feats.shape == (20, 64)
+    _, by_method = TeacherPredictor(teacher, norm, feature_layer="features").forward(raw)
+    np.testing.assert_allclose(by_method, feats, rtol=1e-5, atol=1e-5)
+    # bf16 autocast: same argmax on a confident teacher, logits within bf16's 3 significant digits
+    low, _ = TeacherPredictor(teacher, norm, precision="bf16").forward(raw)
+    assert (low.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    np.testing.assert_allclose(low, expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
+    assert not np.array_equal(low, logits)
     with pytest.raises(StillError, match="feature_layer='nope'"):
-        TeacherPredictor(teacher, (64,), 1 / 16, feature_layer="nope")
+        TeacherPredictor(teacher, norm, feature_layer="nope")
+
+
+def test_normalisation_mean_std():
+    norm = Normalisation((3, 2, 2), 1 / 255, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
+    raw = np.full((1, 12), 255, dtype=np.uint8)
+    raw[0, 4:8] = 0
+    x = norm.apply_numpy(raw)
+    assert x.shape == (1, 3, 2, 2) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, :, 0, 0], [1.0, -1.0, 1.0])

@@ -21,9 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from still.config import DataConfig
-from still.datasets.arrays import features_to_numpy, labels_to_numpy
+from still.datasets.arrays import column_matrix, features_to_numpy, labels_to_numpy
+from still.datasets.inputs import Normalisation, decode_inputs
+from still.datasets.rows import read_rows
 from still.datasets.builtin import BUILTINS, resolve_builtin, resolve_idx_dir
 from still.datasets.cache import cache_root
+from still.datasets.folder import image_files, resolve_image_folder
 from still.datasets.idx import find_idx_files
 from still.datasets.parquet import resolve_parquet
 from still.datasets.spec import DatasetSpec
@@ -33,13 +36,17 @@ from still.storage import resolve
 
 __all__ = [
     "BUILTINS",
+    "Normalisation",
     "SPLIT_CODES",
     "DatasetSpec",
     "assign_splits",
     "cache_root",
+    "column_matrix",
+    "decode_inputs",
     "features_to_numpy",
     "labels_to_numpy",
     "load_arrays",
+    "read_rows",
     "resolve_dataset",
 ]
 
@@ -49,7 +56,8 @@ def resolve_dataset(cfg: DataConfig) -> DatasetSpec:
 
     Args:
         cfg: ``source`` is ``builtin:<name>``, a local directory of the four MNIST-layout
-            IDX files, or a Parquet file/directory URI whose columns ``cfg`` names.
+            IDX files, a folder of class folders of images (``<class>/<image>.png``), or a
+            Parquet file/directory URI whose columns ``cfg`` names (numbers, or encoded images).
 
     Raises:
         StillError: The source is unknown, missing, unreadable or lacks a column.
@@ -59,6 +67,10 @@ def resolve_dataset(cfg: DataConfig) -> DatasetSpec:
     location = resolve(cfg.source)
     if location.is_local and find_idx_files(Path(location.path)) is not None:
         return resolve_idx_dir(Path(location.path), cfg)
+    if location.exists() and not location.fs.isfile(location.path):
+        classes = image_files(location)
+        if classes is not None and not any(p.endswith(".parquet") for p in location.fs.find(location.path)):
+            return resolve_image_folder(location, classes, cfg)
     return resolve_parquet(cfg)
 
 
@@ -72,8 +84,8 @@ def load_arrays(
         splits: Any of "train", "val", "test" (as :func:`assign_splits` assigns them).
 
     Returns:
-        ``(ids, x, y)``: ids, float32 features ``(n, *input_shape)`` already scaled by
-        ``input_scale``, and labels (:func:`labels_to_numpy`: int64, or int8 multi-hot
+        ``(ids, x, y)``: ids, float32 model inputs ``(n, *input_shape)`` (decoded, scaled
+        and normalised as :class:`Normalisation` says), and labels (:func:`labels_to_numpy`: int64, or int8 multi-hot
         rows for multi-label data), in file order.
     """
     unknown = sorted(set(splits) - set(SPLIT_CODES))
@@ -87,8 +99,8 @@ def load_arrays(
     ids = table[spec.id_column].to_numpy()
     source = table[spec.split_column].to_numpy() if spec.split_column else None
     keep = np.isin(assign_splits(ids, source, spec.split_rule), [SPLIT_CODES[s] for s in splits])
-    x = features_to_numpy(
-        table[spec.feature_column].filter(pa.array(keep)), spec.input_shape, spec.input_scale
-    )
+    kept_ids = table[spec.id_column].filter(pa.array(keep))
+    x = Normalisation.of(spec).apply_numpy(decode_inputs(table[spec.feature_column].filter(pa.array(keep)), spec,
+                                                         kept_ids))
     labels = labels_to_numpy(table[spec.label_column].filter(pa.array(keep)), spec.task, spec.num_classes)
     return ids[keep], x, labels

@@ -10,13 +10,34 @@ import pyarrow as pa
 from still.errors import StillError
 
 
+def column_matrix(values: Any, dtype: Any = None) -> np.ndarray:
+    """Any per-row fixed-width column as a 2-D ``(n, width)`` numpy array (the one owner of this).
+
+    Args:
+        values: A pyarrow (Chunked)Array of fixed-size lists, lists, nested lists or
+            tensors (flattened per row); a numeric numpy array (``(n,)`` becomes
+            ``(n, 1)``, ``(n, a, b)`` becomes ``(n, a·b)``); or the numpy object array of
+            per-row arrays that Ray Data hands to ``map_batches``.
+        dtype: Cast to this type (no copy when it already is).
+
+    Returns:
+        Zero-copy where Arrow and numpy allow it.
+
+    Raises:
+        StillError: Rows hold different numbers of values.
+    """
+    n, flat = _rows_and_values(values)
+    if n and flat.size % n:
+        raise StillError(f"rows hold different numbers of values ({flat.size} values over {n} rows)")
+    matrix = flat.reshape(n, flat.size // n if n else 0)
+    return matrix.astype(dtype, copy=False) if dtype is not None else matrix
+
+
 def features_to_numpy(values: Any, input_shape: tuple[int, ...], input_scale: float = 1.0) -> np.ndarray:
     """Converts a feature column to float32 of shape ``(n, *input_shape)``, scaled.
 
     Args:
-        values: A pyarrow (Chunked)Array of fixed-size lists, lists or tensors; a
-            numeric numpy array with one row per example; or the numpy object array
-            of per-row arrays that Ray Data hands to ``map_batches``.
+        values: What :func:`column_matrix` takes.
         input_shape: The shape of one example (``DatasetSpec.input_shape``).
         input_scale: Multiplier applied to the raw values (``DatasetSpec.input_scale``).
 
@@ -45,7 +66,7 @@ def _rows_and_values(values: Any) -> tuple[int, np.ndarray]:
         return len(values), _arrow_values(values)
     array = np.asarray(values)
     if array.dtype == object:
-        return len(array), (np.stack(list(array)) if len(array) else array)
+        return len(array), (np.stack([np.asarray(row) for row in array]) if len(array) else np.zeros(0))
     return len(array), array
 
 

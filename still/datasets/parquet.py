@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import posixpath
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 
 from still.config import DataConfig
 from still.datasets.cache import cache_root, part_files, read_info, write_cache
+from still.datasets.inputs import decode_image, image_bytes, is_image_type
 from still.datasets.spec import DatasetSpec, split_rule
 from still.errors import StillError
 from still.storage import Location, resolve
@@ -41,7 +43,13 @@ def resolve_parquet(cfg: DataConfig) -> DatasetSpec:
         schema = metadata[0].schema.to_arrow_schema()
         _check_columns(schema, cfg)
         labels = pq.read_table(files, columns=[cfg.label_column], filesystem=fs)[cfg.label_column]
-        input_shape, input_scale = _feature_layout(schema.field(cfg.feature_column), fs, files[0], uri)
+        field = schema.field(cfg.feature_column)
+        if is_image_type(field.type):
+            image, input_shape = _image_layout(field, fs, files[0], cfg)
+            input_scale = 1 / 255
+        else:
+            image = None
+            input_shape, input_scale = _feature_layout(field, fs, files[0], uri)
         task, num_classes = label_layout(labels)
     fingerprint = _fingerprint(location, files, footers)
     split_column = cfg.split_column if cfg.split_column in schema.names else None
@@ -66,7 +74,32 @@ def resolve_parquet(cfg: DataConfig) -> DatasetSpec:
         input_scale=input_scale,
         split_rule=split_rule(cfg, split_column),
         task=task,
+        image=image,
+        mean=tuple(cfg.image.mean) if image else (),
+        std=tuple(cfg.image.std) if image else (),
     )
+
+
+def _image_layout(field: pa.Field, fs: pafs.FileSystem, first_file: str, cfg: DataConfig
+                  ) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The resolved image settings and input shape, from the first image of the dataset."""
+    first = next(pq.ParquetFile(first_file, filesystem=fs).iter_batches(batch_size=1, columns=[field.name]))
+    return image_settings(image_bytes(first.column(0))[0], cfg, "the first image")
+
+
+def image_settings(first: bytes | None, cfg: DataConfig, name: str) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """Resolves ``data.image`` against a dataset's first image: the decode settings and (C, H, W).
+
+    Raises:
+        StillError: The image does not decode, or mean/std do not match its channels.
+    """
+    image = {"mode": cfg.image.mode, "resize": cfg.image.resize, "crop": cfg.image.crop}
+    pixels = decode_image(first, image, name, cfg.source)
+    image["mode"] = "L" if pixels.shape[0] == 1 else "RGB"
+    if cfg.image.mean and len(cfg.image.mean) != pixels.shape[0]:
+        raise StillError(f"data.image.mean has {len(cfg.image.mean)} values but the images of {cfg.source!r} have "
+                         f"{pixels.shape[0]} channel(s) (mode {image['mode']})")
+    return image, tuple(pixels.shape)
 
 
 def label_layout(labels: pa.ChunkedArray | pa.Array) -> tuple[str, int]:

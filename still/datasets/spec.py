@@ -33,6 +33,10 @@ class DatasetSpec:
             what :func:`still.datasets.assign_splits` takes; recorded in manifests.
         task: ``multiclass`` (an integer label per row) or ``multilabel`` (a multi-hot
             fixed-size list or a list of class ids per row).
+        image: For encoded-image feature columns: ``{"mode", "resize", "crop"}`` as
+            resolved (:mod:`still.datasets.inputs` decodes with it); None for numbers.
+        mean: Per-channel mean subtracted after ``input_scale`` (empty: none).
+        std: Per-channel standard deviation divided by (empty: none).
     """
 
     name: str
@@ -50,6 +54,19 @@ class DatasetSpec:
     input_scale: float
     split_rule: dict[str, Any]
     task: str = "multiclass"
+    image: dict[str, Any] | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Everything that turns a source row into a model input (enters cache keys and manifests)."""
+        doc: dict[str, Any] = {"input_shape": list(self.input_shape), "input_scale": float(self.input_scale)}
+        if self.mean:
+            doc.update(mean=list(self.mean), std=list(self.std))
+        if self.image:
+            doc["image"] = dict(self.image)
+        return doc
 
     def arrow_files(self) -> tuple[pafs.FileSystem, list[str]]:
         """Returns a pyarrow filesystem and the files' paths on it.

@@ -1,0 +1,241 @@
+"""The Ray part of ``still infer``: run the missing shards of a plan, on one of two plans.
+
+**streaming** (GPU clusters; ``infer.plan=streaming``), three Ray Data stages that the
+streaming executor runs concurrently, each shard one row flowing through them:
+
+    from_items(shards) ─ map_batches(read_stage, num_cpus=1)            CPU tasks: read, decode
+                       ─ map_batches(TeacherActor, num_gpus=…, batch_size=1,
+                                     compute=ActorPoolStrategy(min_size, max_size))
+                                                                         forward passes only
+                       ─ map_batches(write_stage, num_cpus=1)           CPU tasks: compress, write
+
+The actor gets uint8 (or whatever the source holds) rows, pins them, copies them to
+the device and normalises there; reading and decoding the next shards and compressing
+and writing the previous ones run meanwhile on CPUs. The pool starts at
+``infer.min_actors`` and grows up to ``infer.max_actors`` (0: as many as the cluster
+can place), so GPU nodes that join are used and idle ones can go.
+
+**fused** (CPU clusters; ``infer.plan=fused``): one task per shard runs the three
+steps in one process with the model cached per worker process. Measured on 2 CPUs
+(bench/infer.py, 200k MNIST rows, MLP teacher, warm Ray): fused 1.04× a plain loop,
+streaming 0.62× (the actor holds one of the two CPUs, so only one read or write task
+runs beside it, and every shard crosses the object store twice). On CPUs the fused
+plan is the default.
+
+Why not Ray Data's ``CheckpointConfig`` for resume
+--------------------------------------------------
+``DataContext.checkpoint_config = CheckpointConfig(id_column, path)`` (Ray 2.60) was
+evaluated and not used:
+
+- It applies only when the plan ends in a ``write_*`` and silently disables itself
+  otherwise; both plans here end in our own atomic shard writes, which is what makes
+  the shards deterministic (``part-NNNNN``, the same rows every run).
+- On a rerun it inserts a per-row ``CheckpointFilter`` actor pool between read and map
+  (1 GiB reservation, no fusion): it breaks the fused plan, and on 2-CPU machines actor
+  pools beside read tasks are the pattern that hangs (RAY-NOTES.md).
+- It filters rows, so a resumed run writes blocks of leftover rows under
+  ``write_parquet``'s own names, and its data files are written in place: a half-written
+  Parquet file is visible until the next run's cleanup.
+
+Instead both plans run only the shards a killed run did not finish
+(:mod:`teacher_infer.plan`): each shard file appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import sys
+from typing import Any
+
+import numpy as np
+
+from still.datasets import Normalisation
+from still.errors import StillError
+from teacher_infer.shards import ShardRows, WriteSettings, read_shard, write_shard
+
+_PREDICTORS: dict[tuple, Any] = {}
+_RECORD_OBJECTS = ("data", "stats", "name", "sha256")
+
+
+def cluster_cpus(ray_config: Any) -> int:
+    """CPUs of the cluster the shards will run on, which sizes them (joins Ray if needed)."""
+    if ray_config.num_cpus:
+        return ray_config.num_cpus
+    import ray
+
+    from still.ray_setup import init_ray
+
+    # Sized from the cluster, not this machine: a laptop submitting to 64 CPUs with
+    # --address must plan for 64.
+    init_ray(ray_config)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def check_capacity(run: Any) -> None:
+    """Refuses, before any work, resources no node of the cluster has (Ray would wait forever).
+
+    Args:
+        run: The ``infer`` section.
+
+    Raises:
+        StillError: Naming ``infer.num_gpus`` or ``infer.num_cpus_per_task``.
+    """
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    most_gpus = max((node["Resources"].get("GPU", 0.0) for node in nodes), default=0.0)
+    most_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=0.0)
+    if run.num_gpus > 0 and most_gpus < run.num_gpus:
+        raise StillError(
+            f"infer.num_gpus={run.num_gpus:g}, but no node of the cluster has that many GPUs (the most on one of "
+            f"its {len(nodes)} node(s): {most_gpus:g}); set infer.num_gpus=0 to run the teacher on CPUs, or add "
+            "GPU nodes"
+        )
+    if run.num_cpus_per_task > most_cpus:
+        raise StillError(f"infer.num_cpus_per_task={run.num_cpus_per_task:g}, but the largest node of the cluster "
+                         f"has {most_cpus:g} CPUs")
+
+
+def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any, plan: str,
+               predictor_kwargs: dict[str, Any], settings: WriteSettings, measure_rows: int,
+               ray_config: Any) -> dict[int, dict[str, Any]]:
+    """Runs the shards ``todo`` on Ray Data with the chosen plan; returns their records by index.
+
+    Args:
+        todo: Plan entries of the shards to write.
+        spec: The ``DatasetSpec``.
+        payload: The teacher's ``TeacherPayload`` (bytes; loaded once per worker or actor).
+        run: The ``infer`` section (GPUs, actor counts, CPUs per task).
+        plan: ``fused`` or ``streaming``.
+        predictor_kwargs: ``TeacherPredictor`` settings (precision, batch size, feature layer…).
+        settings: What the write step needs.
+        measure_rows: Rows per shard whose fidelity is measured.
+        ray_config: The ``ray`` section.
+
+    Raises:
+        StillError: Bad resources (:func:`check_capacity`), or a task's StillError
+            (an image that does not decode, a teacher failing at its precision).
+    """
+    import ray
+    import ray.data
+
+    from still.ray_setup import init_ray
+
+    init_ray(ray_config)
+    check_capacity(run)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() or ctx.enable_progress_bars
+    device = "cuda" if run.num_gpus > 0 else "cpu"
+    common = {"payload": payload, "normalisation": Normalisation.of(spec),
+              "predictor_kwargs": {**predictor_kwargs, "device": device}}
+    ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
+    if plan == "fused":
+        ds = ds.map_batches(_fused_stage, batch_size=1, num_cpus=run.num_cpus_per_task,
+                            fn_kwargs={**common, "spec": spec, "settings": settings, "measure_rows": measure_rows})
+    else:
+        max_actors = run.max_actors or None
+        if device == "cpu":
+            free = max(1, int(ray.cluster_resources().get("CPU", 1) // run.num_cpus_per_task) - 1)
+            max_actors = min(max_actors or free, free)
+        ds = ds.map_batches(_read_stage, batch_size=1, num_cpus=1,
+                            fn_kwargs={"spec": spec, "measure_rows": measure_rows})
+        ds = ds.map_batches(
+            TeacherActor, batch_size=1, num_gpus=run.num_gpus or None, num_cpus=run.num_cpus_per_task,
+            compute=ray.data.ActorPoolStrategy(min_size=min(run.min_actors, max_actors or run.min_actors),
+                                               max_size=max_actors),
+            fn_constructor_kwargs={**common, "include_inputs": settings.include_inputs},
+        )
+        ds = ds.map_batches(_write_stage, batch_size=1, num_cpus=1, fn_kwargs={"settings": settings})
+    return _collect(ds, settings)
+
+
+def _collect(ds: Any, settings: WriteSettings) -> dict[int, dict[str, Any]]:
+    from still.storage import resolve
+
+    written: dict[int, dict[str, Any]] = {}
+    try:
+        for row in ds.iter_rows():
+            record = dict(row)
+            if not settings.write:
+                resolve(settings.store_uri).join(record["name"]).write_atomic(record["data"])
+            record.pop("data", None)
+            record["stats"] = json.loads(record["stats"])
+            written[int(record["index"])] = record
+    except StillError:
+        raise
+    except Exception as exc:  # a task failure: Ray wraps the worker's exception
+        cause = exc
+        while getattr(cause, "__cause__", None) is not None:
+            cause = cause.__cause__
+        if isinstance(cause, StillError):
+            raise StillError(str(cause)) from None
+        raise
+    return written
+
+
+def _predictor(payload: Any, normalisation: Normalisation, predictor_kwargs: dict[str, Any]) -> Any:
+    """One ``TeacherPredictor`` per worker process and teacher (the model loads once)."""
+    key = (payload.fingerprint, normalisation, tuple(sorted(predictor_kwargs.items())))
+    if key not in _PREDICTORS:
+        from teacher_infer.predictor import TeacherPredictor
+
+        _PREDICTORS.clear()
+        _PREDICTORS[key] = TeacherPredictor(payload, normalisation, **predictor_kwargs)
+    return _PREDICTORS[key]
+
+
+def _records(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {name: np.array([r[name] for r in records], dtype=object if name in _RECORD_OBJECTS else None)
+            for name in records[0]}
+
+
+def _fused_stage(batch: dict[str, np.ndarray], *, payload: Any, normalisation: Normalisation,
+                 predictor_kwargs: dict[str, Any], spec: Any, settings: WriteSettings,
+                 measure_rows: int) -> dict[str, np.ndarray]:
+    predictor = _predictor(payload, normalisation, predictor_kwargs)
+    records = []
+    for item in batch["shard"]:
+        rows = read_shard(json.loads(item), spec, measure_rows)
+        logits, features = predictor.forward(rows.inputs)
+        records.append(write_shard(rows, logits, features, settings))
+    return _records(records)
+
+
+def _read_stage(batch: dict[str, np.ndarray], *, spec: Any, measure_rows: int) -> dict[str, np.ndarray]:
+    rows = read_shard(json.loads(batch["shard"][0]), spec, measure_rows)
+    inputs, rows.inputs = rows.inputs, None
+    # the inputs travel as a tensor column (one row per shard); the small rest pickled beside them
+    return {"inputs": inputs[None], "meta": np.array([pickle.dumps(rows)], dtype=object)}
+
+
+class TeacherActor:
+    """The streaming plan's teacher: forward passes over one shard's rows per call."""
+
+    def __init__(self, payload: Any, normalisation: Normalisation, predictor_kwargs: dict[str, Any],
+                 include_inputs: bool) -> None:
+        self.predictor = _predictor(payload, normalisation, predictor_kwargs)
+        self.include_inputs = include_inputs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = batch["inputs"][0]
+        logits, features = self.predictor.forward(inputs)
+        out = {"meta": batch["meta"], "logits": logits[None]}
+        if features is not None:
+            out["features"] = features[None]
+        if self.include_inputs:
+            out["inputs"] = batch["inputs"]
+        return out
+
+
+def _write_stage(batch: dict[str, np.ndarray], *, settings: WriteSettings) -> dict[str, np.ndarray]:
+    rows: ShardRows = pickle.loads(batch["meta"][0])
+    rows.inputs = batch["inputs"][0] if "inputs" in batch else np.zeros((len(rows.splits), 0), np.uint8)
+    features = batch["features"][0] if "features" in batch else None
+    return _records([write_shard(rows, batch["logits"][0], features, settings)])
+
+
+def measure_rows_per_shard(fidelity_rows: int, shard_rows: int, num_rows: int) -> int:
+    """Rows per shard whose fidelity is measured, for about ``fidelity_rows`` over the store."""
+    return math.ceil(fidelity_rows * shard_rows / max(1, num_rows))
