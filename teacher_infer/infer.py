@@ -30,7 +30,7 @@ from teacher_infer import store as st
 from teacher_infer.config import InferConfig
 from teacher_infer.finalize import finalize
 from teacher_infer.key import Settings, cache_key, resolve_settings, storage_fields, storage_spec
-from teacher_infer.pipeline import cluster_cpus, measure_rows_per_shard, run_shards
+from teacher_infer.pipeline import check_capacity, cluster_cpus, measure_rows_per_shard, run_shards
 from teacher_infer.shards import WriteSettings, read_shard
 from teacher_infer.soft_labels import SoftLabelSpec
 
@@ -72,6 +72,7 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
 
     teacher = load_teacher(config.teacher.uri)
     input_dtype = _probe(config, spec, teacher, soft_labels, settings)
+    check_capacity(config.infer, config.ray)
     plan = shard_plan.load_or_make_plan(spec, store_dir, key, config.infer.shard_rows, itemsize,
                                         lambda: cluster_cpus(config.ray))
     done = shard_plan.complete_shards(store_dir, plan)
@@ -179,9 +180,10 @@ def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelS
         raise
     except Exception as exc:  # shape and dtype errors surface as RuntimeError from torch
         at = f" at infer.precision={precision}" if precision != "fp32" else ""
+        hint = "; infer.precision=fp32 runs it without autocast" if precision != "fp32" else ""
         raise StillError(
             f"teacher {config.teacher.uri!r} fails on inputs of shape {tuple(spec.input_shape)} from "
-            f"{spec.name!r}{at}: {str(exc).splitlines()[0][:150]}"
+            f"{spec.name!r}{at}: {_torch_error(exc)}{hint}"
         ) from None
     finally:
         predictor.close()
@@ -192,6 +194,14 @@ def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelS
             f"teacher {config.teacher.uri!r} outputs {logits.shape[1]} classes but dataset {spec.name!r} has {what}"
         )
     return str(raw.dtype)
+
+
+def _torch_error(exc: Exception) -> str:
+    """The line of a torch error that says what went wrong (TorchScript puts it last)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0])[:200]
 
 
 def _run(config: InferConfig, spec: Any, soft_labels: SoftLabelSpec, settings: Settings, teacher: Any,

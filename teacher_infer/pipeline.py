@@ -73,17 +73,24 @@ def cluster_cpus(ray_config: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def check_capacity(run: Any) -> None:
-    """Refuses, before any work, resources no node of the cluster has (Ray would wait forever).
+def check_capacity(run: Any, ray_config: Any) -> None:
+    """Joins the cluster and refuses resources no node of it has (Ray would wait forever).
+
+    Checked against the nodes alive now: on an autoscaling cluster whose GPU nodes are
+    all scaled down, start one first (or set ``infer.num_gpus`` once it is up).
 
     Args:
         run: The ``infer`` section.
+        ray_config: The ``ray`` section.
 
     Raises:
         StillError: Naming ``infer.num_gpus`` or ``infer.num_cpus_per_task``.
     """
     import ray
 
+    from still.ray_setup import init_ray
+
+    init_ray(ray_config)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     most_gpus = max((node["Resources"].get("GPU", 0.0) for node in nodes), default=0.0)
     most_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=0.0)
@@ -124,7 +131,6 @@ def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any,
     from still.ray_setup import init_ray
 
     init_ray(ray_config)
-    check_capacity(run)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() or ctx.enable_progress_bars
     device = "cuda" if run.num_gpus > 0 else "cpu"

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from _teacher_fixtures import still_cli, synthetic_parquet, train_digits_teacher
 from teacher_infer import store as st
@@ -44,7 +45,28 @@ def workspace(tmp_path_factory):
     (base / "garbage").mkdir()
     (base / "garbage" / "x.parquet").write_bytes(b"this is not parquet")
     synthetic_parquet(base / "small", rows=50, features=64)
+    _scatter_teacher(base / "scatter.pt")
     return base, teacher, teacher5, root
+
+
+class _MergedSubclasses(torch.nn.Module):
+    """A user's teacher: 20 sub-class logits summed into 10 classes into a float32 accumulator.
+
+    scatter_add needs both sides in one dtype, so it runs in fp32 and fails under bf16 autocast.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 20)
+        self.register_buffer("group", torch.arange(20) // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 10, device=x.device)
+        return out.scatter_add(1, self.group.expand(x.shape[0], 20), self.fc(x))
+
+
+def _scatter_teacher(path: Path) -> None:
+    torch.jit.script(_MergedSubclasses().eval()).save(str(path))
 
 
 CASES = {
@@ -58,6 +80,10 @@ CASES = {
     "no samples": (["teacher.uri={teacher}", "store.mode=sampled", "store.samples=0"], "store.samples must be >= 1"),
     "top-k of multi-label data": (["data.source=builtin:digits-overlay", "teacher.uri={teacher}", "store.mode=topk"],
                                   "use store.mode=dense"),
+    "GPUs no node has": (["teacher.uri={teacher}", "infer.num_gpus=1"],
+                         "infer.num_gpus=1, but no node of the cluster has that many GPUs"),
+    "bf16 teacher that cannot": (["teacher.uri={base}/scatter.pt", "infer.precision=bf16"],
+                                 "at infer.precision=bf16: RuntimeError: scatter(): Expected self.dtype to be equal to src.dtype"),
     "multi-label width": (["data.source=builtin:digits-overlay", "teacher.uri={teacher5}", "store.mode=dense"],
                           "outputs 5 classes but dataset 'digits-overlay' has multi-label rows 10 labels wide"),
 }

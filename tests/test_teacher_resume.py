@@ -1,4 +1,4 @@
-"""Resume: kill -9 a real ``still infer`` mid-run, rerun, and get every id exactly once."""
+"""Resume: kill -9 a real ``still infer`` mid-run, rerun, and get every id exactly once (both plans)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from teacher_infer.infer import run_infer
 
 
 @pytest.mark.timeout(420)
-def test_kill_dash_nine_then_resume(ray_cluster, tmp_path):
+@pytest.mark.parametrize("plan", ["fused", "streaming"])
+def test_kill_dash_nine_then_resume(ray_cluster, tmp_path, plan):
 
     data = synthetic_parquet(tmp_path / "data", rows=30_000, features=784)
     teacher = wide_mlp_teacher(tmp_path / "teacher.pt")
     root = tmp_path / "stores"
     overrides = [f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk",
-                 "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false"]
+                 "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false", f"infer.plan={plan}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     kill_infer_mid_run([sys.executable, "-m", "still.cli", "infer", *overrides, "ray.num_cpus=2"],
                        tmp_path, env, root)
