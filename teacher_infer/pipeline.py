@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import sys
 from typing import Any
 
@@ -172,13 +173,26 @@ def _collect(ds: Any, settings: WriteSettings) -> dict[int, dict[str, Any]]:
     except StillError:
         raise
     except Exception as exc:  # a task failure: Ray wraps the worker's exception
-        cause = exc
-        while getattr(cause, "__cause__", None) is not None:
-            cause = cause.__cause__
-        if isinstance(cause, StillError):
-            raise StillError(str(cause)) from None
+        message = _still_error(exc)
+        if message is not None:
+            raise StillError(message) from None
         raise
     return written
+
+
+def _still_error(exc: BaseException) -> str | None:
+    """The message of a StillError a Ray task raised, under Ray's wrappers.
+
+    Ray Data re-raises a UDF's exception as ``RayTaskError(UserCodeException)`` whose
+    cause chain ends before the original exception: only its traceback text survives.
+    """
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, StillError):
+            return str(current)
+        current = getattr(current, "cause", None) or current.__cause__
+    match = re.search(r"still\.errors\.StillError: (.+)", str(exc))
+    return match.group(1).strip() if match else None
 
 
 def _predictor(payload: Any, normalisation: Normalisation, predictor_kwargs: dict[str, Any]) -> Any:

@@ -78,5 +78,11 @@ def table_fingerprint(table: pa.Table) -> str:
         while pa.types.is_fixed_size_list(column.type):
             column = column.flatten()
         values = column.to_numpy(zero_copy_only=False)
-        digest.update("\0".join(values).encode() if values.dtype == object else values.tobytes())
+        if values.dtype != object:
+            digest.update(values.tobytes())
+        elif len(values) and isinstance(values[0], bytes):  # encoded images: length-prefixed
+            for blob in values:
+                digest.update(len(blob).to_bytes(8, "little") + blob)
+        else:
+            digest.update("\0".join(values).encode())
     return digest.hexdigest()
