@@ -1,23 +1,30 @@
 """Benchmark: ``still infer`` (Ray Data, embedded local Ray) vs a plain PyTorch loop.
 
-    python bench/infer.py                      # 1,000,000 rows, ~10 minutes on 2 CPUs
+    python bench/infer.py                      # 1,000,000 rows, ~15 minutes on 2 CPUs
     python bench/infer.py --rows 50000         # smoke run
-    python bench/infer.py --rows 200000 --batch-size 8192 --shard-rows 25000
+    python bench/infer.py --rss-rows 10000000  # adds the 10M-row memory run (~20 more minutes)
 
 Same data (``--rows`` rows of 784 uint8 features, Parquet), same teacher (MLP
 784-1200-1200-10, random init, a still checkpoint), same outputs (top-k k=10 fp16,
-ids, labels and raw inputs passed through, Parquet shards):
+ids and labels, raw inputs passed through, Parquet shards):
 
 - ``plain``: one process reads the Parquet row groups, runs the teacher under
-  ``torch.inference_mode`` with torch's default threads, compresses, writes Parquet;
-- ``still cold``: ``run_infer`` in a fresh process, Ray start-up included;
-- ``still warm``: ``run_infer`` again into a new store root (not a cache hit), Ray and
-  its workers already up.
+  ``torch.inference_mode`` with torch's default threads, compresses, writes Parquet
+  (run twice, before and after the still runs; the faster one is the baseline);
+- ``still cold``: ``still infer --json`` as a new process, what a user runs: Python
+  imports, Ray start-up and worker start included;
+- ``still warm``: ``run_infer`` in this process after a 20k-row warm-up run (Ray and
+  its task workers up, the model loaded in them), into a new store root (not a cache
+  hit), for each plan (``fused``, ``streaming``; an actor pool starts with each run).
 
-rows/s = rows / wall seconds of the whole call. Then bytes per row of dense fp32,
-dense fp16 and top-k (k=10) stores of a 10-class and a 1000-class teacher (with and
-without the raw inputs). Progress goes to stderr; the last stdout line is one JSON
-object (also saved to ``bench/results/infer.json``) whose ``ratio`` is still warm ÷ plain.
+rows/s = rows / wall seconds of the whole call. Memory: the peak RSS of the driver and
+of the largest Ray worker during a labels-only ``still infer`` of ``--rows`` rows and of
+``--rss-rows`` rows (``rss_ratio_10x`` = their ratio; streaming keeps it flat). Then
+bytes per row of dense fp32, dense fp16 and top-k (k=10) stores of a 10-class and a
+1000-class teacher, self-contained and labels-only. Progress goes to stderr; the last
+stdout line is one JSON object (also saved to ``bench/results/infer.json``) with
+``ratio`` (still warm, fused ÷ plain), ``ratio_cold``, ``ratio_streaming``,
+``rss_ratio_10x``, ``bytes_per_row_labels_only`` and ``bytes_per_row_self_contained``.
 """
 
 from __future__ import annotations
@@ -106,6 +113,77 @@ def plain_loop(data: Path, teacher_uri: str, out: Path, batch_size: int, k: int 
     return {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1)}
 
 
+class PeakRss:
+    """Samples the RSS (Linux ``VmRSS``) of one process and of every Ray worker; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        import threading
+
+        self.pid, self.interval, self.driver, self.worker = pid, interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _rss(pid: str) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.driver = max(self.driver, self._rss(str(self.pid)))
+            for proc in Path("/proc").iterdir():
+                if proc.name.isdigit():
+                    try:
+                        command = (proc / "cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if command.startswith(b"ray::"):
+                        self.worker = max(self.worker, self._rss(proc.name))
+            self._stop.wait(self.interval)
+
+
+def _cli(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "still.cli", "infer", f"data.source={data}", f"teacher.uri={teacher_uri}",
+            f"store.root={root}", "store.mode=topk", "store.k=10", "tracking.enabled=false", *extra, "--json"]
+
+
+def still_cold(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> dict:
+    """``still infer --json`` as a fresh process (Ray started and stopped inside it), with its peak memory.
+
+    Returns:
+        rows, seconds, rows_per_s, bytes_per_row, and the peak RSS (MiB) of that
+        process (the driver) and of its largest Ray worker.
+    """
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(_cli(data, teacher_uri, root, extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    with PeakRss(proc.pid) as rss:
+        stdout, stderr = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"still infer failed: {stderr[-2000:]}")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return {"rows": summary["rows"], "seconds": round(seconds, 2), "rows_per_s": round(summary["rows"] / seconds, 1),
+            "bytes_per_row": summary["bytes_per_row"], "driver_mib": round(rss.driver / 2**20, 1),
+            "worker_mib": round(rss.worker / 2**20, 1)}
+
+
 def still_run(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> dict:
     from still.config import load_config
     from teacher_infer.config import InferConfig
@@ -134,7 +212,7 @@ def bytes_per_row(work: Path, rows: int) -> dict:
         for label, overrides in (("dense_fp32", ["store.mode=dense", "store.dtype=float32"]),
                                  ("dense_fp16", ["store.mode=dense", "store.dtype=float16"]),
                                  ("topk10_fp16", ["store.mode=topk", "store.k=10", "store.dtype=float16"])):
-            for inputs in (True, False):
+            for inputs in (True, False):  # self-contained, labels-only
                 config = load_config(InferConfig, None, [
                     f"data.source={data}", f"teacher.uri={teacher}", f"store.root={work / 'bpr-stores'}",
                     "tracking.enabled=false", f"store.include_inputs={str(inputs).lower()}", *overrides])
@@ -145,9 +223,19 @@ def bytes_per_row(work: Path, rows: int) -> dict:
     return result
 
 
+def peak_memory(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> dict:
+    """Peak RSS (MiB) of the driver and of the largest Ray worker during a labels-only ``still infer``."""
+    import ray
+
+    ray.shutdown()  # so that only the measured run's workers are sampled
+    run = still_cold(data, teacher_uri, root, [*extra, "store.include_inputs=false"])
+    return {k: run[k] for k in ("rows", "rows_per_s", "driver_mib", "worker_mib")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rss-rows", type=int, default=0, help="rows of the second memory run (0: skip it)")
     parser.add_argument("--bpr-rows", type=int, default=20_000, help="rows for the bytes-per-row part")
     parser.add_argument("--batch-size", type=int, default=4096, help="teacher batch (both sides)")
     parser.add_argument("--shard-rows", type=int, default=0, help="still infer.shard_rows (0: auto)")
@@ -164,25 +252,44 @@ def main(argv: list[str] | None = None) -> int:
         if not data.exists():
             make_data(data, args.rows)
         teacher = make_teacher(work / "teacher.pt", 10)
+        extra = [f"infer.batch_size={args.batch_size}", f"infer.shard_rows={args.shard_rows}",
+                 f"infer.torch_threads={args.torch_threads}", "store.include_inputs=true"]
 
         log("plain loop")
         plain = plain_loop(data, teacher, work / "plain-out", args.batch_size)
         log(f"plain: {plain}")
-        extra = [f"infer.batch_size={args.batch_size}", f"infer.shard_rows={args.shard_rows}",
-                 f"infer.torch_threads={args.torch_threads}"]
-        log("still infer, cold (Ray start-up included)")
-        cold = still_run(data, teacher, work / "stores-cold", extra)
+        log("still infer, cold: a new `still infer` process")
+        cold = still_cold(data, teacher, work / "stores-cold", extra)
         log(f"still cold: {cold}")
-        log("still infer, warm")
-        warm = still_run(data, teacher, work / "stores-warm", extra)
-        log(f"still warm: {warm}")
+        log("warm-up: Ray up, task workers started, torch imported and the model loaded in them")
+        warmup = make_data(work / "warmup", 20_000, files=1, seed=1)
+        still_run(warmup, teacher, work / "stores-warmup", [*extra, "infer.plan=fused"])
+        warm = {}
+        for plan in ("fused", "streaming"):
+            log(f"still infer, warm, {plan} plan")
+            warm[plan] = still_run(data, teacher, work / f"stores-warm-{plan}", [*extra, f"infer.plan={plan}"])
+            log(f"still warm {plan}: {warm[plan]}")
         log("plain loop again (same conditions as warm)")
         plain2 = plain_loop(data, teacher, work / "plain-out-2", args.batch_size)
         log(f"plain again: {plain2}")
         plain_best = max(plain["rows_per_s"], plain2["rows_per_s"])
+        memory = {args.rows: peak_memory(data, teacher, work / "stores-rss", extra[:-1])}
+        log(f"memory: {memory}")
+        if args.rss_rows:
+            big = work / f"data-{args.rss_rows}"
+            if not big.exists():
+                make_data(big, args.rss_rows, files=max(4, args.rss_rows // 250_000))
+            memory[args.rss_rows] = peak_memory(big, teacher, work / "stores-rss-big", extra[:-1])
+            log(f"memory: {memory}")
+        shutil.rmtree(work / "plain-out", ignore_errors=True)
         bpr = bytes_per_row(work, args.bpr_rows)
         import torch
 
+        rss_ratio = None
+        if args.rss_rows:
+            small, large = memory[args.rows], memory[args.rss_rows]
+            rss_ratio = round(max(large["driver_mib"] / small["driver_mib"], large["worker_mib"] / small["worker_mib"]),
+                              3)
         result = {
             "bench": "infer",
             "rows": args.rows,
@@ -196,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
             "plain": plain,
             "plain_again": plain2,
             "still_cold": cold,
-            "still_warm": warm,
-            "ratio": round(warm["rows_per_s"] / plain_best, 3),
+            "still_warm": warm["fused"],
+            "still_warm_streaming": warm["streaming"],
+            "ratio": round(warm["fused"]["rows_per_s"] / plain_best, 3),
             "ratio_cold": round(cold["rows_per_s"] / plain_best, 3),
+            "ratio_streaming": round(warm["streaming"]["rows_per_s"] / plain_best, 3),
+            "peak_rss": {str(k): v for k, v in memory.items()},
+            "rss_ratio_10x": rss_ratio,
             "bytes_per_row": bpr,
             "bytes_per_row_rows": args.bpr_rows,
+            "bytes_per_row_labels_only": bpr["10cls_topk10_fp16_no_inputs"],
+            "bytes_per_row_self_contained": bpr["10cls_topk10_fp16"],
         }
     finally:
         if not args.work:

@@ -87,8 +87,8 @@ class InferRunConfig:
     """Rows per teacher forward pass."""
     shard_rows: int = 0
     """Rows per store shard (the unit that is written, and resumed, exactly once);
-    0: chosen from the row size (about 32 MiB of input per shard, at most
-    ``ceil(rows / (2 * CPUs))`` so every CPU gets work)."""
+    0: at most 32 MiB of decoded input per shard, at least two shards per CPU of the
+    cluster, and a whole number of shards per CPU (``teacher_infer.plan.make_plan``)."""
     num_gpus: float = 0.0
     """GPUs per teacher actor (fractions share a GPU); > 0 runs the teacher in an actor
     pool on GPU nodes. A value no node of the cluster has is refused before any work."""

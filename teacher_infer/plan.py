@@ -55,8 +55,8 @@ def make_plan(spec: Any, shard_rows: int, itemsize: int, num_cpus: int) -> dict[
 
     Args:
         spec: The ``DatasetSpec``.
-        shard_rows: Rows per shard; 0: about :data:`SHARD_INPUT_BYTES` of decoded input,
-            and at most ``ceil(rows / (2 * num_cpus))`` so that every CPU gets work.
+        shard_rows: Rows per shard; 0: at most :data:`SHARD_INPUT_BYTES` of decoded input
+            each, at least two shards per CPU, and a multiple of ``num_cpus`` shards.
         itemsize: Bytes per decoded input value.
         num_cpus: CPUs of the cluster.
 
@@ -67,9 +67,13 @@ def make_plan(spec: Any, shard_rows: int, itemsize: int, num_cpus: int) -> dict[
     counts = file_rows(spec)
     total = sum(counts)
     if shard_rows <= 0:
+        # at most SHARD_INPUT_BYTES each, at least two per CPU, and a whole number of rounds
+        # of the CPUs (5 shards on 2 CPUs leave one CPU idle for the last fifth of the run)
         per_row = max(1, math.prod(spec.input_shape) * itemsize)
-        shard_rows = max(256, SHARD_INPUT_BYTES // per_row)
-        shard_rows = min(shard_rows, max(1, math.ceil(total / (2 * max(1, num_cpus)))))
+        cpus = max(1, num_cpus)
+        count = max(math.ceil(total / max(256, SHARD_INPUT_BYTES // per_row)), 2 * cpus)
+        count = math.ceil(count / cpus) * cpus
+        shard_rows = max(1, math.ceil(total / count))
     shards, start = [], 0
     while start < total:
         stop = min(start + shard_rows, total)

@@ -148,3 +148,32 @@ def test_unlabelled_rows_stay_out_of_teacher_metrics(ray_cluster, teacher_ckpt, 
     assert metrics["accuracy"] == pytest.approx(expected)
     # class 0 is not where unlabelled rows go: with every row counted as 0, accuracy would drop by a third
     assert metrics["accuracy"] > 0.9
+
+
+@pytest.mark.timeout(300)
+def test_streaming_plan_and_precision(ray_cluster, teacher_ckpt, tmp_path):
+    """The streaming plan (read tasks → actor pool → write tasks) writes the fused plan's
+    store exactly; the precision enters the key and the manifest and changes the logits."""
+    overrides = ("store.mode=sampled", "store.samples=16", "teacher.feature_layer=body", "tracking.enabled=false")
+    fused = infer_mod.run_infer(_config(teacher_ckpt, tmp_path / "fused", *overrides, "infer.plan=fused",
+                                        "infer.shard_rows=500"))
+    streaming = infer_mod.run_infer(_config(teacher_ckpt, tmp_path / "streaming", *overrides, "infer.plan=streaming",
+                                            "infer.shard_rows=500"))
+    assert fused["key"] == streaming["key"]  # the plan is a speed setting
+    manifests = [st.open_store(s["store"]).manifest for s in (fused, streaming)]
+    assert [m["inference"]["plan"] for m in manifests] == ["fused", "streaming"]
+    assert manifests[1]["precision"] == "fp32" and len(manifests[1]["shards"]) == 4
+    tables = [st.open_store(s["store"]).read_table().sort_by("id") for s in (fused, streaming)]
+    assert tables[0].column_names == tables[1].column_names
+    for name in tables[0].column_names:  # draws too: they are seeded by (key, shard)
+        assert tables[0][name].equals(tables[1][name]), name
+
+    bf16 = infer_mod.run_infer(_config(teacher_ckpt, tmp_path / "fused", "store.mode=dense", "store.dtype=float32",
+                                       "infer.precision=bf16", "tracking.enabled=false"))
+    fp32 = infer_mod.run_infer(_config(teacher_ckpt, tmp_path / "fused", "store.mode=dense", "store.dtype=float32",
+                                       "tracking.enabled=false"))
+    assert bf16["key"] != fp32["key"] and st.open_store(bf16["store"]).manifest["precision"] == "bf16"
+    low, full = (np.stack(st.open_store(s["store"]).read_table(["logits"])["logits"].to_numpy(zero_copy_only=False))
+                 for s in (bf16, fp32))
+    assert not np.array_equal(low, full) and np.abs(low - full).max() < 0.1 * np.abs(full).max()
+    assert (low.argmax(1) == full.argmax(1)).mean() > 0.98

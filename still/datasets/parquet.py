@@ -75,9 +75,18 @@ def resolve_parquet(cfg: DataConfig) -> DatasetSpec:
         split_rule=split_rule(cfg, split_column),
         task=task,
         image=image,
-        mean=tuple(cfg.image.mean) if image else (),
-        std=tuple(cfg.image.std) if image else (),
+        mean=_channel_stats(cfg, input_shape),
+        std=tuple(cfg.image.std),
     )
+
+
+def _channel_stats(cfg: DataConfig, input_shape: tuple[int, ...]) -> tuple[float, ...]:
+    """``data.image.mean``, checked to have one value per channel (the first axis of the input)."""
+    mean = tuple(cfg.image.mean)
+    if mean and (len(input_shape) < 2 or input_shape[0] != len(mean)):
+        raise StillError(f"data.image.mean has {len(mean)} values but the inputs of {cfg.source!r} have shape "
+                         f"{tuple(input_shape)} (channels first)")
+    return mean
 
 
 def _image_layout(field: pa.Field, fs: pafs.FileSystem, first_file: str, cfg: DataConfig
