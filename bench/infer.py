@@ -1,8 +1,7 @@
 """Benchmark: ``still infer`` (Ray Data, embedded local Ray) vs a plain PyTorch loop.
 
-    python bench/infer.py                      # 1,000,000 rows, ~15 minutes on 2 CPUs
-    python bench/infer.py --rows 50000         # smoke run
-    python bench/infer.py --rss-rows 10000000  # adds the 10M-row memory run (~20 more minutes)
+    python bench/infer.py                                # 1M rows, and 10M for memory: ~35 minutes on 2 CPUs
+    python bench/infer.py --rows 50000 --rss-rows 0      # smoke run
 
 Same data (``--rows`` rows of 784 uint8 features, Parquet), same teacher (MLP
 784-1200-1200-10, random init, a still checkpoint), same outputs (top-k k=10 fp16,
@@ -235,7 +234,7 @@ def peak_memory(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--rss-rows", type=int, default=0, help="rows of the second memory run (0: skip it)")
+    parser.add_argument("--rss-rows", type=int, default=10_000_000, help="rows of the second memory run (0: skip it)")
     parser.add_argument("--bpr-rows", type=int, default=20_000, help="rows for the bytes-per-row part")
     parser.add_argument("--batch-size", type=int, default=4096, help="teacher batch (both sides)")
     parser.add_argument("--shard-rows", type=int, default=0, help="still infer.shard_rows (0: auto)")

@@ -255,11 +255,13 @@ def _model_inputs(raw: np.ndarray, source: Source) -> np.ndarray:
 
 
 def _numpy(values: Any) -> np.ndarray:
-    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
-        if hasattr(values, "combine_chunks"):
-            values = values.combine_chunks()
-        if hasattr(values, "flatten") and (pa.types.is_fixed_size_list(values.type)):
-            return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
+    """A column as numpy: list columns 2-D (:func:`still.datasets.column_matrix`), others as they are."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        kind = values.type
+        if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or isinstance(kind, pa.BaseExtensionType):
+            from still.datasets import column_matrix
+
+            return column_matrix(values)
         return values.to_numpy(zero_copy_only=False)
     return np.asarray(values)
 

@@ -85,7 +85,8 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
 
     with open_run(config, config.tracking, default_experiment=DEFAULT_EXPERIMENT, run_name=f"infer-{key}",
                   tags={"cache_hit": "false", "store_key": key, "teacher_fingerprint": fingerprint}) as tracker:
-        tracker.set_tags({"store_uri": store_dir.uri})
+        tracker.set_tags({"store_uri": store_dir.uri, "plan": settings.plan, "precision": settings.precision,
+                          "include_inputs": str(settings.include_inputs).lower()})
         infer_start = time.perf_counter()
         written = _run(config, spec, soft_labels, settings, teacher, store_dir, key, todo, plan) if todo else {}
         infer_seconds = time.perf_counter() - infer_start

@@ -7,8 +7,9 @@ A store is a directory ``<store.root>/<key>/`` on any storage URI::
 
 Columns (docs/internals.md): ``id``, ``view`` (int16, 0), ``label`` (int64, nullable;
 multi-label: fixed_size_list<int8>[C] multi-hot, nullable), ``split`` (int8: 0 train,
-1 val, 2 test), ``input`` (fixed_size_list of the raw input dtype; model input = input ×
-``input_scale`` reshaped to ``input_shape``), then the teacher outputs of the storage
+1 val, 2 test), ``input`` in self-contained stores only (fixed_size_list of the decoded
+raw input; model input = ``(input × input_scale − mean) / std`` shaped ``input_shape``;
+labels-only stores read it from their source, :func:`read_joined_shard`), then the teacher outputs of the storage
 mode (:mod:`teacher_infer.soft_labels` says what each holds and why), and optionally
 ``features``. A directory without ``manifest.json`` is incomplete: no reader accepts it.
 
@@ -24,6 +25,8 @@ Reader API used by training and tuning::
     arrays = teacher_arrays(batch, store.soft_labels, store.max_support)  # fixed-width, sparse, on the CPU
     target = teacher_infer.targets.target_from_columns(arrays, store.soft_labels)  # on the device
     verify_store(uri) -> {"ok": bool, "problems": [...]}
+    dataset = source_dataset(store)           # labels-only: the source, fingerprint-checked
+    table = read_joined_shard(store, 0, columns, dataset)   # a shard with its inputs
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from still.datasets.arrays import column_matrix
+from still.datasets.arrays import column_matrix, flat_values
 from still.errors import StillError
 from still.storage import Location, resolve
 from teacher_infer.soft_labels import MODE_COLUMNS, Ragged, SoftLabelSpec
@@ -557,10 +560,7 @@ def _check_values(table: pa.Table, spec: SoftLabelSpec) -> list[str]:
     problems = []
 
     def flat(name: str) -> np.ndarray:
-        column = table[name].combine_chunks()
-        while pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
-            column = column.flatten()
-        return column.to_numpy(zero_copy_only=False)
+        return flat_values(table[name])
 
     for name in ("logits", "topk_logit", "sample_logit", "logsumexp", "lognorm", "features", "tail_lognorm"):
         if name not in table.column_names:
@@ -610,7 +610,9 @@ def inspect_store(uri: str) -> dict[str, Any]:
         "bytes_per_row": m.get("bytes_per_row"),
         "teacher_uri": m["teacher"].get("uri"),
         "teacher_fingerprint": store.teacher_fingerprint,
+        "precision": m.get("precision", "fp32"),
         "dataset": m["dataset"].get("name"),
+        "dataset_source": m["dataset"].get("source"),
         "dataset_fingerprint": m["dataset"].get("fingerprint"),
     }
     for name in ("accuracy", "nll", "ece", "mean_entropy", "f1_micro", "f1_macro"):

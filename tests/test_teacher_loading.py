@@ -11,8 +11,6 @@ from still.checkpoints import load_checkpoint
 from still.errors import StillError
 from still.datasets import Normalisation
 from teacher_infer.predictor import TeacherPredictor
-from teacher_infer.soft_labels import SoftLabelSpec
-from teacher_infer.targets import prepare, target_from_columns
 from teacher_infer.teachers import load_teacher, teacher_fingerprint
 
 

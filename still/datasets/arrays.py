@@ -59,6 +59,15 @@ def features_to_numpy(values: Any, input_shape: tuple[int, ...], input_scale: fl
     return out
 
 
+def flat_values(values: Any) -> np.ndarray:
+    """Every value of a column, nested lists flattened, as one 1-D numpy array (rows may differ in length)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return _arrow_values(values)
+    return _rows_and_values(values)[1].reshape(-1)
+
+
 def _rows_and_values(values: Any) -> tuple[int, np.ndarray]:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()

@@ -9,8 +9,10 @@ mode, resized (shorter side), centre-cropped, and returned as uint8 ``(n, C, H, 
 Scaling and mean/std normalisation are not done here: they run on the teacher's
 device (``teacher_infer.predictor.Normalisation``) and in the student's batches.
 
-torchvision is not used: its PyPI wheels are built against CUDA torch, and nothing
-here needs more than Pillow's decode and resize.
+torchvision is not used: checked 2026-12-01, ``pip install torchvision`` beside the CPU
+torch 2.13 resolves torchvision 0.29.1, which requires torch 2.14.1 and pulls the CUDA 13
+build with some twenty ``nvidia-*`` wheels (several GB); nothing here needs more than
+Pillow's decode and resize.
 """
 
 from __future__ import annotations
