@@ -42,8 +42,9 @@ def resolve_settings(config: InferConfig, spec: Any, input_itemsize: int) -> Set
     """Resolves ``store.include_inputs``, ``infer.precision`` and ``infer.plan`` for this dataset.
 
     ``auto`` means: inputs included up to :data:`SELF_CONTAINED_MAX_BYTES` of decoded
-    input (``input_itemsize`` bytes per decoded value); ``bf16`` on GPUs and ``fp32`` on CPUs; the streaming plan on GPUs and the
-    fused plan on CPUs (``teacher_infer.pipeline`` has the measurements).
+    input (``input_itemsize`` bytes per decoded value); ``bf16`` on GPUs and ``fp32`` on
+    CPUs; the streaming plan on GPUs and the fused plan on CPUs (``teacher_infer.pipeline``
+    has the measurements).
     """
     include = config.store.include_inputs
     if include == "auto":

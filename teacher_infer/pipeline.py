@@ -124,8 +124,8 @@ def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any,
         ray_config: The ``ray`` section.
 
     Raises:
-        StillError: Bad resources (:func:`check_capacity`), or a task's StillError
-            (an image that does not decode, a teacher failing at its precision).
+        StillError: A task's StillError (an image that does not decode, a teacher
+            failing at its precision). Resources are checked before, by :func:`check_capacity`.
     """
     import ray
     import ray.data
@@ -141,6 +141,7 @@ def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any,
     ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
     if plan == "fused":
         ds = ds.map_batches(_fused_stage, batch_size=1, num_cpus=run.num_cpus_per_task,
+                            num_gpus=run.num_gpus or None,
                             fn_kwargs={**common, "spec": spec, "settings": settings, "measure_rows": measure_rows})
     else:
         max_actors = run.max_actors or None

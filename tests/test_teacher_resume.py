@@ -23,7 +23,8 @@ def test_kill_dash_nine_then_resume(ray_cluster, tmp_path, plan):
     teacher = wide_mlp_teacher(tmp_path / "teacher.pt")
     root = tmp_path / "stores"
     overrides = [f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk",
-                 "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false", f"infer.plan={plan}"]
+                 "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false",
+                 f"infer.plan={plan}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     kill_infer_mid_run([sys.executable, "-m", "still.cli", "infer", *overrides, "ray.num_cpus=2"],
                        tmp_path, env, root)
