@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from still.config import DataConfig
-from still.datasets.cache import chunks, part_files, read_info, table_fingerprint, write_cache, cache_root
+from still.datasets.cache import cache_root, chunks, part_files, read_info, table_fingerprint, write_cache
 from still.datasets.spec import DatasetSpec, split_rule
 from still.errors import StillError
 from still.storage import Location
