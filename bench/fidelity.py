@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from common import save_result  # bench/common.py: these scripts run as python bench/<name>.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -145,12 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(results))
     print(f"top-10 fp16/fp32 KL ratio per T: {', '.join(f'{t} {v:.3f}' for t, v in ratios.items())}; "
           f"v1/v2 fp16 KL at T=4: {summary['topk10_fp16_v1_over_v2_kl_T4']:.1f}x")
-    if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
     print("top-10 fp16 tail-mass relative error (mean / max) by T, grid 1, 2, 4, 8: "
           + ", ".join(f"T={t} {v['mean']:.1e}/{v['max']:.1e}" for t, v in off_grid.items()))
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+    save_result(summary, None if args.quick else RESULTS, {k: v for k, v in summary.items() if k != "results"})
     return summary
 
 

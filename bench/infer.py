@@ -41,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common import save_result  # bench/common.py: these scripts run as python bench/<name>.py
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -317,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    save_result(result, Path(args.out))
     return 0
 
 

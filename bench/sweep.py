@@ -31,13 +31,14 @@ stdout line is one JSON object, also saved to ``bench/results/sweep.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import save_result  # bench/common.py: these scripts run as python bench/<name>.py
 
 HERE = Path(__file__).resolve().parent
 
@@ -198,12 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     ray.shutdown()  # stop Ray's log forwarding so the JSON stays the last stdout line
-    (HERE / "results").mkdir(exist_ok=True)
     name = "sweep-quick.json" if quick else "sweep.json"
     if args.data != "builtin:digits":
         name = name.replace(".json", f"-{args.data.split(':')[-1]}.json")
-    (HERE / "results" / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    save_result(result, HERE / "results" / name)
     return result
 
 

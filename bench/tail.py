@@ -21,13 +21,14 @@ The figure is test errors out of 10,000, mean and standard error over seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import save_result  # bench/common.py: these scripts run as python bench/<name>.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -117,10 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in mean_errors.items():
         spread = f" ± {standard_errors[key]:.1f}" if standard_errors[key] is not None else ""
         print(f"{key:<20} {value:8.1f}{spread} test errors")
-    if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
+    save_result(summary, None if args.quick else RESULTS, {k: v for k, v in summary.items() if k != "runs"})
     return summary
 
 

@@ -18,13 +18,14 @@ steps only (the loop's own per-epoch timing), one torch thread everywhere:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from common import save_result  # bench/common.py: these scripts run as python bench/<name>.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
@@ -120,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_vs_plain": round(a / results["plain"]["samples_per_s"], 3),
         "torch_threads": 1,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=1) + "\n")
-    print(json.dumps(figures))
+    save_result(figures, RESULTS)
     return 0
 
 
