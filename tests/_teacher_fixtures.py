@@ -62,23 +62,28 @@ def still_cli(args: list[str], cwd: Path, timeout: float = 120, env: dict | None
                           capture_output=True, text=True, timeout=timeout)
 
 
-def kill_infer_mid_run(command: list[str], cwd: Path, env: dict, store_root: Path, min_shards: int = 4,
-                       timeout: float = 300) -> list[Path]:
+def kill_infer_mid_run(command: list[str], cwd: Path, env: dict, store_root: Path | None = None,
+                       min_shards: int = 4, timeout: float = 300, list_shards=None) -> list:
     """Starts a ``still infer`` driver and ``kill -9``s it once ``min_shards`` shards exist.
 
     The driver runs in its own session, which is killed whole afterwards (with an
-    embedded Ray it holds that cluster). Returns the shards seen at the kill.
+    embedded Ray it holds that cluster). Shards are looked for under ``store_root`` or,
+    for stores elsewhere (S3), with ``list_shards()``. Returns the shards seen at the kill.
     """
     import signal
     import time
 
+    if list_shards is None:
+        def list_shards():
+            return list(store_root.glob("*/part-*.parquet"))
+
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + timeout  # generous: Ray start-up crawls on a loaded 2-core box
-    parts: list[Path] = []
+    parts: list = []
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            parts = list(store_root.glob("*/part-*.parquet"))
+            parts = list_shards()
             if len(parts) >= min_shards:
                 break
             time.sleep(0.05)

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from _teacher_fixtures import synthetic_parquet, wide_mlp_teacher
+from _teacher_fixtures import kill_infer_mid_run, still_cli, synthetic_parquet, wide_mlp_teacher
 
 pytest.importorskip("s3fs", reason="the s3 extra (pip install -e '.[s3]') is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
@@ -54,10 +51,7 @@ def s3_env():
 
 
 def _still(args, cwd, env, timeout=300):
-    full = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env,
-            "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    done = subprocess.run([sys.executable, "-m", "still.cli", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=timeout)
+    done = still_cli(args, cwd, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -102,24 +96,12 @@ def test_kill_dash_nine_on_s3_then_resume(s3_env, tmp_path):
             "store.mode=topk", "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false",
             "ray.num_cpus=2"]
     full = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
-    proc = subprocess.Popen([sys.executable, "-m", "still.cli", *args], cwd=tmp_path, env=full,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    try:
-        parts: list[str] = []
-        while time.monotonic() < deadline and proc.poll() is None and len(parts) < 4:
-            fs.invalidate_cache()
-            parts = fs.glob("still/killed/*/part-*.parquet")
-            time.sleep(0.1)
-        assert proc.poll() is None and len(parts) >= 4, "no shards on S3 in time, or the run ended first"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    time.sleep(1.0)
+
+    def shards_on_s3():
+        fs.invalidate_cache()
+        return fs.glob("still/killed/*/part-*.parquet")
+
+    kill_infer_mid_run([sys.executable, "-m", "still.cli", *args], tmp_path, full, list_shards=shards_on_s3)
     fs.invalidate_cache()
     (store_dir,) = fs.ls("still/killed")
     killed = fs.glob(f"{store_dir}/part-*.parquet")
