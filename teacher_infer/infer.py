@@ -169,7 +169,7 @@ def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelS
     from still.datasets import Normalisation
     from teacher_infer.predictor import TeacherPredictor
 
-    first = {"index": 0, "rows": 8, "pieces": [[0, 0, min(8, shard_plan.file_rows(spec)[0])]]}
+    first = {"index": 0, "rows": 8, "pieces": [[0, 0, min(8, shard_plan.file_rows(spec, files=1)[0])]]}
     raw = read_shard(first, spec, 0).inputs
     on_cpu = config.infer.num_gpus == 0
     precision = settings.precision if on_cpu else "fp32"

@@ -26,11 +26,11 @@ SHARD_INPUT_BYTES = 32 << 20
 """Decoded input bytes per shard when ``infer.shard_rows=0``."""
 
 
-def file_rows(spec: Any) -> list[int]:
-    """Rows of each of the dataset's files (footers only)."""
+def file_rows(spec: Any, files: int | None = None) -> list[int]:
+    """Rows of each of the dataset's files, or of its first ``files`` (footers only)."""
     fs, paths = spec.arrow_files()
     rows = []
-    for path in paths:
+    for path in paths[:files]:
         with fs.open_input_file(path) as handle:
             rows.append(pq.ParquetFile(handle).metadata.num_rows)
     return rows

@@ -120,10 +120,13 @@ class TeacherPredictor:
             raise StillError(f"teacher input: rows of {raw.size // max(n, 1)} values cannot be reshaped to input "
                              f"shape {self.normalisation.input_shape}")
         raw = np.ascontiguousarray(raw).reshape(n, per_row)
-        host = torch.from_numpy(raw if raw.flags.writeable else raw.copy())  # Arrow buffers are read-only
         cuda = self.device.type == "cuda"
-        if cuda:
-            host = host.pin_memory()
+        if cuda:  # one copy, into pinned memory, so that the copies to the device run asynchronously
+            dtype = torch.from_numpy(np.empty(0, raw.dtype)).dtype
+            host = torch.empty(raw.shape, dtype=dtype, pin_memory=True)
+            host.numpy()[:] = raw
+        else:
+            host = torch.from_numpy(raw if raw.flags.writeable else raw.copy())  # Arrow buffers are read-only
         logits, feats = [], []
         with torch.inference_mode():
             for lo in range(0, n, self.batch_size):

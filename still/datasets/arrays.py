@@ -47,16 +47,15 @@ def features_to_numpy(values: Any, input_shape: tuple[int, ...], input_scale: fl
     Raises:
         StillError: The values do not hold ``prod(input_shape)`` numbers per row.
     """
+    from still.datasets.inputs import Normalisation
+
     n, flat = _rows_and_values(values)
     per_row = int(np.prod(input_shape))
     if flat.size != n * per_row:
         raise StillError(
             f"features: expected {per_row} values per row {tuple(input_shape)}, got {flat.size} for {n} rows"
         )
-    out = flat.reshape(n, *input_shape).astype(np.float32)
-    if input_scale != 1.0:
-        out *= np.float32(input_scale)
-    return out
+    return Normalisation(tuple(input_shape), input_scale).apply_numpy(flat.reshape(n, per_row))
 
 
 def flat_values(values: Any) -> np.ndarray:
