@@ -8,6 +8,7 @@ over the same digits as numbers; cropping a padded folder must too. Bad images
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -16,13 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from _teacher_fixtures import still_cli
 from still.checkpoints import save_checkpoint
 from still.config import DataConfig, ImageConfig, load_config
 from still.datasets import load_arrays, resolve_dataset
 from still.errors import StillError
 from still.models import build_model
-from student_train.config import TrainConfig
-from student_train.driver import train_job
 from teacher_infer import store as st
 from teacher_infer.config import InferConfig
 from teacher_infer.infer import run_infer
@@ -114,15 +114,20 @@ def test_png_column_and_folder_give_the_numbers_logits(ray_cluster, mnist_pngs):
     uncropped = resolve_dataset(DataConfig(source=str(folder)))
     assert uncropped.input_shape == (1, 32, 32) and uncropped.fingerprint == spec.fingerprint
 
-    # a labels-only store of the PNGs trains a student that decodes them again
-    labels_only = _infer(pngs, teacher, root, "data.feature_column=image", "store.include_inputs=false",
-                         "store.mode=topk", "store.k=3")
+    # through the still command: a labels-only fp16 top-3 store of the PNGs, and a student at T = 4 that
+    # decodes them again from the source
+    infer = still_cli(["infer", f"data.source={pngs}", "data.feature_column=image", f"teacher.uri={teacher}",
+                       f"store.root={root}", "store.include_inputs=false", "store.mode=topk", "store.k=3",
+                       "--json"], cwd=base, timeout=300)
+    assert infer.returncode == 0, infer.stderr[-2000:]
+    labels_only = json.loads(infer.stdout.strip().splitlines()[-1])
     assert labels_only["bytes_per_row"] < 0.5 * from_png["bytes_per_row"]
     assert "input" not in st.open_store(labels_only["store"]).manifest["columns"]
-    cfg = load_config(TrainConfig, None, [
-        f"store.uri={labels_only['store']}", "student.width=64", "train.epochs=15", "scaling.num_workers=0",
-        "tracking.enabled=false", f"train.output_dir={base / 'student'}"])
-    student = train_job(cfg, run_name="png-student", quiet=True)
+    train = still_cli(["train", f"store.uri={labels_only['store']}", "student.width=64", "train.epochs=15",
+                       "kd.temperature=4", "scaling.num_workers=0", f"train.output_dir={base / 'student'}", "--json"],
+                      cwd=base, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    student = json.loads(train.stdout.strip().splitlines()[-1])
     assert student["student_test_accuracy"] > 0.6, student["student_test_accuracy"]
 
 
