@@ -40,7 +40,7 @@ def image_files(location: Location) -> dict[str, list[str]] | None:
 
 def resolve_image_folder(location: Location, classes: dict[str, list[str]], cfg: DataConfig) -> DatasetSpec:
     """The spec of an image folder, building its Parquet cache on first use."""
-    from still.datasets.parquet import image_settings
+    from still.datasets.parquet import channel_mean, image_settings
 
     stamp = hashlib.sha256()
     for path in (p for name in sorted(classes) for p in classes[name]):
@@ -71,7 +71,7 @@ def resolve_image_folder(location: Location, classes: dict[str, list[str]], cfg:
         input_scale=1 / 255,
         split_rule=split_rule(cfg, None),
         image=image,
-        mean=tuple(cfg.image.mean),
+        mean=channel_mean(cfg, shape, "images"),
         std=tuple(cfg.image.std),
     )
 

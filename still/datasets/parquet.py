@@ -6,8 +6,8 @@ import contextlib
 import hashlib
 import posixpath
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -75,17 +75,22 @@ def resolve_parquet(cfg: DataConfig) -> DatasetSpec:
         split_rule=split_rule(cfg, split_column),
         task=task,
         image=image,
-        mean=_channel_stats(cfg, input_shape),
+        mean=channel_mean(cfg, input_shape, "images" if image else "inputs"),
         std=tuple(cfg.image.std),
     )
 
 
-def _channel_stats(cfg: DataConfig, input_shape: tuple[int, ...]) -> tuple[float, ...]:
-    """``data.image.mean``, checked to have one value per channel (the first axis of the input)."""
+def channel_mean(cfg: DataConfig, input_shape: tuple[int, ...], what: str) -> tuple[float, ...]:
+    """``data.image.mean``, checked to have one value per channel (the first axis of the input).
+
+    Raises:
+        StillError: Naming the key, the source and its shape.
+    """
     mean = tuple(cfg.image.mean)
     if mean and (len(input_shape) < 2 or input_shape[0] != len(mean)):
-        raise StillError(f"data.image.mean has {len(mean)} values but the inputs of {cfg.source!r} have shape "
-                         f"{tuple(input_shape)} (channels first)")
+        channels = f"{input_shape[0]} channel(s)" if len(input_shape) >= 2 else "no channel axis"
+        raise StillError(f"data.image.mean has {len(mean)} values but the {what} of {cfg.source!r} have {channels} "
+                         f"(shape {tuple(input_shape)}, channels first)")
     return mean
 
 
@@ -100,14 +105,11 @@ def image_settings(first: bytes | None, cfg: DataConfig, name: str) -> tuple[dic
     """Resolves ``data.image`` against a dataset's first image: the decode settings and (C, H, W).
 
     Raises:
-        StillError: The image does not decode, or mean/std do not match its channels.
+        StillError: The image does not decode.
     """
     image = {"mode": cfg.image.mode, "resize": cfg.image.resize, "crop": cfg.image.crop}
     pixels = decode_image(first, image, name, cfg.source)
     image["mode"] = "L" if pixels.shape[0] == 1 else "RGB"
-    if cfg.image.mean and len(cfg.image.mean) != pixels.shape[0]:
-        raise StillError(f"data.image.mean has {len(cfg.image.mean)} values but the images of {cfg.source!r} have "
-                         f"{pixels.shape[0]} channel(s) (mode {image['mode']})")
     return image, tuple(pixels.shape)
 
 
