@@ -26,7 +26,7 @@ from still.datasets.inputs import Normalisation, decode_inputs
 from still.datasets.rows import read_rows
 from still.datasets.builtin import BUILTINS, resolve_builtin, resolve_idx_dir
 from still.datasets.cache import cache_root
-from still.datasets.folder import image_files, resolve_image_folder
+from still.datasets.folder import find_image_folder, resolve_image_folder
 from still.datasets.idx import find_idx_files
 from still.datasets.parquet import resolve_parquet
 from still.datasets.spec import DatasetSpec
@@ -67,10 +67,9 @@ def resolve_dataset(cfg: DataConfig) -> DatasetSpec:
     location = resolve(cfg.source)
     if location.is_local and find_idx_files(Path(location.path)) is not None:
         return resolve_idx_dir(Path(location.path), cfg)
-    if location.exists() and not location.fs.isfile(location.path):
-        classes = image_files(location)
-        if classes is not None and not any(p.endswith(".parquet") for p in location.fs.find(location.path)):
-            return resolve_image_folder(location, classes, cfg)
+    folder = find_image_folder(location) if location.exists() else None
+    if folder is not None:
+        return resolve_image_folder(location, folder, cfg)
     return resolve_parquet(cfg)
 
 
