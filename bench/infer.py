@@ -29,7 +29,6 @@ stdout line is one JSON object (also saved to ``bench/results/infer.json``) with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,48 +37,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import save_result  # bench/common.py: these scripts run as python bench/<name>.py
+# bench/common.py: these scripts run as python bench/<name>.py
+from common import log, make_data, make_teacher, run_still, save_result
 
 HERE = Path(__file__).resolve().parent
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def make_data(directory: Path, rows: int, classes: int = 10, files: int = 4, seed: int = 0) -> Path:
-    """Writes ``rows`` rows of (id, features uint8[784], label) as ``files`` Parquet files."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    per_file = -(-rows // files)
-    for index, start in enumerate(range(0, rows, per_file)):
-        stop = min(start + per_file, rows)
-        table_rows = []
-        for chunk in range(start, stop, 50_000):
-            n = min(50_000, stop - chunk)
-            x = rng.integers(0, 256, (n, 784), dtype=np.uint8)
-            table_rows.append(pa.table({
-                "id": np.arange(chunk, chunk + n, dtype=np.int64),
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 784),
-                "label": rng.integers(0, classes, n).astype(np.int64),
-            }))
-        pq.write_table(pa.concat_tables(table_rows), directory / f"part-{index:03d}.parquet",
-                       row_group_size=10_000, compression="zstd", compression_level=1)
-    return directory
-
-
-def make_teacher(path: Path, classes: int, width: int = 1200) -> str:
-    import torch
-
-    from still.checkpoints import save_checkpoint
-    from still.models import build_model
-
-    torch.manual_seed(0)
-    args = {"input_shape": [784], "num_classes": classes, "width": width, "depth": 2}
-    return save_checkpoint(str(path), build_model("mlp", **args), "mlp", args)
 
 
 def plain_loop(data: Path, teacher_uri: str, out: Path, batch_size: int, k: int = 10) -> dict:
@@ -114,51 +77,9 @@ def plain_loop(data: Path, teacher_uri: str, out: Path, batch_size: int, k: int 
     return {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1)}
 
 
-class PeakRss:
-    """Samples the RSS (Linux ``VmRSS``) of one process and of every Ray worker; keeps the peaks."""
-
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
-        import threading
-
-        self.pid, self.interval, self.driver, self.worker = pid, interval, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _rss(pid: str) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.driver = max(self.driver, self._rss(str(self.pid)))
-            for proc in Path("/proc").iterdir():
-                if proc.name.isdigit():
-                    try:
-                        command = (proc / "cmdline").read_bytes()
-                    except OSError:
-                        continue
-                    if command.startswith(b"ray::"):
-                        self.worker = max(self.worker, self._rss(proc.name))
-            self._stop.wait(self.interval)
-
-
-def _cli(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "still.cli", "infer", f"data.source={data}", f"teacher.uri={teacher_uri}",
-            f"store.root={root}", "store.mode=topk", "store.k=10", "tracking.enabled=false", *extra, "--json"]
+def _cli_args(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> list[str]:
+    return ["infer", f"data.source={data}", f"teacher.uri={teacher_uri}", f"store.root={root}", "store.mode=topk",
+            "store.k=10", "tracking.enabled=false", *extra]
 
 
 def still_cold(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> dict:
@@ -168,21 +89,11 @@ def still_cold(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> di
         rows, seconds, rows_per_s, bytes_per_row, and the peak RSS (MiB) of that
         process (the driver) and of its largest Ray worker.
     """
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(_cli(data, teacher_uri, root, extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    with PeakRss(proc.pid) as rss:
-        stdout, stderr = proc.communicate()
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"still infer failed: {stderr[-2000:]}")
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    run = run_still(_cli_args(data, teacher_uri, root, extra))
+    summary, seconds = run["summary"], run["seconds"]
     return {"rows": summary["rows"], "seconds": round(seconds, 2), "rows_per_s": round(summary["rows"] / seconds, 1),
-            "bytes_per_row": summary["bytes_per_row"], "driver_mib": round(rss.driver / 2**20, 1),
-            "worker_mib": round(rss.worker / 2**20, 1)}
+            "bytes_per_row": summary["bytes_per_row"], "driver_mib": run["driver_mib"],
+            "worker_mib": run["worker_mib"]}
 
 
 def still_run(data: Path, teacher_uri: str, root: Path, extra: list[str]) -> dict:

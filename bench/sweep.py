@@ -54,14 +54,14 @@ DATA = {"source": "builtin:digits", "batch_size": 64}
 def train_teacher(out: Path, width: int, epochs: int) -> str:
     from still.config import load_config
     from student_train.config import TrainConfig
-    from student_train.driver import train_job
+    from student_train.driver import JobOptions, train_job
 
     cfg = load_config(TrainConfig, None, [
         f"data.source={DATA['source']}", f"student.width={width}", "student.depth=2", "student.dropout=0.2",
         "kd.weight=0", f"train.epochs={epochs}", f"train.batch_size={DATA['batch_size']}", "train.lr=0.002",
         "scaling.num_workers=0", "tracking.enabled=false", f"train.output_dir={out}",
     ])
-    return train_job(cfg, run_name="bench-teacher", quiet=True, log_model=False)["checkpoint"]
+    return train_job(cfg, run_name="bench-teacher", options=JobOptions(quiet=True, log_model=False))["checkpoint"]
 
 
 def write_store(root: Path, teacher: str) -> tuple[str, float]:
@@ -99,6 +99,8 @@ def sweep(name: str, out: Path, tracking: str, teacher_or_store: list[str], grid
 
 def bare_loop(store: str, grid: dict, epochs: int) -> float:
     """Mean seconds per student of the bare loop: arrays in memory, run_loop, nothing else."""
+    import torch
+
     from still.config import load_config
     from student_train.config import TrainConfig
     from student_train.data import load_split_arrays, resolve_source
@@ -118,7 +120,7 @@ def bare_loop(store: str, grid: dict, epochs: int) -> float:
             arrays = load_split_arrays(source)
             with tempfile.TemporaryDirectory() as tmp:
                 spec = LoopSpec(cfg=cfg, source=source, model_args=student_model_args(cfg, source), quiet=True)
-                run_loop(spec, LocalSession(arrays, tmp))
+                run_loop(spec, LocalSession(arrays, tmp, torch.device("cpu")))
             times.append(time.perf_counter() - started)
     return sum(times) / len(times)
 

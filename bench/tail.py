@@ -39,12 +39,12 @@ DATA = "data.source=builtin:mnist-pairs"
 def train(out: Path, name: str, overrides: list[str]) -> dict:
     from still.config import load_config
     from student_train.config import TrainConfig
-    from student_train.driver import train_job
+    from student_train.driver import JobOptions, train_job
 
     cfg = load_config(TrainConfig, None, [*overrides, "scaling.num_workers=0", "tracking.enabled=false",
                                           f"train.output_dir={out / name}"])
     started = time.perf_counter()
-    summary = train_job(cfg, run_name=name, quiet=True, log_model=False)
+    summary = train_job(cfg, run_name=name, options=JobOptions(quiet=True, log_model=False))
     return {"test_errors": summary["test_errors"], "test_count": summary["test_count"],
             "test_accuracy": summary["student_test_accuracy"], "test_agreement": summary.get("test_agreement"),
             "seconds": round(time.perf_counter() - started, 1)}

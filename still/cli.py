@@ -36,7 +36,9 @@ verbs, with an example each:
   cluster  start or stop a multi-node Ray cluster on this machine
            still cluster local up --workers 1
 
-Every config verb takes --config FILE.yaml, dotted key=value overrides and --json.
+Every config verb takes --config FILE.yaml, dotted key=value overrides, --json,
+--print-config (show the resolved config, run nothing) and --verbose (Ray's own output);
+`still VERB --help` lists the verb's config keys with their types, defaults and docs.
 """
 
 # verb -> (module, function, config class "module:Class") for config-driven verbs.
@@ -52,10 +54,42 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose help can end with text built only when help is shown.
+
+    ``still VERB --help`` lists every config key of the verb; building that list
+    imports the verb's config module, which ``still --help`` and every other command
+    need not pay for.
+    """
+
+    def __init__(self, *args: Any, help_tail: Callable[[], str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_tail = help_tail
+
+    def format_help(self) -> str:
+        """Returns argparse's help plus the lazily built tail (the config keys)."""
+        text = super().format_help()
+        return f"{text}\n{self._help_tail()}" if self._help_tail else text
+
+
+def _config_keys_help(config_ref: str) -> Callable[[], str]:
+    def build() -> str:
+        from still.config_help import format_keys
+
+        return format_keys(_load(config_ref))
+
+    return build
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of config keys")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides (keys listed below)")
     parser.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's internal console output (ray.verbose=true)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML; JSON with --json) and exit without running")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
@@ -67,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
-    for verb in _CONFIG_VERBS:
-        sub = verbs.add_parser(verb, help=f"{verb} (see still --help)")
+    for verb, (_, _, config_ref) in _CONFIG_VERBS.items():
+        sub = verbs.add_parser(verb, help=f"{verb} (see still --help)",
+                               help_tail=_config_keys_help(config_ref))
         _add_config_args(sub)
         if verb == "tune":
             sub.add_argument("--retrain-best", action="store_true",
@@ -81,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="stage.key=value", help="e.g. train.train.epochs=3")
     run.add_argument("--fast", action="store_true", help="use the pipeline's fast settings")
     run.add_argument("--address", default="")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Ray's internal console output in every stage (ray.verbose=true)")
     run.add_argument("--json", action="store_true")
 
     store = verbs.add_parser("store", help="inspect or verify a soft-label store")
@@ -119,17 +156,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dispatch(args: argparse.Namespace) -> dict[str, Any]:
-    if args.verb in _CONFIG_VERBS:
-        module, function, config_ref = _CONFIG_VERBS[args.verb]
-        from still.config import load_config
+def resolve_config(args: argparse.Namespace) -> Any:
+    """Builds a config verb's config from ``--config``, the overrides and the flags.
 
-        overrides = list(args.overrides)
-        if args.address:
-            overrides.append(f"ray.address={args.address}")
-        if getattr(args, "retrain_best", False):
-            overrides.append("tune.retrain_best=true")
-        config = load_config(_load(config_ref), args.config, overrides)
+    ``--address``, ``--verbose`` and ``--retrain-best`` are shorthands for the
+    overrides ``ray.address=…``, ``ray.verbose=true`` and ``tune.retrain_best=true``.
+
+    Args:
+        args: Parsed arguments of ``still infer|train|tune``.
+
+    Returns:
+        The verb's frozen root config.
+
+    Raises:
+        StillError: A bad file, key or value (see :func:`still.config.load_config`).
+    """
+    from still.config import load_config
+
+    _, _, config_ref = _CONFIG_VERBS[args.verb]
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    if getattr(args, "verbose", False):
+        overrides.append("ray.verbose=true")
+    if getattr(args, "retrain_best", False):
+        overrides.append("tune.retrain_best=true")
+    return load_config(_load(config_ref), args.config, overrides)
+
+
+def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.verb in _CONFIG_VERBS:
+        module, function, _ = _CONFIG_VERBS[args.verb]
+        config = resolve_config(args)
+        if getattr(args, "print_config", False):
+            from still.config_help import format_config
+
+            print(format_config(config, as_json=args.json))
+            return None
         return getattr(importlib.import_module(module), function)(config)
     handlers: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
         "run": lambda a: _load("still.pipeline:run_pipeline_cli")(a),
@@ -152,7 +215,14 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``still`` command; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a positional list once: ``a=1 --verbose b=2`` leaves ``b=2`` over.
+    # Overrides after a flag are still overrides; anything else is an error as usual.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         summary = _dispatch(args)
     except StillError as exc:
@@ -162,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("still: interrupted", file=sys.stderr)
         return 130
     sys.stdout.flush()
+    if summary is None:  # --print-config: the config is the whole output
+        return 0
     exit_code = int(summary.pop("_exit_code", 0)) if isinstance(summary, dict) else 0
     _print_summary(summary, getattr(args, "json", False))
     return exit_code

@@ -117,6 +117,8 @@ class RayConfig:
     """Cluster address; empty: $RAY_ADDRESS, else an embedded local cluster."""
     num_cpus: int = 0
     """CPUs of the embedded local cluster; 0: all of this machine's."""
+    verbose: bool = False
+    """Show Ray's internal console output (per-epoch Train reports, Ray Data progress bars)."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:

@@ -215,6 +215,8 @@ def run_pipeline(pipeline: Pipeline, progress: Callable[[str], None] = print) ->
         block.setdefault("ray", {})
         if pipeline.ray.address:
             block["ray"].setdefault("address", pipeline.ray.address)
+        if pipeline.ray.verbose:
+            block["ray"].setdefault("verbose", True)
         config = _build_stage_config(stage, config_ref, block)
         progress(f"== stage {stage.name} ({stage.verb}) ==")
         start = time.perf_counter()
@@ -257,6 +259,8 @@ def run_pipeline_cli(args: Any) -> dict[str, Any]:
     pipeline = parse_pipeline(args.pipeline, list(args.overrides), fast=args.fast)
     if args.address:
         pipeline = dataclasses.replace(pipeline, ray=RayConfig(address=args.address))
+    if getattr(args, "verbose", False):
+        pipeline = dataclasses.replace(pipeline, ray=dataclasses.replace(pipeline.ray, verbose=True))
     init_ray(pipeline.ray)
     outcome = run_pipeline(pipeline)
     uri = tracking_uri(pipeline.tracking)

@@ -1,9 +1,31 @@
-"""Connecting to Ray: an embedded local cluster by default, a real one when named."""
+"""Connecting to Ray: an embedded local cluster by default, a real one when named.
+
+Also what Ray prints on the console. By default (``ray.verbose=false``) a job's console
+carries still's own lines (one per epoch, stage headers, the final table, still's
+warnings) and Ray's warnings and errors (a failing worker's traceback included); Ray's
+INFO chatter ("Reporting training result", "Checkpoint successfully created", Ray Data
+progress bars and execution plans, the startup note on token auth) is off. Ray prints
+from several processes, each set up apart:
+
+- this process (the driver, or a Tune trial that builds a ``TorchTrainer``):
+  :func:`apply_console_settings`, which :func:`init_ray` calls;
+- every other Ray process of the job (Train controller and workers, Ray Data's
+  ``SplitCoordinator`` actors and tasks): the environment of :func:`console_env`, which
+  :func:`init_ray` hands to ``ray.init(runtime_env={"env_vars": ...})``;
+- Ray Train's ``ray.train`` loggers: :func:`train_logging_config` in the ``RunConfig``;
+- the datasets handed to a ``TorchTrainer``: :func:`train_datasets_console`;
+- a Train worker: :func:`quiet_worker_console`, first thing in the worker function.
+
+``ray.verbose=true`` leaves all of it at Ray's defaults. Either way Ray's session logs
+(``/tmp/ray/session_*/logs``) keep Ray Train's system logs at every level; Ray Data's
+``ray-data.log`` keeps warnings only while quiet.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Mapping
 
 from still.config import RayConfig
 
@@ -15,13 +37,150 @@ _embedded_gcs_address: str | None = None
 # workers inherit it), so code running there knows the cluster cannot grow either.
 EMBEDDED_ENV = "STILL_EMBEDDED_RAY_CLUSTER"
 
+_QUIET_ENV = {
+    # The level of Ray Data's ``ray.data`` loggers, read when a process imports ray.data:
+    # drops "Starting execution", "Execution plan", "execution finished" and the non-tty
+    # progress lines in processes still runs no code in (SplitCoordinator, tasks); its
+    # warnings (the pickled-objects fallback, say) still show.
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    # Ray Train 2.60 patches print() in its workers to log through the root logger as
+    # well, and since Ray wraps a worker's sys.stdout the patch also prints the line
+    # itself: every epoch line came out twice. Off, a print is printed once.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+_QUIET_LEVEL = logging.WARNING
+
+
+class _DropNotice(logging.Filter):
+    """Drops a logger's records whose message starts with one of a few known notices."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# Notices that only say what a quiet console means; each filter sits on the one logger
+# that writes it. Ray's note, on every new local cluster, that it turned token auth on by
+# default (its warning that auth is *off* stays); Ray Data's note, once per process, that
+# progress bars are disabled.
+_NOTICES = {
+    "ray._private.authentication.authentication_token_setup":
+        _DropNotice("Token authentication is enabled for this Ray cluster"),
+    "ray.data._internal.progress": _DropNotice("Progress bars disabled"),
+}
+
+
+def console_env(verbose: bool) -> dict[str, str]:
+    """Environment variables that keep Ray's INFO chatter off the console in every Ray
+    process of the job; empty when ``verbose``.
+
+    Variables already set in this process are left out: they are the user's choice,
+    and on a Ray Jobs driver the job's own ``runtime_env`` carries them (``ray.init``
+    refuses a second value for a key the job sets).
+    """
+    if verbose:
+        return {}
+    return {key: value for key, value in _QUIET_ENV.items() if key not in os.environ}
+
+
+def apply_console_settings(verbose: bool) -> None:
+    """Sets what Ray prints from this process; Ray's defaults when ``verbose``.
+
+    Quiet: no Ray Data progress bars and no "Starting execution" lines (the current
+    ``DataContext``, which every dataset created afterwards copies), the ``ray.data``
+    loggers at WARNING, and the notices of ``_NOTICES`` dropped. :func:`init_ray` calls
+    it, before it starts or joins Ray and also when Ray is already up.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    defaults = ray.data.DataContext()
+    ctx.enable_progress_bars = defaults.enable_progress_bars if verbose else False
+    ctx.use_ray_tqdm = defaults.use_ray_tqdm
+    ctx.print_on_execution_start = defaults.print_on_execution_start if verbose else False
+    # Ray Data's own default level: $RAY_DATA_LOG_LEVEL, else DEBUG (its file handler
+    # takes everything, its console handler INFO and above).
+    level: int | str = (os.environ.get("RAY_DATA_LOG_LEVEL") or logging.DEBUG) if verbose else _QUIET_LEVEL
+    logging.getLogger("ray.data").setLevel(level)
+    for name, notice in _NOTICES.items():
+        logging.getLogger(name).removeFilter(notice)
+        if not verbose:
+            logging.getLogger(name).addFilter(notice)
+
+
+def train_datasets_console(datasets: Mapping[str, Any], verbose: bool) -> dict[str, Any]:
+    """The datasets for ``TorchTrainer(datasets=...)``, set to run quietly where Ray
+    Train runs them: in ``SplitCoordinator`` actors and Train workers, which have no
+    terminal. Returns them (the same objects); unchanged when ``verbose``.
+
+    Progress stays on but is not drawn as bars (``use_ray_tqdm=False``): without a
+    terminal Ray Data logs it at INFO instead, below the quiet level of those processes,
+    and says nothing else. Switched off (this process's setting), each of those
+    processes would log, once, that it is off.
+    """
+    if not verbose:
+        for dataset in datasets.values():
+            dataset.context.enable_progress_bars = True
+            dataset.context.use_ray_tqdm = False
+    return dict(datasets)
+
+
+def quiet_worker_console(verbose: bool) -> None:
+    """What Ray prints from a Ray Train worker process; call it first thing in the worker
+    function (``train_loop_per_worker``), before the first ``ray.train.report``.
+
+    :func:`apply_console_settings` (for a cluster set up elsewhere, whose workers lack
+    :func:`console_env`), and quiet: Ray Train's "Reporting training result ..." line,
+    logged on every report by a logger outside ``ray.train`` (named after its file), so
+    that :func:`train_logging_config` does not reach it.
+    """
+    apply_console_settings(verbose)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that module: nothing to quiet there
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.NOTSET if verbose else _QUIET_LEVEL)
+
+
+def train_logging_config(verbose: bool) -> Any:
+    """Ray Train's ``LoggingConfig`` for ``ray.train.RunConfig(logging_config=...)``.
+
+    Quiet: ``ray.train`` logs WARNING and above on the console of the Train controller
+    and workers: no "Checkpoint successfully created", "Started training worker group",
+    "Setting up process group" or "Moving model to device" lines. Ray Train's system log
+    files keep every level.
+    """
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose else logging.getLevelName(_QUIET_LEVEL))
+
+
+def ingest_options() -> Any:
+    """Ray Data ``ExecutionOptions`` for ``ray.train.DataConfig(execution_options=...)``.
+
+    The options Ray Train uses when given none (``DataConfig.default_ingest_options``:
+    the current ``DataContext``'s resource limits, order and progress verbosity), built
+    without ``exclude_resources``: Ray 2.60's default copies that deprecated option and
+    so logs a ``RayDeprecationWarning`` from every ``DatasetManager``.
+    """
+    import ray.data
+
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(resource_limits=current.resource_limits,
+                                     preserve_order=current.preserve_order,
+                                     verbose_progress=current.verbose_progress)
+
 
 def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
     """Starts or joins Ray once per process and returns how it was reached.
 
     Order of precedence: ``address`` (the CLI's ``--address``), ``ray.address`` in the
     config, ``$RAY_ADDRESS``, else an embedded local cluster. A process already
-    connected (a Ray Jobs driver, a test's session fixture) is left as it is.
+    connected (a Ray Jobs driver, a test's session fixture) is left as it is; it still
+    gets this config's console settings (:func:`apply_console_settings`).
 
     Args:
         config: The verb's ``ray`` section.
@@ -34,11 +193,15 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
 
     config = config or RayConfig()
     target = address or config.address or os.environ.get("RAY_ADDRESS", "")
+    apply_console_settings(config.verbose)
     if ray.is_initialized():
         return target or "local"
-    # Workers inherit the driver's environment; keep Ray's own logging quiet on the
-    # console but leave progress bars alone.
+    # Ray's own loggers in this process: warnings and errors. Worker output still reaches
+    # this console (log_to_driver): the epoch lines and workers' errors are printed there.
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    env = console_env(config.verbose)
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     if target:
         ray.init(address=target, **kwargs)
         return target

@@ -4,6 +4,11 @@
 run must carry: the flattened resolved config as params, the git SHA and package
 versions as tags. ``NullTracker`` has the same methods and does nothing; it stands in
 on non-zero ranks and when tracking is disabled, so callers never branch on rank.
+
+Once a run is open, tracking is best effort: a server that goes away mid-run is
+reported once on stderr (``Tracker.lost`` says why) and the job goes on without it,
+never failing a training run that was going well. :func:`attach` gives a training
+worker the same tracker for the driver's run, so rank 0 logs each epoch as it ends.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import functools
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -111,14 +117,49 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def bound_http_retries() -> None:
+    """Caps MLflow's HTTP retries for this process, unless the user set them.
+
+    MLflow's defaults (7 retries, backoff factor 2) make each call to a server that has
+    gone away wait minutes; with 3 retries at factor 1 a lost server costs a run about
+    10 s, once (a lost :class:`Tracker` makes no further calls).
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 class Tracker:
-    """An active MLflow run; thin methods that callers use instead of ``mlflow.*``."""
+    """An active MLflow run; thin methods that callers use instead of ``mlflow.*``.
+
+    Every method is best effort: the first failure (the server went away, say) is
+    printed once to stderr and recorded in :attr:`lost`; later calls do nothing.
+
+    Attributes:
+        lost: Why tracking stopped (empty while it works).
+    """
 
     def __init__(self, client: Any, run_id: str, experiment_id: str, uri: str) -> None:
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.tracking_uri = uri
+        self.lost = ""
+
+    def attempt(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Calls ``fn(*args, **kwargs)`` unless tracking is lost; a failure loses it (reported once).
+
+        Returns:
+            What ``fn`` returned, or None when it was not called or failed.
+        """
+        if self.lost:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # any transport or server error: tracking must not end the job
+            self.lost = f"{what} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            print(f"still: warning: MLflow tracking at {self.tracking_uri} lost ({self.lost}); the job goes on "
+                  f"without it, and run {self.run_id} keeps what was logged before", file=sys.stderr, flush=True)
+            return None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Logs params, stringified and truncated to MLflow's limit."""
@@ -126,7 +167,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:_PARAM_VALUE_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+            self.attempt("log_params", self.client.log_batch, self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Logs numeric metrics at an optional step."""
@@ -137,21 +178,45 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self.attempt("log_metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Sets string tags."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.attempt("set_tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Logs a JSON/YAML-serialisable object as an artifact."""
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self.attempt("log_dict", self.client.log_dict, self.run_id, data, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Logs a local file as an artifact."""
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.attempt("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def end(self, status: str) -> None:
+        """Ends the run with ``status`` (FINISHED, FAILED, KILLED)."""
+        self.attempt("set_terminated", self.client.set_terminated, self.run_id, status=status)
+
+    @property
+    def address(self) -> tuple[str, str]:
+        """``(tracking URI, run id)``: what :func:`attach` needs in another process."""
+        return self.tracking_uri, self.run_id
+
+
+def attach(address: tuple[str, str] | None) -> Tracker | NullTracker:
+    """A tracker for a run another process opened (a training worker logging the driver's run).
+
+    Args:
+        address: :attr:`Tracker.address`, or None (tracking disabled): a NullTracker.
+    """
+    if not address or not address[1]:
+        return NullTracker()
+    import mlflow
+
+    bound_http_retries()
+    uri, run_id = address
+    return Tracker(mlflow.MlflowClient(tracking_uri=uri), run_id, "", uri)
 
 
 class NullTracker:
@@ -160,6 +225,8 @@ class NullTracker:
     run_id = ""
     experiment_id = ""
     tracking_uri = ""
+    lost = ""
+    address = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Does nothing."""
@@ -175,6 +242,13 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Does nothing."""
+
+    def end(self, status: str) -> None:
+        """Does nothing."""
+
+    def attempt(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Calls nothing (there is no run); returns None."""
+        return None
 
 
 @contextlib.contextmanager
@@ -210,6 +284,7 @@ def open_run(
     import mlflow
 
     uri = tracking_uri(tracking)
+    bound_http_retries()
     check_reachable(uri)
     experiment_id = ensure_experiment(uri, experiment_name(tracking, default_experiment))
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -228,7 +303,7 @@ def open_run(
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(run.info.run_id, status=status)
+        tracker.end(status)
 
 
 def ui_command(uri: str) -> str:

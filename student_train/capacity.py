@@ -23,11 +23,9 @@ _EPS = 1e-6
 _MIN_WORKER_CPU = 0.1
 
 
-def worker_demand(cpus_per_worker: float, use_gpu: bool, custom: Mapping[str, float]) -> dict[str, float]:
-    """The resources one training worker reserves."""
-    demand = {"CPU": float(cpus_per_worker), **{k: float(v) for k, v in custom.items()}}
-    if use_gpu:
-        demand["GPU"] = 1.0
+def worker_demand(cpus_per_worker: float, gpus_per_worker: float, custom: Mapping[str, float]) -> dict[str, float]:
+    """The resources one training worker reserves (``gpus_per_worker``: 0, or a share in (0, 1])."""
+    demand = {"CPU": float(cpus_per_worker), "GPU": float(gpus_per_worker), **{k: float(v) for k, v in custom.items()}}
     return {k: v for k, v in demand.items() if v > 0}
 
 

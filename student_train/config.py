@@ -91,8 +91,17 @@ class TrainLoopConfig:
     name: str = ""
     """Run name; empty: derived deterministically from the config."""
     ingest: Literal["auto", "memory", "stream"] = "auto"
-    """Per-worker data: ``memory`` reads the shard once into tensors, ``stream``
-    iterates Ray Data every epoch, ``auto`` picks memory below 1 GiB per worker."""
+    """Per-worker data: ``memory`` reads the worker's share once into tensors (on the GPU
+    when training on one), ``stream`` reads Ray Data every epoch (stores larger than a
+    worker's memory), ``auto`` picks memory when the worker's share of the training
+    rows takes under 1 GiB (``Source.row_bytes`` × rows ÷ workers), else stream."""
+    shuffle_buffer: int = 0
+    """Rows a streaming worker mixes locally (the shards also come in a new random order
+    every epoch); 0: four shards' worth, at least 16 batches, at most 256 MiB of rows."""
+    verify_store: bool = False
+    """Re-read every shard against the manifest (checksums, values, unique ids) before
+    training, as ``still store verify`` does. Off, opening a store checks the manifest,
+    each shard's size and its footer schema (milliseconds)."""
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the job fails."""
     include_val: bool = False
@@ -107,7 +116,11 @@ class ScalingConfig:
     num_workers: tuple[int, ...] = (2,)
     """N workers, or [min, max] for elastic training; 0: in-process (no TorchTrainer)."""
     use_gpu: bool = False
-    """One GPU per worker."""
+    """Train on GPUs: each worker uses one device (``ray.train.torch.get_device()``;
+    in process, the first visible GPU)."""
+    gpus_per_worker: float = 0.0
+    """GPU share each worker reserves, in (0, 1]: 0.25 packs four small students on a GPU.
+    0: 1 when ``use_gpu``; a value > 0 implies ``use_gpu``."""
     cpus_per_worker: float = 0.0
     """CPUs reserved per worker; 0: 1 when the cluster has CPUs to spare, else a fraction.
     Also the torch threads per worker (at least 1; in process: unset keeps torch's default)."""
@@ -127,12 +140,22 @@ class ScalingConfig:
             raise StillError(f"scaling.num_workers [min, max] needs 1 <= min <= max, got {list(self.num_workers)}")
         if self.cpus_per_worker < 0:
             raise StillError(f"scaling.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if not 0 <= self.gpus_per_worker <= 1:
+            raise StillError(f"scaling.gpus_per_worker must be in (0, 1] (0: one GPU when scaling.use_gpu), got "
+                             f"{self.gpus_per_worker:g}: a worker trains on one device; for more GPUs, use more "
+                             "workers (scaling.num_workers)")
         for name, amount in self.resources_per_worker.items():
             if name in ("CPU", "GPU"):
                 raise StillError(f"scaling.resources_per_worker.{name}: set "
-                                 f"{'scaling.cpus_per_worker' if name == 'CPU' else 'scaling.use_gpu'} instead")
+                                 f"{'scaling.cpus_per_worker' if name == 'CPU' else 'scaling.gpus_per_worker'} "
+                                 "instead")
             if not amount > 0:
                 raise StillError(f"scaling.resources_per_worker.{name} must be > 0, got {amount}")
+
+    @property
+    def gpus(self) -> float:
+        """The GPU share of each worker (0: CPU training)."""
+        return self.gpus_per_worker or (1.0 if self.use_gpu else 0.0)
 
     @property
     def in_process(self) -> bool:
@@ -193,6 +216,7 @@ class TrainConfig:
             (self.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.train.weight_decay}"),
             (self.train.jitter >= 0, f"train.jitter must be >= 0, got {self.train.jitter}"),
             (self.train.max_failures >= 0, f"train.max_failures must be >= 0, got {self.train.max_failures}"),
+            (self.train.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.train.shuffle_buffer}"),
         ]
         for ok, message in checks:
             if not ok:

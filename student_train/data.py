@@ -1,25 +1,34 @@
-"""Training data: a store (or several) or a plain dataset, as model-ready arrays per split.
+"""Training data: a store (or several) or a plain dataset, as training arrays per split.
 
 One conversion, :func:`convert_batch`, turns a raw batch (store columns, or a
 dataset's id/features/label/split columns) into the arrays the loop consumes:
 
-    x      float32 (n, *input_shape)   the model input, preprocessed (raw × input_scale)
+    x      (n, prod(input_shape))      the raw input as stored (uint8 pixels stay uint8);
+                                       the training device normalises it
+                                       (``Source.normalisation``: scale, mean/std, shape)
     y      int64 (n,) class ids, -1 when unlabelled; multi-label: int8 (n, C) 0/1, -1 rows unlabelled
-    split  int8 (n,)                   0 train, 1 val, 2 test
+    split  int8 (n,)                   0 train, 1 val, 2 test (dropped once a split is selected)
     t<i>_* the training columns of store i, fixed-width and still sparse
            (``teacher_infer.store.teacher_arrays``: k ids and log-probabilities per row
            for top-k, the padded draws for sampled, C logits only for dense stores)
     f      float32 (n, d)              teacher hint features (stores with ``features`` only)
 
-No dense ``(n, C)`` teacher array is built here, in Ray Data or in the object store:
-the training loop turns the ``t<i>_*`` columns into the teacher's target on its own
-device (``teacher_infer.targets.target_from_columns``).
+Nothing grows before it reaches the worker: no float copy of the inputs, no dense
+``(n, C)`` teacher array in Ray Data or the object store. The loop moves a batch to
+its device and builds the input and the teacher's target there
+(``teacher_infer.targets.target_from_columns``).
 
-Two ways to get there, one conversion: :func:`ray_datasets` builds Ray Data datasets
-(what the TorchTrainer's workers read through ``get_dataset_shard``), and
-:func:`load_split_arrays` reads the same files with plain pyarrow into memory (the
-in-process path: no Ray tasks at all, so Tune trials with fractional CPUs never wait
-on read tasks).
+Two ways to get there, one conversion: :func:`ray_datasets` builds one Ray Data
+dataset per split (what the TorchTrainer's workers read through
+``get_dataset_shard``), and :func:`load_split_arrays` reads the same files with plain
+pyarrow into memory (the in-process path: no Ray tasks at all, so Tune trials with
+fractional CPUs never wait on read tasks).
+
+A store's split dataset reads only the shards whose footer statistics say they hold
+that split (:func:`teacher_infer.store.check_shards`, read once when the store is
+opened), and keeps only that split's rows: val and test cost their own shards, not a
+pass over the store. Streamed training visits the shards in a new random order every
+epoch and mixes rows in the worker's shuffle buffer (``train.shuffle_buffer``).
 
 Ensembles: stores of one dataset share ids; rows are joined by id, each store's
 columns keep their own prefix, and the loss averages the members' probabilities at
@@ -64,6 +73,9 @@ class Source:
         dataset: The source ``DatasetSpec``: what a plain run reads, or what the rows of
             a labels-only store are joined back to for their inputs; None otherwise.
         normalisation: How raw inputs become model inputs (scale, mean/std, shape).
+        shards: The primary store's shards as their footers describe them
+            (``teacher_infer.store.ShardLayout``: rows, split codes present).
+        split_rows: Rows per split name, where known (stores record them).
     """
 
     kind: str
@@ -83,6 +95,8 @@ class Source:
     max_support: tuple[int, ...] = ()
     dataset: Any = None
     normalisation: Any = None
+    shards: tuple[Any, ...] = ()
+    split_rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def labels_only(self) -> bool:
@@ -95,7 +109,8 @@ class Source:
         return self.kind == "store"
 
     def row_bytes(self) -> int:
-        """Bytes of one converted row (x, y, split, teacher columns, f) in memory."""
+        """Bytes of one converted row (x, y, split, teacher columns, f) in memory; an upper bound
+        (inputs counted as 4 bytes a value, though uint8 inputs stay 1)."""
         n = 4 * math.prod(self.input_shape) + 9 + (self.num_classes if self.task == "multilabel" else 0)
         for spec, width in zip(self.teachers, self.max_support):
             value = 2 if spec.dtype == "float16" else 4
@@ -115,18 +130,23 @@ class Source:
         return ["id", "label", "split", "input"] + teacher + (["features"] if self.feature_dim else [])
 
 
-def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = True) -> Source:
+def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = False) -> Source:
     """Opens and checks the stores (or the dataset) before any training starts.
+
+    Every open checks the manifests, each shard's size and footer schema
+    (:func:`teacher_infer.store.check_shards`: milliseconds, no data page read).
 
     Args:
         store_uris: Zero, one or several store URIs.
         data_cfg: The ``data`` section (used when there is no store).
-        verify: Re-read every shard against its manifest (``verify_store``).
+        verify: Also re-read every shard against its manifest (``verify_store``:
+            checksums, values, unique ids), as ``train.verify_store=true`` asks.
 
     Raises:
-        StillError: A store is incomplete, of another format version, fails
-            verification, is labels-only and its source is missing or changed, or the
-            stores of an ensemble disagree on classes or task.
+        StillError: A store is incomplete, of another format version, has a missing,
+            resized or unreadable shard, fails verification, is labels-only and its
+            source is missing or changed, or the stores of an ensemble disagree on
+            classes or task.
     """
     from still.datasets import Normalisation
 
@@ -143,11 +163,12 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
                                              spec.split_column),
             split_rule=dict(spec.split_rule), dataset=spec, normalisation=Normalisation.of(spec),
         )
-    from teacher_infer.store import open_store, source_dataset, verify_store
+    from teacher_infer.store import check_shards, open_store, source_dataset, verify_store
 
-    stores = []
+    stores, layouts = [], []
     for uri in store_uris:
         store = open_store(uri)
+        layouts.append(check_shards(store))
         if verify:
             report = verify_store(uri)
             if not report["ok"]:
@@ -169,6 +190,7 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
         feature_dim = int(first.manifest["storage"].get("feature_dim") or first.manifest.get("feature_dim") or 0)
         if not feature_dim:
             feature_dim = _probe_feature_dim(first)
+    per_split = first.manifest.get("teacher_metrics", {}).get("per_split", {})
     return Source(
         kind="store", name=",".join(s.uri for s in stores),
         inputs=tuple((s.uri, tuple(resolve_path(u) for u in s.shard_uris())) for s in stores),
@@ -176,7 +198,8 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = T
         input_scale=first.input_scale, task=first.task, feature_dim=feature_dim, num_rows=first.num_rows,
         manifests=tuple(s.manifest for s in stores), teachers=tuple(s.soft_labels for s in stores),
         max_support=tuple(s.max_support for s in stores), dataset=dataset,
-        normalisation=Normalisation.of(first.manifest["preprocessing"]),
+        normalisation=Normalisation.of(first.manifest["preprocessing"]), shards=tuple(layouts[0]),
+        split_rows={name: int(per_split.get(name, {}).get("rows", 0)) for name in SPLITS} if per_split else {},
     )
 
 
@@ -225,14 +248,14 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
         ids = _numpy(batch[id_col])
         source_split = _numpy(batch[split_col]) if split_col and split_col in batch else None
         return {
-            "x": _model_inputs(decode_inputs(batch[feat], source.dataset), source),
+            "x": _raw_inputs(decode_inputs(batch[feat], source.dataset), source),
             "y": labels_to_numpy(batch[label_col], source.task, source.num_classes),
             "split": assign_splits(ids, source_split, source.split_rule).astype(np.int8),
         }
     from teacher_infer.store import teacher_arrays
 
     out = {
-        "x": _model_inputs(column_matrix(batch["input"]), source),
+        "x": _raw_inputs(column_matrix(batch["input"]), source),
         "y": labels_to_numpy(batch["label"], source.task, source.num_classes),
         "split": _numpy(batch["split"]).astype(np.int8),
     }
@@ -245,13 +268,13 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
     return out
 
 
-def _model_inputs(raw: np.ndarray, source: Source) -> np.ndarray:
-    """float32 model inputs of raw rows: the store's (or dataset's) normalisation, as the teacher had it."""
+def _raw_inputs(raw: np.ndarray, source: Source) -> np.ndarray:
+    """Raw input rows, flat, in their stored dtype (the device normalises them: ``Source.normalisation``)."""
     per_row = math.prod(source.input_shape)
     if raw.size != len(raw) * per_row:
         raise StillError(f"inputs of {source.name!r}: rows of {raw.size // max(len(raw), 1)} values, expected "
                          f"{per_row} {tuple(source.input_shape)}")
-    return source.normalisation.apply_numpy(raw)
+    return np.ascontiguousarray(raw.reshape(len(raw), per_row))
 
 
 def _numpy(values: Any) -> np.ndarray:
@@ -271,9 +294,12 @@ def _numpy(values: Any) -> np.ndarray:
 
 def load_split_arrays(source: Source, splits: Sequence[str] = ("train", "val", "test"),
                       *, include_val: bool = False) -> dict[str, dict[str, np.ndarray]]:
-    """Reads the whole source with pyarrow and returns ``{split: arrays}`` (in-process path).
+    """Reads the whole source once with pyarrow and returns ``{split: arrays}`` (in-process path).
 
     ``include_val``: the ``train`` arrays hold the train and val rows (``train.include_val``).
+
+    Raises:
+        StillError: A shard cannot be read (named, with the store).
     """
     import pyarrow.parquet as pq
 
@@ -281,8 +307,8 @@ def load_split_arrays(source: Source, splits: Sequence[str] = ("train", "val", "
 
     tables = []
     for index, (fs_uri, paths) in enumerate(source.inputs):
-        if index == 0 and source.labels_only:
-            tables.append(pa.concat_tables(_joined_shard(i, source) for i in range(len(paths))))
+        if index == 0 and source.kind == "store":
+            tables.append(pa.concat_tables(read_store_shard(source, i) for i in range(len(paths))))
             continue
         fs = resolve(fs_uri).arrow_fs()
         tables.append(pq.read_table(list(paths), columns=source.read_columns(index), filesystem=fs))
@@ -294,12 +320,12 @@ def load_split_arrays(source: Source, splits: Sequence[str] = ("train", "val", "
             batch.update({name: values[rows] for name, values in _member_columns(table, source, index).items()
                           if name != "id"})
     arrays = convert_batch(batch, source)
-    return {name: select_split(arrays, _codes(name, include_val)) for name in splits}
+    return {name: select_split(arrays, split_codes(name, include_val)) for name in splits}
 
 
-def _codes(split: str, include_val: bool) -> int | tuple[int, ...]:
-    """The split codes a named split selects (train+val for ``train`` with include_val)."""
-    return (SPLITS["train"], SPLITS["val"]) if split == "train" and include_val else SPLITS[split]
+def split_codes(split: str, include_val: bool = False) -> tuple[int, ...]:
+    """The split codes a named split selects (train and val for ``train`` with include_val)."""
+    return (SPLITS["train"], SPLITS["val"]) if split == "train" and include_val else (SPLITS[split],)
 
 
 def _align(ids: np.ndarray, other_ids: np.ndarray, name: str) -> np.ndarray:
@@ -312,69 +338,117 @@ def _align(ids: np.ndarray, other_ids: np.ndarray, name: str) -> np.ndarray:
     return order[pos]
 
 
-def select_split(arrays: Mapping[str, np.ndarray], code: int | tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Keeps the rows of one split (0 train, 1 val, 2 test), or of several."""
-    keep = np.isin(arrays["split"], code)
-    return {k: np.ascontiguousarray(v[keep]) for k, v in arrays.items()}
+def select_split(arrays: Mapping[str, np.ndarray], codes: Sequence[int]) -> dict[str, np.ndarray]:
+    """The rows of the given split codes (0 train, 1 val, 2 test), without the ``split`` column."""
+    keep = np.isin(arrays["split"], list(codes))
+    return {k: np.ascontiguousarray(v[keep]) for k, v in arrays.items() if k != "split"}
+
+
+def read_store_shard(source: Source, index: int, codes: Sequence[int] | None = None) -> pa.Table:
+    """Shard ``index`` of the primary store (inputs joined from the source when labels-only).
+
+    Args:
+        source: A store source.
+        index: The shard's position in the manifest.
+        codes: Keep only the rows of these split codes (None: all rows).
+
+    Raises:
+        StillError: The shard cannot be read or decoded: names the store and the shard,
+            and says to run ``still store verify`` (a shard can be truncated or
+            rewritten after the store was opened, in the middle of training).
+    """
+    import pyarrow.compute as pc
+
+    from still.storage import resolve
+    from teacher_infer.store import Store, read_joined_shard
+
+    store = Store(resolve(source.inputs[0][0]), dict(source.manifests[0]))
+    name = store.manifest["shards"][index]["name"]
+    try:
+        table = read_joined_shard(store, index, source.read_columns(0), source.dataset)
+    except StillError:
+        raise
+    except Exception as exc:  # a corrupt shard raises several Arrow and OS error types
+        raise StillError(f"store {store.uri!r}: shard {name} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc)[:120]}); run still store verify {store.uri}") from None
+    if codes is not None:
+        table = table.filter(pc.is_in(table["split"], value_set=pa.array(list(codes), pa.int8())))
+    return table
 
 
 # --------------------------------------------------------------------------- Ray Data
 
 
-def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False) -> dict[str, Any]:
-    """Builds ``{"train", "val", "test"}`` Ray Data datasets of converted arrays.
+def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False,
+                 shuffle: bool = False) -> dict[str, Any]:
+    """Builds ``{"train", "val", "test"}`` Ray Data datasets of training arrays.
 
     Args:
         source: The resolved source.
         materialize: Execute once now and keep the converted blocks in the object
             store (small data: no read tasks competing with train workers for CPUs).
         include_val: ``train`` holds the train and val rows (``train.include_val``).
+        shuffle: The ``train`` dataset of a store visits its shards in a new random
+            order on every pass (streamed training).
     """
+    converted = _dataset_pipeline(source) if source.kind == "dataset" else None
+    if converted is not None and materialize:
+        converted = converted.materialize()  # split rules need every row: convert once, select thrice
+    datasets = {}
+    for name in SPLITS:
+        codes = split_codes(name, include_val)
+        if converted is not None:
+            ds = converted.map_batches(_select_for_ray, fn_kwargs={"codes": codes}, batch_format="pyarrow",
+                                       batch_size=None, zero_copy_batch=True)
+        else:
+            ds = _store_split_pipeline(source, codes, shuffle=shuffle and name == "train")
+        # materialised here, on the driver: no map task left to compete with the workers for CPUs
+        datasets[name] = ds.materialize() if materialize else ds
+    return datasets
+
+
+def _store_split_pipeline(source: Source, codes: Sequence[int], *, shuffle: bool) -> Any:
+    """One split of a store: a read task per shard that holds the split, converted to training arrays."""
+    import ray.data
+
+    shards = [i for i, layout in enumerate(source.shards) if set(layout.splits) & set(codes)]
+    items = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=max(1, len(shards)))
+    if shuffle:
+        items = items.randomize_block_order()  # reshuffled on every execution: a new shard order each epoch
+    ds = items.map_batches(_read_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
+                           batch_size=1, batch_format="pyarrow")
+    for index in range(1, len(source.inputs)):
+        ds = ds.join(_member_pipeline(source, index), join_type="inner", num_partitions=max(1, len(shards)),
+                     on=("id",))
+    return ds.map_batches(_convert_for_ray, fn_kwargs={"source": source},
+                          batch_format="pyarrow", batch_size=4096, zero_copy_batch=True)
+
+
+def _dataset_pipeline(source: Source) -> Any:
     import ray.data
 
     from still.storage import resolve
 
-    def read(index: int):
-        fs_uri, paths = source.inputs[index]
-        if index == 0 and source.labels_only:
-            # one task per shard: the store shard and its source rows, joined by position
-            shards = ray.data.from_items([{"shard": i} for i in range(len(paths))], override_num_blocks=len(paths))
-            return shards.map_batches(_joined_for_ray, fn_kwargs={"source": source}, batch_size=1,
-                                      batch_format="pyarrow")
-        return ray.data.read_parquet(list(paths), filesystem=resolve(fs_uri).arrow_fs(),
-                                     columns=source.read_columns(index))
-
-    ds = read(0)
-    for index in range(1, len(source.inputs)):
-        member = read(index).map_batches(
-            _member_columns, fn_kwargs={"source": source, "index": index},
-            batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-        )
-        ds = ds.join(member, join_type="inner", num_partitions=max(1, len(source.inputs[0][1])), on=("id",))
-    converted = ds.map_batches(
-        _convert_for_ray, fn_kwargs={"source": source},
-        batch_format="pyarrow", batch_size=4096, zero_copy_batch=True,
-    )
-    if materialize:
-        converted = converted.materialize()
-    return {
-        name: converted.map_batches(_select_for_ray, fn_kwargs={"code": _codes(name, include_val)},
-                                    batch_format="numpy", batch_size=None, zero_copy_batch=True)
-        for name in SPLITS
-    }
+    fs_uri, paths = source.inputs[0]
+    ds = ray.data.read_parquet(list(paths), filesystem=resolve(fs_uri).arrow_fs(), columns=source.read_columns(0))
+    return ds.map_batches(_convert_for_ray, fn_kwargs={"source": source, "keep_split": True},
+                          batch_format="pyarrow", batch_size=4096, zero_copy_batch=True)
 
 
-def _joined_shard(index: int, source: Source) -> pa.Table:
-    """Shard ``index`` of a labels-only primary store with its inputs read from the source."""
-    from teacher_infer.store import Store, read_joined_shard
+def _member_pipeline(source: Source, index: int) -> Any:
+    """An ensemble member's ids and teacher columns (every shard: members are sharded their own way)."""
+    import ray.data
+
     from still.storage import resolve
 
-    store = Store(resolve(source.inputs[0][0]), dict(source.manifests[0]))
-    return read_joined_shard(store, index, source.read_columns(0), source.dataset)
+    fs_uri, paths = source.inputs[index]
+    ds = ray.data.read_parquet(list(paths), filesystem=resolve(fs_uri).arrow_fs(), columns=source.read_columns(index))
+    return ds.map_batches(_member_columns, fn_kwargs={"source": source, "index": index},
+                          batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
-def _joined_for_ray(batch: Any, source: Source) -> pa.Table:
-    return pa.concat_tables([_joined_shard(int(i), source) for i in batch["shard"].to_pylist()])
+def _read_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...]) -> pa.Table:
+    return pa.concat_tables([read_store_shard(source, int(i), codes) for i in batch["shard"].to_pylist()])
 
 
 def _member_columns(table: Any, source: Source, index: int) -> dict[str, np.ndarray]:
@@ -386,11 +460,28 @@ def _member_columns(table: Any, source: Source, index: int) -> dict[str, np.ndar
     return {"id": _numpy(table["id"]), **arrays}
 
 
-def _convert_for_ray(table: Any, source: Source) -> dict[str, np.ndarray]:
-    return convert_batch({c: table[c] for c in table.column_names}, source)
+def _convert_for_ray(table: Any, source: Source, keep_split: bool = False) -> pa.Table:
+    arrays = convert_batch({c: table[c] for c in table.column_names}, source)
+    if not keep_split:
+        arrays.pop("split")
+    return arrow_table(arrays)
 
 
-def _select_for_ray(batch: Mapping[str, np.ndarray], code: int | tuple[int, ...]) -> dict[str, np.ndarray]:
-    return select_split(batch, code)
+def _select_for_ray(table: pa.Table, codes: tuple[int, ...]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    keep = pc.is_in(table["split"], value_set=pa.array(list(codes), pa.int8()))
+    return table.filter(keep).drop_columns(["split"])
 
 
+def arrow_table(arrays: Mapping[str, np.ndarray]) -> pa.Table:
+    """Training arrays as an Arrow table of Ray tensor columns.
+
+    Built here rather than by Ray from numpy: Ray makes tensor columns only of
+    non-empty arrays, and falls back to pickling the column for a block where a split
+    has no rows. A tensor column stays one whether or not the block is empty.
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({name: ArrowTensorArray.from_numpy(value) if value.ndim > 1 else pa.array(value)
+                     for name, value in arrays.items()})

@@ -1,44 +1,114 @@
 """``still train``: distil a student from a soft-label store (or train one supervised).
 
-Reads top to bottom: validate everything that can be checked (store, classes,
-family, init, tracking) → open the MLflow run → train (Ray Train V2 ``TorchTrainer``
-on N workers, or in this process) → export the student → log and summarise.
+Reads top to bottom: :func:`prepare_job` checks everything that can be checked
+(tracking, store, classes, family, init, batch size, devices) → the MLflow run opens →
+:func:`fit` trains (Ray Train V2 ``TorchTrainer`` on N workers, or in this process),
+rank 0 logging every epoch to the run as it ends → the student is exported → the
+summary is logged and returned.
 
     still train store.uri=stores/<key> student.family=mlp student.width=800 \\
         kd.temperature=20 kd.weight=0.9 train.epochs=8 scaling.num_workers=2 --json
     still train data.source=builtin:digits student.width=1200 kd.weight=0   # a teacher / baseline
 
-Tune trials call :func:`train_job` (see docs/internals.md, "Training").
+Tune trials call :func:`train_job` with :class:`JobOptions` (see docs/internals.md, "Training").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from still.config import flatten, to_dict
-from still.errors import StillError
+from still.errors import StillError, carried_still_error
 from still.models import build_model, count_parameters
 from still.tracking import check_reachable, open_run, tracking_uri
 from student_train.config import TrainConfig
 from student_train.data import Source, load_split_arrays, ray_datasets, resolve_source
 from student_train.export import (latency_ms, load_init_state, log_mlflow_model, model_bytes, save_student,
                                   student_from_state)
-from student_train.loop import STATE_FILE, LocalSession, LoopSpec, run_loop, train_loop_per_worker
+from student_train.loop import STATE_FILE, LocalSession, LoopSpec, local_device, run_loop, train_loop_per_worker
 
 DEFAULT_EXPERIMENT = "still-train"
-MEMORY_INGEST_LIMIT = 1 << 30  # bytes per worker below which `ingest: auto` reads shards into memory
+MEMORY_INGEST_LIMIT = 1 << 30  # bytes per worker below which `ingest: auto` reads its share into memory
+SHUFFLE_BUFFER_BYTES = 256 << 20  # the most a streaming worker's automatic shuffle buffer holds
 _NAME_EXCLUDES = ("train.resume", "train.output_dir", "train.name", "tracking.", "ray.", "register.",
-                  "scaling.", "train.max_failures", "train.ingest")
+                  "scaling.", "train.max_failures", "train.ingest", "train.verify_store", "train.shuffle_buffer")
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedData:
+    """A source resolved once and its split arrays put in Ray's object store once, for many jobs.
+
+    A sweep builds one (``tuning.driver``); every in-process trial reads the arrays
+    zero-copy from the object store instead of opening and loading the store again.
+
+    Attributes:
+        source: The resolved :class:`~student_train.data.Source`.
+        arrays: ``ray.put`` of ``load_split_arrays(source)``; None: the store is too
+            large for memory and each trial streams it.
+    """
+
+    source: Source
+    arrays: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    """How a job runs and what it keeps, beyond its config (``still train`` takes the defaults).
+
+    Attributes:
+        parent_run_id: Makes the MLflow run a child (Tune sweeps).
+        report_to_tune: Report every epoch's metrics to Ray Tune (``ray.tune.report``
+            in process; ``TuneReportCallback`` with a TorchTrainer), so schedulers such
+            as ASHA can stop the trial.
+        in_process: Train in this process without a TorchTrainer (one worker, same
+            loop); None: when ``scaling.num_workers`` is 0.
+        quiet: No per-epoch lines.
+        load_teacher: False: never load the store's teacher (for its size and latency
+            figures); sweeps pass False, so no trial ever touches the teacher.
+        log_model: False: skip the MLflow model (``mlflow.pytorch.log_model`` infers pip
+            requirements, ~10 s); sweep trials keep only the still checkpoint.
+        shared: Data resolved once for many jobs (:class:`SharedData`), or None.
+    """
+
+    parent_run_id: str = ""
+    report_to_tune: bool = False
+    in_process: bool | None = None
+    quiet: bool = False
+    load_teacher: bool = True
+    log_model: bool = True
+    shared: SharedData | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A checked job: its config and everything derived from it before training starts."""
+
+    cfg: TrainConfig
+    run_name: str
+    options: JobOptions
+    source: Source
+    model_args: dict[str, Any]
+    init_state: dict[str, torch.Tensor] | None
+    init_report: dict[str, Any] | None
+    teacher_payload: Any
+    output_dir: Path
+    in_process: bool
+    ingest: str
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where Ray Train (or the in-process loop) keeps this run's checkpoints."""
+        return self.output_dir / "ray"
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -62,51 +132,68 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{s.family}-w{width}-d{s.depth}-{kind}-T{kd.temperature:g}-l{kd.weight:g}-s{cfg.train.seed}-{digest}"
 
 
-def train_job(
-    cfg: TrainConfig,
-    *,
-    run_name: str,
-    parent_run_id: str = "",
-    tune_report: bool = False,
-    on_report: Callable[[dict[str, Any]], None] | None = None,
-    in_process: bool | None = None,
-    quiet: bool = False,
-    load_teacher: bool = True,
-    log_model: bool = True,
-) -> dict[str, Any]:
+def train_job(cfg: TrainConfig, *, run_name: str, options: JobOptions = JobOptions()) -> dict[str, Any]:
     """Trains one student end to end; what ``still train`` and Tune trials run.
 
     Args:
         cfg: The resolved config.
         run_name: Deterministic name: the MLflow run name, the Ray Train run name and
             the default output directory ``runs/<run_name>``.
-        parent_run_id: Makes the MLflow run a child (Tune sweeps).
-        tune_report: Report every epoch's metrics to Ray Tune (``ray.tune.report``
-            in process; ``TuneReportCallback`` with a TorchTrainer), so schedulers
-            such as ASHA can stop the trial.
-        on_report: Called with every epoch's metrics (in-process path only).
-        in_process: Train in this process without a TorchTrainer (one worker, same
-            loop); None: when ``scaling.num_workers`` is 0.
-        quiet: No per-epoch lines.
-        load_teacher: False: never load the store's teacher (for its size and latency
-            figures); sweeps pass False, so no trial ever touches the teacher.
-        log_model: False: skip the MLflow model (``mlflow.pytorch.log_model`` infers pip
-            requirements, ~10 s); sweep trials keep only the still checkpoint.
+        options: How to run it (:class:`JobOptions`).
 
     Returns:
         The summary: ``run_id``, ``checkpoint``, ``student_test_accuracy``,
         ``teacher_test_accuracy``, ``student_params``, ``teacher_params``, ``test_errors``,
-        ``seconds``, ``val_accuracy``, ``history`` (per-epoch metrics) and more.
+        ``seconds``, ``val_accuracy``, ``history`` (per-epoch metrics) and more;
+        ``tracking_lost`` says why MLflow stopped recording, when it did.
 
     Raises:
-        StillError: Bad input, found before training starts.
+        StillError: Bad input, found before training starts; a store shard that cannot
+            be read while training (named).
     """
     started = time.perf_counter()
-    in_process = cfg.scaling.in_process if in_process is None else in_process
-    # 1. Validate everything that can be checked up front.
+    job = prepare_job(cfg, run_name, options)
+    with open_run(cfg, cfg.tracking, default_experiment=DEFAULT_EXPERIMENT, run_name=run_name,
+                  parent_run_id=options.parent_run_id, tags=_tags(job.source, cfg)) as tracker:
+        final, state = fit(job, tracker.address)
+        student = student_from_state(state["net"], cfg.student.family, job.model_args)
+        summary = summarise(job, student, final, list(state["history"]), export_student(job, student))
+        tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if _is_number(summary.get(k))},
+                            step=int(final.get("epoch", cfg.train.epochs)))
+        tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "summary.json")
+        logged = {"model_uri": None, "registered_version": None}
+        if options.log_model:
+            logged = tracker.attempt("log_model", log_mlflow_model, tracker, student, job.source.input_shape,
+                                     cfg.register.name, cfg.register.alias) or logged
+        summary.update(run_id=tracker.run_id or None, model_uri=logged["model_uri"],
+                       registered_version=logged["registered_version"], tracking_uri=tracker.tracking_uri or None,
+                       tracking_lost=tracker.lost or None, ingest=_ingest_name(job))
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    (job.output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _ingest_name(job: Job) -> str:
+    """How the job read its data: ``memory``, ``stream``, or ``shared`` (a sweep's arrays in the object store)."""
+    shared = job.options.shared
+    return "shared" if job.in_process and shared is not None and shared.arrays is not None else job.ingest
+
+
+def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
+    """Checks everything that can be checked before a run opens, and derives the job from the config.
+
+    Raises:
+        StillError: Unreachable tracking, a bad store or dataset, classes the student
+            does not match, a hint without stored features, an init of another family,
+            a batch larger than the training split, a GPU this process cannot see.
+    """
+    in_process = cfg.scaling.in_process if options.in_process is None else options.in_process
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking))
-    source = resolve_source(cfg.store.uri, cfg.data)
+    if options.shared is not None and not cfg.train.verify_store:
+        source = options.shared.source
+    else:
+        source = resolve_source(cfg.store.uri, cfg.data, verify=cfg.train.verify_store)
     if cfg.kd.hint_weight > 0 and not source.feature_dim:
         raise StillError("kd.hint_weight > 0 needs a store with a features column "
                          "(write one with still infer teacher.feature_layer=<layer>)")
@@ -114,59 +201,52 @@ def train_job(
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
         raise StillError(f"student.num_classes={cfg.student.num_classes} but the "
                          f"{'store' if source.has_teacher else 'data'} {source.name!r} has {source.num_classes} classes")
+    workers = 1 if in_process else cfg.scaling.max_workers
+    shared_arrays = in_process and options.shared is not None and options.shared.arrays is not None
+    ingest = "memory" if shared_arrays else choose_ingest(cfg, source, workers)
+    if ingest == "stream":
+        _check_batch_fits(cfg, source, workers)
+    if in_process and cfg.scaling.gpus and not torch.cuda.is_available():
+        raise StillError("scaling.use_gpu: training in process (scaling.num_workers=0), and this process sees no "
+                         "CUDA device")
     model_args = student_model_args(cfg, source)
-    probe = build_model(cfg.student.family, **dict(model_args))
+    build_model(cfg.student.family, **dict(model_args))  # a family that cannot take these arguments fails here
     init_state, init_report = None, None
     if cfg.student.init:
         init_state, init_report = load_init_state(cfg.student.init, cfg.student.family, model_args,
                                                   tracking_uri(cfg.tracking))
-    teacher_payload = None
-    if cfg.kd.online_teacher:
-        teacher_payload = _online_teacher(cfg, source)
+    teacher_payload = _online_teacher(cfg, source) if cfg.kd.online_teacher else None
     output_dir = Path(cfg.train.output_dir or Path("runs") / run_name).resolve()
-    storage_path = output_dir / "ray"
-    if not cfg.train.resume and (storage_path / run_name).exists():
-        shutil.rmtree(storage_path / run_name)  # a fresh run of the same name: drop the old run's checkpoints
+    job = Job(cfg, run_name, options, source, model_args, init_state, init_report, teacher_payload, output_dir,
+              in_process, ingest)
+    if not cfg.train.resume and (job.checkpoint_root / run_name).exists():
+        shutil.rmtree(job.checkpoint_root / run_name)  # a fresh run of the same name: drop the old run's checkpoints
+    return job
 
-    # 2. One MLflow run for the job.
-    tags = _tags(source, cfg)
-    with open_run(cfg, cfg.tracking, default_experiment=DEFAULT_EXPERIMENT, run_name=run_name,
-                  parent_run_id=parent_run_id, tags=tags) as tracker:
-        # 3. Train.
-        spec = LoopSpec(cfg=cfg, source=source, model_args=model_args, init_state=init_state,
-                        teacher=teacher_payload, quiet=quiet, pid_dir=os.environ.get("STILL_TRAIN_PID_DIR", ""))
-        if in_process:
-            final, state = _fit_in_process(spec, storage_path / run_name, tune_report, on_report)
-        else:
-            final, state = _fit_ray(spec, run_name, storage_path, tune_report)
-        history = list(state["history"])
-        # 4. Export.
-        student = student_from_state(state["net"], cfg.student.family, model_args)
-        meta = {"input_scale": source.input_scale, "class_names": list(source.class_names),
-                "task": source.task, "run_name": run_name, "config": to_dict(cfg),
-                "teacher_fingerprints": [m["teacher"]["fingerprint"] for m in source.manifests]}
-        paths = save_student(student, cfg.student.family, model_args, meta, output_dir)
-        # 5. Log and summarise.
-        for entry in history:
-            tracker.log_metrics({k: v for k, v in entry.items() if _is_number(v) and not k.startswith("test_")},
-                                step=int(entry["epoch"]))
-        summary = _summary(cfg, source, student, final, history, paths, run_name, output_dir, teacher_payload,
-                           load_teacher=load_teacher)
-        summary["init"] = init_report
-        tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if _is_number(summary.get(k))},
-                            step=int(final.get("epoch", cfg.train.epochs)))
-        tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "summary.json")
-        logged = {"model_uri": None, "registered_version": None}
-        if log_model:
-            logged = log_mlflow_model(tracker, student, source.input_shape, cfg.register.name, cfg.register.alias)
-        summary["run_id"] = tracker.run_id or None
-        summary["model_uri"] = logged["model_uri"]
-        summary["registered_version"] = logged["registered_version"]
-        summary["tracking_uri"] = tracker.tracking_uri or None
-    del probe
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary
+
+def _check_batch_fits(cfg: TrainConfig, source: Source, workers: int) -> None:
+    """Refuses to stream batches larger than a worker's share of the training rows.
+
+    Every epoch would be one partial batch, shuffled within itself only: no training
+    a user means. (In memory such a batch is a full-batch step, which is a choice.)
+    """
+    if not source.split_rows:
+        return
+    rows = source.split_rows["train"] + (source.split_rows["val"] if cfg.train.include_val else 0)
+    if cfg.train.batch_size > rows // max(1, workers):
+        share = f", {rows // workers} per worker of {workers}" if workers > 1 else ""
+        raise StillError(f"train.batch_size={cfg.train.batch_size} is larger than the training split of "
+                         f"{source.name!r} ({rows} rows{share}) that train.ingest=stream would stream: every epoch "
+                         "would be one partial batch; lower train.batch_size, or use train.ingest=memory")
+
+
+def export_student(job: Job, student: torch.nn.Module) -> dict[str, str]:
+    """Saves the student (still checkpoint + TorchScript) under the job's output directory."""
+    source = job.source
+    meta = {"input_scale": source.input_scale, "class_names": list(source.class_names),
+            "task": source.task, "run_name": job.run_name, "config": to_dict(job.cfg),
+            "teacher_fingerprints": [m["teacher"]["fingerprint"] for m in source.manifests]}
+    return save_student(student, job.cfg.student.family, job.model_args, meta, job.output_dir)
 
 
 _FINAL_METRICS = ("student_test_accuracy", "teacher_test_accuracy", "test_errors", "test_nll", "student_params",
@@ -235,18 +315,62 @@ def _tags(source: Source, cfg: TrainConfig) -> dict[str, str]:
 # --------------------------------------------------------------------------- fitting
 
 
-def _fit_in_process(spec: LoopSpec, checkpoint_dir: Path, tune_report: bool,
-                    on_report: Callable[[dict[str, Any]], None] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    callbacks = [c for c in (on_report,) if c is not None]
-    if tune_report:
+def fit(job: Job, tracking: tuple[str, str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trains the job's student; returns the last reported metrics and the final checkpoint state.
+
+    Args:
+        job: The checked job.
+        tracking: The MLflow run's ``Tracker.address`` (rank 0 logs each epoch), or None.
+    """
+    spec = LoopSpec(cfg=job.cfg, source=job.source, model_args=job.model_args, init_state=job.init_state,
+                    teacher=job.teacher_payload, quiet=job.options.quiet, tracking=tracking if tracking else None)
+    if job.in_process:
+        return _fit_in_process(job, spec)
+    return _fit_ray(job, spec)
+
+
+def choose_ingest(cfg: TrainConfig, source: Source, workers: int) -> str:
+    """``train.ingest``, with ``auto`` resolved: memory while a worker's share stays under ``MEMORY_INGEST_LIMIT``."""
+    if cfg.train.ingest != "auto":
+        return cfg.train.ingest
+    return "memory" if source.num_rows / max(1, workers) * source.row_bytes() < MEMORY_INGEST_LIMIT else "stream"
+
+
+def shuffle_buffer_rows(cfg: TrainConfig, source: Source, per_worker_batch: int) -> int:
+    """``train.shuffle_buffer``, with 0 resolved: four shards' rows, at least 16 batches, at most 256 MiB."""
+    if cfg.train.shuffle_buffer:
+        return cfg.train.shuffle_buffer
+    shard_rows = source.num_rows / max(1, len(source.shards) or 1)
+    cap = max(per_worker_batch, SHUFFLE_BUFFER_BYTES // max(1, source.row_bytes()))
+    return int(min(cap, max(16 * per_worker_batch, 4 * shard_rows)))
+
+
+def _fit_in_process(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    cfg = job.cfg
+    if cfg.scaling.cpus_per_worker:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    shared = job.options.shared
+    spec.ingest = job.ingest
+    if spec.ingest == "memory":
+        if shared is not None and shared.arrays is not None:
+            import ray
+
+            splits: Mapping[str, Any] = ray.get(shared.arrays)
+        else:
+            splits = load_split_arrays(spec.source, include_val=cfg.train.include_val)
+    else:
+        from still.ray_setup import init_ray
+
+        init_ray(cfg.ray)
+        spec.shuffle_buffer = shuffle_buffer_rows(cfg, spec.source, cfg.train.batch_size)
+        splits = ray_datasets(spec.source, materialize=False, include_val=cfg.train.include_val, shuffle=True)
+    on_report = None
+    if job.options.report_to_tune:
         import ray.tune
 
-        callbacks.append(lambda metrics: ray.tune.report(metrics))
-    if spec.cfg.scaling.cpus_per_worker:
-        torch.set_num_threads(max(1, int(spec.cfg.scaling.cpus_per_worker)))
-    arrays = load_split_arrays(spec.source, include_val=spec.cfg.train.include_val)
-    session = LocalSession(arrays, str(checkpoint_dir),
-                           on_report=(lambda m: [c(m) for c in callbacks]) if callbacks else None)
+        on_report = ray.tune.report
+    session = LocalSession(splits, str(job.checkpoint_root / job.run_name), local_device(cfg.scaling.gpus > 0),
+                           on_report=on_report)
     final = run_loop(spec, session)
     state = session.restore()
     if state is None:
@@ -254,35 +378,30 @@ def _fit_in_process(spec: LoopSpec, checkpoint_dir: Path, tune_report: bool,
     return final, state
 
 
-def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: bool
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
-    import ray
+def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from still.ray_setup import connected_to_embedded_cluster, init_ray
+    from still.ray_setup import (connected_to_embedded_cluster, ingest_options, init_ray, train_datasets_console,
+                                 train_logging_config)
     from student_train.capacity import check_workers_fit, worker_demand
 
-    cfg = spec.cfg
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    cfg = job.cfg
     init_ray(cfg.ray)
     workers = cfg.scaling.max_workers
-    rows_per_worker = spec.source.num_rows / workers
-    ingest = cfg.train.ingest
-    if ingest == "auto":
-        ingest = "memory" if rows_per_worker * spec.source.row_bytes() < MEMORY_INGEST_LIMIT else "stream"
-    cpus = cfg.scaling.cpus_per_worker or _auto_cpus(workers, streaming=ingest == "stream")
-    check_workers_fit(worker_demand(cpus, cfg.scaling.use_gpu, cfg.scaling.resources_per_worker),
-                      cfg.scaling.placement_strategy, cfg.scaling.num_workers[0], workers,
-                      streaming=ingest == "stream", embedded=connected_to_embedded_cluster())
-    spec.ingest = ingest
+    spec.ingest = job.ingest
+    streaming = spec.ingest == "stream"
+    cpus = cfg.scaling.cpus_per_worker or _auto_cpus(workers, streaming=streaming)
+    demand = worker_demand(cpus, cfg.scaling.gpus, cfg.scaling.resources_per_worker)
+    check_workers_fit(demand, cfg.scaling.placement_strategy, cfg.scaling.num_workers[0], workers,
+                      streaming=streaming, embedded=connected_to_embedded_cluster())
     spec.threads = max(1, int(cpus))
-    datasets = ray_datasets(spec.source, materialize=ingest == "memory",
-                            include_val=cfg.train.include_val)
-    if ingest == "memory":
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    spec.shuffle_buffer = shuffle_buffer_rows(cfg, spec.source, max(1, cfg.train.batch_size // workers))
+    datasets = train_datasets_console(ray_datasets(spec.source, materialize=not streaming,
+                                                   include_val=cfg.train.include_val, shuffle=streaming),
+                                      cfg.ray.verbose)
     callbacks = []
-    if tune_report:
+    if job.options.report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
@@ -290,23 +409,24 @@ def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: boo
         train_loop_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.ray_num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cpus, **cfg.scaling.resources_per_worker},
+            num_workers=cfg.scaling.ray_num_workers, use_gpu=cfg.scaling.gpus > 0,
+            resources_per_worker={k: v for k, v in demand.items()},
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage_path),
+            name=job.run_name, storage_path=str(job.checkpoint_root),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            logging_config=train_logging_config(cfg.ray.verbose),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise StillError(f"training failed after {cfg.train.max_failures} restart(s): {str(exc).splitlines()[0]}") from exc
+        raise StillError(f"training failed after {cfg.train.max_failures} restart(s): {_failure_reason(exc)}") from None
     if result.checkpoint is None:
         raise StillError("training produced no checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -315,6 +435,15 @@ def _fit_ray(spec: LoopSpec, run_name: str, storage_path: Path, tune_report: boo
     if "test_accuracy" not in final and state["history"]:
         final = dict(state["history"][-1])
     return final, state
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The line that says why a Train run failed: a still error raised in a worker, else the first line."""
+    carried = carried_still_error(exc)
+    if carried is not None:
+        return str(carried)
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _auto_cpus(workers: int, *, streaming: bool) -> float:
@@ -332,9 +461,11 @@ def _auto_cpus(workers: int, *, streaming: bool) -> float:
 # --------------------------------------------------------------------------- summary
 
 
-def _summary(cfg: TrainConfig, source: Source, student: torch.nn.Module, final: Mapping[str, Any],
-             history: list[dict[str, Any]], paths: Mapping[str, str], run_name: str, output_dir: Path,
-             teacher_payload: Any, *, load_teacher: bool = True) -> dict[str, Any]:
+def summarise(job: Job, student: torch.nn.Module, final: Mapping[str, Any], history: list[dict[str, Any]],
+              paths: Mapping[str, str]) -> dict[str, Any]:
+    """The job's summary: student against teacher (accuracy, size, latency), test metrics, where things are."""
+    cfg, source, run_name, output_dir = job.cfg, job.source, job.run_name, job.output_dir
+    teacher_payload, load_teacher = job.teacher_payload, job.options.load_teacher
     teacher_acc, teacher_params, teacher_bytes, teacher_latency = None, None, None, None
     teacher_model = None
     if source.manifests:
@@ -391,6 +522,7 @@ def _summary(cfg: TrainConfig, source: Source, student: torch.nn.Module, final: 
         "run_name": run_name,
         "store_key": ",".join(m["key"] for m in source.manifests) or None,
         "history": history,
+        "init": job.init_report,
     }
 
 

@@ -1,27 +1,18 @@
 """Held-out metrics: accuracy, NLL and top-1 agreement with the teacher.
 
-Works on in-memory arrays or on any iterable of converted batches (``x``, ``y``, and
-the teacher columns a ``teacher_of`` callable turns into the teacher's targets), so
-the in-process path and Ray Data shards share it.
+Works on any iterable of device batches (``x``, ``y``, and the teacher columns a
+``teacher_of`` callable turns into the teacher's targets), so the in-process path and
+Ray Data shards share it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from student_train.losses import multilabel_teacher_logits, teacher_top1
-
-
-def batches_of(arrays: Mapping[str, np.ndarray], batch_size: int = 4096) -> Iterable[dict[str, torch.Tensor]]:
-    """Splits in-memory arrays into tensor batches, in order."""
-    n = len(arrays["y"])
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    for start in range(0, n, batch_size):
-        yield {k: v[start : start + batch_size] for k, v in tensors.items()}
 
 
 @torch.no_grad()
@@ -31,18 +22,17 @@ def evaluate(
     *,
     multilabel: bool = False,
     teacher_of: Callable[[Mapping[str, Any]], Any] | None = None,
-    device: torch.device | str = "cpu",
 ) -> dict[str, float | int | None]:
     """Evaluates ``model`` (put in eval mode, restored after) on labelled batches.
 
     Args:
         model: Maps ``x`` to logits.
-        batches: Mappings with ``x``, ``y`` and whatever ``teacher_of`` reads.
+        batches: Mappings with ``x`` (the model input), ``y`` and whatever ``teacher_of``
+            reads, as tensors on the model's device.
         multilabel: Per-class sigmoid outputs: accuracy is per label, NLL is BCE, plus
             micro/macro F1 and mean average precision.
         teacher_of: Returns a batch's teacher (targets of ``teacher_infer.targets``, a
             list for an ensemble) or None.
-        device: Where the model lives.
 
     Returns:
         ``accuracy``, ``nll`` (mean over labelled rows), ``errors`` and ``count``
@@ -58,7 +48,6 @@ def evaluate(
     scores, truths = [], []
     try:
         for batch in batches:
-            batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
             x, y = batch["x"], batch["y"]
             logits = model(x).float()
             teacher = teacher_of(batch) if teacher_of is not None else None

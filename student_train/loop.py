@@ -1,18 +1,25 @@
 """The per-worker training loop, written once for both ways of running it.
 
 ``run_loop(spec, session)`` is the whole loop: build the student (plus a hint
-projector), restore the last checkpoint if there is one, then per epoch train on
-this worker's shard, evaluate on the validation split (rank 0), report metrics and a
+projector) on the session's device, restore the last checkpoint if there is one,
+then per epoch train on this worker's shard, evaluate on the validation split
+(rank 0), log the epoch to MLflow (rank 0, as it ends), report metrics and a
 checkpoint (model, optimizer, epoch, metrics history, config). The *session* hides
 where it runs:
 
 - :class:`RaySession` inside a Ray Train V2 worker (``train_loop_per_worker``): data
-  from ``ray.train.get_dataset_shard``, DDP through ``prepare_model``, reports and
-  checkpoints through ``ray.train.report`` (so ``FailureConfig`` restarts and
-  ``train.resume`` continue from the last epoch).
+  from ``ray.train.get_dataset_shard``, device and DDP from ``ray.train.torch``,
+  reports and checkpoints through ``ray.train.report`` (so ``FailureConfig`` restarts
+  and ``train.resume`` continue from the last epoch).
 - :class:`LocalSession` in the calling process (``scaling.num_workers=0``, and
-  Tune trials that want no TorchTrainer start-up): in-memory arrays, a checkpoint
-  file, a Python callback per report.
+  Tune trials that want no TorchTrainer start-up): in-memory arrays (or Ray Data
+  iterators for a store too large for memory), a checkpoint file, a Python callback
+  per report.
+
+One device per worker holds everything: the model, every batch (moved with
+``non_blocking`` from pinned memory on CUDA), the loss sums, the evaluation and the
+online teacher. Inputs travel as stored (uint8 pixels stay uint8) and are normalised
+on that device.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import dataclasses
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -29,14 +37,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from still.errors import StillError, carried_still_error
 from still.models import build_model
+from still.ray_setup import quiet_worker_console
+from still.tracking import attach
 from student_train.config import TrainConfig
 from student_train.data import Source, teacher_prefix
-from student_train.evaluate import batches_of, evaluate
+from student_train.evaluate import evaluate
 from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss
 from teacher_infer.targets import DenseTarget, target_from_columns
 
 STATE_FILE = "state.pt"
+EVAL_BATCH = 4096
 
 
 @dataclasses.dataclass
@@ -52,8 +64,9 @@ class LoopSpec:
         ingest: ``memory`` or ``stream``.
         threads: torch intra-op threads per worker (0: leave torch's default).
         quiet: No per-epoch progress line.
-        pid_dir: When set (the driver's ``$STILL_TRAIN_PID_DIR``), each Ray worker writes
-            its pid to ``<pid_dir>/rank<N>.pid`` (fault-injection tests kill it).
+        tracking: ``Tracker.address`` of the job's MLflow run (rank 0 logs every epoch
+            to it as the epoch ends), or None.
+        shuffle_buffer: Rows in a streaming worker's shuffle buffer.
     """
 
     cfg: TrainConfig
@@ -64,7 +77,8 @@ class LoopSpec:
     ingest: str = "memory"
     threads: int = 0
     quiet: bool = False
-    pid_dir: str = ""
+    tracking: tuple[str, str] | None = None
+    shuffle_buffer: int = 0
 
 
 class Net(nn.Module):
@@ -86,47 +100,87 @@ class Net(nn.Module):
 # --------------------------------------------------------------------------- feeders
 
 
-class MemoryFeeder:
-    """A split held as tensors; shuffled batches by index, no per-batch conversion."""
+def device_batch(batch: Mapping[str, Any], device: torch.device, source: Source) -> dict[str, torch.Tensor]:
+    """A batch on ``device``, its raw ``x`` normalised into the model input there."""
+    out = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+    out["x"] = source.normalisation.apply(out["x"])
+    return out
 
-    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items() if k != "split"}
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        # Arrays shared through Ray's object store are read-only; training never writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+class MemoryFeeder:
+    """A split held as tensors; shuffled batches by index, no per-batch conversion.
+
+    On CUDA the split is moved to the device once (``memory`` ingest is for splits of
+    at most ``MEMORY_INGEST_LIMIT`` bytes), so batches cost an index, not a copy.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], device: torch.device, source: Source) -> None:
+        self.device = device
+        self.source = source
+        self.tensors = {k: v.to(device) for k, v in _tensors(arrays).items()}
         self.rows = len(self.tensors["y"])
 
     def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
         """Yields shuffled batches covering every row once."""
-        order = torch.randperm(self.rows, generator=generator)
+        order = torch.randperm(self.rows, generator=generator).to(self.device)
         for start in range(0, self.rows, batch_size):
             index = order[start : start + batch_size]
-            yield {k: v.index_select(0, index) for k, v in self.tensors.items()}
+            yield device_batch({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.device,
+                               self.source)
 
     def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yields all rows in order, in large batches (evaluation)."""
-        yield from batches_of({k: v.numpy() for k, v in self.tensors.items()})
+        for start in range(0, self.rows, EVAL_BATCH):
+            yield device_batch({k: v[start : start + EVAL_BATCH] for k, v in self.tensors.items()}, self.device,
+                               self.source)
 
 
 class StreamFeeder:
-    """A Ray Data shard iterated every epoch (data larger than memory)."""
+    """A Ray Data iterator read every epoch (data larger than memory).
 
-    def __init__(self, shard: Any, shuffle_buffer: int = 10_000) -> None:
-        self.shard = shard
+    Args:
+        iterator: A ``DataIterator`` (a Train worker's shard, or a dataset's iterator).
+        device: Where batches go (pinned host memory first on CUDA).
+        source: The source (its normalisation).
+        shuffle_buffer: Rows mixed locally; the shards themselves come in a new random
+            order every epoch (``data.ray_datasets(shuffle=True)``).
+    """
+
+    def __init__(self, iterator: Any, device: torch.device, source: Source, shuffle_buffer: int) -> None:
+        self.iterator = iterator
+        self.device = device
+        self.source = source
         self.shuffle_buffer = shuffle_buffer
+
+    def _batches(self, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        cuda = self.device.type == "cuda"
+        try:
+            for batch in self.iterator.iter_torch_batches(device=self.device, pin_memory=cuda, **kwargs):
+                yield device_batch(batch, self.device, self.source)
+        except StillError:
+            raise
+        except Exception as exc:  # a read task's StillError (a shard gone bad) arrives wrapped by Ray Data
+            carried = carried_still_error(exc)
+            if carried is None:
+                raise
+            raise carried from None
 
     def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
         """Yields locally shuffled batches streamed from the shard."""
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        for batch in self.shard.iter_torch_batches(
-            batch_size=batch_size, local_shuffle_buffer_size=self.shuffle_buffer, local_shuffle_seed=seed,
-            prefetch_batches=4,
-        ):
-            batch.pop("split", None)
-            yield batch
+        yield from self._batches(batch_size=batch_size, local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                 local_shuffle_seed=seed if self.shuffle_buffer else None, prefetch_batches=4)
 
     def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yields all rows, in large batches."""
-        for batch in self.shard.iter_torch_batches(batch_size=4096, prefetch_batches=2):
-            batch.pop("split", None)
-            yield batch
+        yield from self._batches(batch_size=EVAL_BATCH, prefetch_batches=2)
 
 
 def read_shard(shard: Any) -> dict[str, np.ndarray]:
@@ -141,28 +195,48 @@ def read_shard(shard: Any) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- sessions
 
 
+def local_device(use_gpu: bool) -> torch.device:
+    """The device of an in-process run: the first visible GPU when ``use_gpu``, else the CPU.
+
+    Raises:
+        RuntimeError: ``use_gpu`` without a visible CUDA device (the driver checks
+            this before training; a Tune trial gets its GPU through CUDA_VISIBLE_DEVICES).
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("scaling.use_gpu: no CUDA device is visible to this process")
+    return torch.device("cuda", 0)
+
+
 class LocalSession:
-    """Runs the loop in this process on in-memory arrays.
+    """Runs the loop in this process.
 
     Args:
-        arrays: ``{"train"|"val"|"test": arrays}`` from ``data.load_split_arrays``.
+        splits: ``{"train"|"val"|"test": arrays}`` from ``data.load_split_arrays``, or
+            ``{split: ray.data.Dataset}`` to stream (a store too large for memory).
         checkpoint_dir: Where ``state.pt`` is kept (the latest epoch only).
+        device: Where the model and batches live (:func:`local_device`).
         on_report: Called with each epoch's metrics (e.g. ``ray.tune.report``).
     """
 
     rank = 0
     world_size = 1
 
-    def __init__(self, arrays: Mapping[str, Mapping[str, np.ndarray]], checkpoint_dir: str,
+    def __init__(self, splits: Mapping[str, Any], checkpoint_dir: str, device: torch.device,
                  on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.arrays = arrays
+        self.splits = splits
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.device = device
         self.on_report = on_report
         self.last_metrics: dict[str, Any] = {}
 
-    def feeder(self, split: str) -> MemoryFeeder:
-        """The split as tensors."""
-        return MemoryFeeder(self.arrays[split])
+    def feeder(self, split: str, spec: LoopSpec) -> MemoryFeeder | StreamFeeder:
+        """The split as tensors, or streamed."""
+        data = self.splits[split]
+        if isinstance(data, Mapping):
+            return MemoryFeeder(data, self.device, spec.source)
+        return StreamFeeder(data.iterator(), self.device, spec.source, spec.shuffle_buffer)
 
     def restore(self) -> dict[str, Any] | None:
         """The last saved state, if any."""
@@ -170,8 +244,8 @@ class LocalSession:
         return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
     def prepare(self, net: nn.Module) -> nn.Module:
-        """Nothing to wrap in one process."""
-        return net
+        """Moves the model to the session's device (nothing to wrap in one process)."""
+        return net.to(self.device)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         """Saves the state atomically, then hands the metrics on."""
@@ -190,18 +264,22 @@ class RaySession:
 
     def __init__(self, ingest: str) -> None:
         import ray.train
+        import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.ingest = ingest
+        self.device = ray.train.torch.get_device()
 
-    def feeder(self, split: str) -> MemoryFeeder | StreamFeeder:
+    def feeder(self, split: str, spec: LoopSpec) -> MemoryFeeder | StreamFeeder:
         """This worker's shard of ``split`` (train is split across workers; val and test are not)."""
         import ray.train
 
         shard = ray.train.get_dataset_shard(split)
-        return MemoryFeeder(read_shard(shard)) if self.ingest == "memory" else StreamFeeder(shard)
+        if self.ingest == "memory":
+            return MemoryFeeder(read_shard(shard), self.device, spec.source)
+        return StreamFeeder(shard, self.device, spec.source, spec.shuffle_buffer)
 
     def restore(self) -> dict[str, Any] | None:
         """The state of the latest reported checkpoint (after a restart or on resume)."""
@@ -214,7 +292,7 @@ class RaySession:
             return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
     def prepare(self, net: nn.Module) -> nn.Module:
-        """DDP (and device placement) through Ray Train."""
+        """Places the model on this worker's device and wraps it in DDP (Ray Train)."""
         import ray.train.torch
 
         return ray.train.torch.prepare_model(net)
@@ -234,27 +312,27 @@ class RaySession:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (``TorchTrainer(train_loop_per_worker=...)``)."""
     spec: LoopSpec = config["spec"]
+    quiet_worker_console(spec.cfg.ray.verbose)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    session = RaySession(spec.ingest)
-    if spec.pid_dir:
-        Path(spec.pid_dir).mkdir(parents=True, exist_ok=True)
-        (Path(spec.pid_dir) / f"rank{session.rank}.pid").write_text(str(os.getpid()))
-    run_loop(spec, session)
+    run_loop(spec, RaySession(spec.ingest))
 
 
 # --------------------------------------------------------------------------- the loop
 
 
 def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Shifts each image of ``x`` (n, C, H, W) by a random (dy, dx) in [−pixels, pixels], zero fill."""
+    """Shifts each image of ``x`` (n, C, H, W) by a random (dy, dx) in [−pixels, pixels], zero fill.
+
+    The shifts are drawn from ``generator`` on the CPU (the same shifts on any device).
+    """
     n, _, height, width = x.shape
     padded = F.pad(x, (pixels, pixels, pixels, pixels)).permute(0, 2, 3, 1)
-    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
-    rows = dy[:, None] + torch.arange(height)
-    cols = dx[:, None] + torch.arange(width)
-    shifted = padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
+    rows = dy[:, None] + torch.arange(height, device=x.device)
+    cols = dx[:, None] + torch.arange(width, device=x.device)
+    shifted = padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
     return shifted.permute(0, 3, 1, 2).contiguous()
 
 
@@ -269,7 +347,7 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
 
 
 def build_net(spec: LoopSpec) -> Net:
-    """The student (seeded, initialised from ``init_state``) and its hint projector."""
+    """The student (seeded, initialised from ``init_state``) and its hint projector, on the CPU."""
     cfg = spec.cfg
     torch.manual_seed(cfg.train.seed)
     student = build_model(cfg.student.family, **dict(spec.model_args))
@@ -281,6 +359,98 @@ def build_net(spec: LoopSpec) -> Net:
     return Net(student, projector)
 
 
+@dataclasses.dataclass
+class Model:
+    """The placed model, its optimizer and where a restored run left off.
+
+    Attributes:
+        net: The unwrapped student + projector (what checkpoints hold).
+        model: ``net`` as trained: on the session's device, DDP-wrapped under Ray Train.
+        optimizer: Built after placement, its state restored after placement too (state
+            loaded earlier stays on the CPU while the parameters move).
+        start_epoch: Epochs already done (0 for a fresh run).
+        history: The metrics of those epochs.
+    """
+
+    net: Net
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    start_epoch: int
+    history: list[dict[str, Any]]
+
+
+def place_model(spec: LoopSpec, session: Any) -> Model:
+    """Builds the net, restores the last checkpoint, places it, then builds and restores the optimizer."""
+    net = build_net(spec)
+    state = session.restore()
+    if state is not None:
+        net.load_state_dict(state["net"])
+    model = session.prepare(net)
+    optimizer = make_optimizer(spec.cfg, net.parameters())
+    if state is None:
+        return Model(net, model, optimizer, 0, [])
+    optimizer.load_state_dict(state["optimizer"])
+    return Model(net, model, optimizer, int(state["epoch"]), list(state["history"]))
+
+
+class Targets:
+    """Builds a batch's teacher targets on the batch's device: one per store, or the online teacher's."""
+
+    def __init__(self, spec: LoopSpec, device: torch.device) -> None:
+        self.source = spec.source
+        self.teacher = spec.teacher.load() if spec.teacher is not None else None
+        if isinstance(self.teacher, (nn.Module, torch.jit.ScriptModule)):
+            self.teacher = self.teacher.to(device)
+
+    @property
+    def present(self) -> bool:
+        """True when the loss has a teacher signal."""
+        return self.source.has_teacher or self.teacher is not None
+
+    def __call__(self, batch: Mapping[str, Any]) -> list[Any] | None:
+        if self.teacher is not None:
+            with torch.no_grad():
+                return [DenseTarget(self.teacher(batch["x"]), self.source.task)]
+        if not self.source.has_teacher:
+            return None
+        device = batch["x"].device
+        return [target_from_columns(batch, spec, prefix=teacher_prefix(i), device=device)
+                for i, spec in enumerate(self.source.teachers)]
+
+
+def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, generator: torch.Generator,
+                batch_size: int, device: torch.device) -> dict[str, float]:
+    """One pass over this worker's training shard; returns the epoch's mean losses and its samples."""
+    cfg, source = spec.cfg, spec.source
+    loss_fn = multilabel_kd_loss if source.task == "multilabel" else kd_loss
+    T, lam, beta = cfg.kd.temperature, cfg.kd.weight, cfg.kd.hint_weight
+    image = len(source.input_shape) == 3 and cfg.train.jitter > 0
+    placed.model.train()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    zero = torch.zeros((), device=device)
+    steps = samples = 0
+    for batch in train.epoch(batch_size, generator):
+        x, y = batch["x"], batch["y"]
+        if image:
+            x = jitter(x, cfg.train.jitter, generator)
+            batch = {**batch, "x": x}  # an online teacher sees the jittered input too
+        logits, projected = placed.model(x)
+        terms = loss_fn(logits, targets(batch) if targets.present else None, y, T, lam, cfg.kd.tail)
+        loss, hint = terms["loss"], zero
+        if projected is not None:
+            hint = hint_loss(projected, batch["f"])
+            loss = loss + beta * hint
+        placed.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        placed.optimizer.step()
+        sums += torch.stack([loss.detach(), terms["ce"].detach(), terms["kl"].detach(), hint.detach()]).double()
+        steps += 1
+        samples += len(y)
+    mean = (sums / max(1, steps)).tolist()
+    return {"train_loss": mean[0], "train_ce": mean[1], "train_kl": mean[2], "train_hint": mean[3],
+            "samples": samples}
+
+
 def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     """Trains for ``train.epochs`` (continuing from the session's last checkpoint).
 
@@ -288,100 +458,67 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
         The last reported metrics (the final epoch's carry the test metrics).
     """
     cfg, source = spec.cfg, spec.source
-    net = build_net(spec)
-    optimizer = make_optimizer(cfg, net.parameters())
-    start_epoch, history = 0, []
-    state = session.restore()
-    if state is not None:
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-    resumed_from = start_epoch
-    model = session.prepare(net)
-    teacher = spec.teacher.load() if spec.teacher is not None else None
+    placed = place_model(spec, session)
+    resumed_from, history = placed.start_epoch, placed.history
+    targets = Targets(spec, session.device)
+    tracker = attach(spec.tracking) if session.rank == 0 else attach(None)
     multilabel = source.task == "multilabel"
-    loss_fn = multilabel_kd_loss if multilabel else kd_loss
-    use_teacher = source.has_teacher or teacher is not None
-    T, lam, beta = cfg.kd.temperature, cfg.kd.weight, cfg.kd.hint_weight
-    image = len(source.input_shape) == 3 and cfg.train.jitter > 0
     per_worker_batch = max(1, cfg.train.batch_size // max(1, session.world_size))
-    train = session.feeder("train")
+    train = session.feeder("train", spec)
     held_out: dict[str, Any] = {}
-
-    def teacher_of(batch: Mapping[str, Any]) -> list[Any] | None:
-        """The batch's teacher targets, built on the batch's device: one per store, or the online teacher's."""
-        if teacher is not None:
-            with torch.no_grad():
-                return [DenseTarget(teacher(batch["x"]), source.task)]
-        if not source.has_teacher:
-            return None
-        device = batch["x"].device
-        return [target_from_columns(batch, spec, prefix=teacher_prefix(i), device=device)
-                for i, spec in enumerate(source.teachers)]
 
     def eval_split(split: str) -> dict[str, Any]:
         if split not in held_out:
-            held_out[split] = session.feeder(split)
-        return evaluate(net.student, held_out[split].ordered(), multilabel=multilabel, teacher_of=teacher_of)
+            held_out[split] = session.feeder(split, spec)
+        return evaluate(placed.net.student, held_out[split].ordered(), multilabel=multilabel, teacher_of=targets)
 
     def state_now(epoch: int) -> dict[str, Any]:
         return {
-            "net": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "net": placed.net.state_dict(), "optimizer": placed.optimizer.state_dict(), "epoch": epoch,
             "history": history, "config": _plain_config(cfg), "family": cfg.student.family,
             "model_args": dict(spec.model_args),
         }
 
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(placed.start_epoch, cfg.train.epochs):
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 101 + session.rank)
-        model.train()
-        sums = torch.zeros(4, dtype=torch.float64)
-        steps = samples = 0
         started = time.perf_counter()
-        for batch in train.epoch(per_worker_batch, generator):
-            x, y = batch["x"], batch["y"]
-            if image:
-                x = jitter(x, cfg.train.jitter, generator)
-                batch = {**batch, "x": x}  # an online teacher sees the jittered input too
-            targets = teacher_of(batch) if use_teacher else None
-            logits, projected = model(x)
-            terms = loss_fn(logits, targets, y, T, lam, cfg.kd.tail)
-            loss = terms["loss"]
-            hint = torch.zeros((), dtype=loss.dtype)
-            if projected is not None:
-                hint = hint_loss(projected, batch["f"])
-                loss = loss + beta * hint
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack([loss.detach(), terms["ce"].detach(), terms["kl"].detach(), hint.detach()]).double()
-            steps += 1
-            samples += len(y)
+        losses = train_epoch(spec, placed, train, targets, generator, per_worker_batch, session.device)
         seconds = time.perf_counter() - started
-        mean = (sums / max(1, steps)).tolist()
+        samples = losses.pop("samples")
         metrics = {
-            "epoch": epoch + 1, "train_loss": mean[0], "train_ce": mean[1], "train_kl": mean[2],
-            "train_hint": mean[3], "epoch_s": seconds,
+            "epoch": epoch + 1, **losses, "epoch_s": seconds,
             "samples_per_s": samples * session.world_size / seconds if seconds > 0 else 0.0,
             "world_size": session.world_size, "resumed_from": resumed_from,
         }
         if session.rank == 0:
-            val = eval_split("val")
-            metrics.update(val_accuracy=val["accuracy"], val_nll=val["nll"], agreement=val["agreement"])
-            if multilabel:
-                metrics.update(val_f1_micro=val["f1_micro"], val_f1_macro=val["f1_macro"], val_mean_ap=val["mean_ap"])
+            metrics.update(_val_metrics(eval_split("val"), multilabel))
             if epoch + 1 == cfg.train.epochs:
                 metrics.update(_test_metrics(eval_split("test")))
             history.append(dict(metrics))
+            tracker.log_metrics(loggable(metrics), step=epoch + 1)
         session.report(metrics, state_now(epoch + 1) if session.rank == 0 else None)
         if session.rank == 0 and not spec.quiet:
             print(_epoch_line(metrics, cfg.train.epochs), flush=True)
-    if start_epoch >= cfg.train.epochs:  # resumed a finished run: report the test metrics again
-        metrics = dict(history[-1]) if history else {"epoch": start_epoch}
+    if placed.start_epoch >= cfg.train.epochs:  # resumed a finished run: report the test metrics again
+        metrics = dict(history[-1]) if history else {"epoch": placed.start_epoch}
         metrics["resumed_from"] = resumed_from
         if session.rank == 0:
             metrics.update(_test_metrics(eval_split("test")))
         session.report(metrics, None)
+    return metrics
+
+
+def loggable(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The epoch metrics MLflow gets: finite numbers, test metrics left to the job's summary."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and not k.startswith("test_")}
+
+
+def _val_metrics(val: Mapping[str, Any], multilabel: bool) -> dict[str, Any]:
+    metrics = {"val_accuracy": val["accuracy"], "val_nll": val["nll"], "agreement": val["agreement"]}
+    if multilabel:
+        metrics.update(val_f1_micro=val["f1_micro"], val_f1_macro=val["f1_macro"], val_mean_ap=val["mean_ap"])
     return metrics
 
 
@@ -408,4 +545,3 @@ def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
     from still.config import to_dict
 
     return to_dict(cfg)
-

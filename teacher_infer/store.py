@@ -24,13 +24,15 @@ Reader API used by training and tuning::
     store.soft_labels                         # SoftLabelSpec: mode, k, grid, task…
     arrays = teacher_arrays(batch, store.soft_labels, store.max_support)  # fixed-width, sparse, on the CPU
     target = teacher_infer.targets.target_from_columns(arrays, store.soft_labels)  # on the device
-    verify_store(uri) -> {"ok": bool, "problems": [...]}
+    layouts = check_shards(store)             # every open: sizes, footer schemas, split codes
+    verify_store(uri) -> {"ok": bool, "problems": [...]}   # on demand: every byte
     dataset = source_dataset(store)           # labels-only: the source, fingerprint-checked
     table = read_joined_shard(store, 0, columns, dataset)   # a shard with its inputs
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -553,6 +555,79 @@ def verify_store(uri: str) -> dict[str, Any]:
         if len(dup):
             problems.append(f"{len(dup)} duplicate ids (e.g. {dup[:3].tolist()})")
     return {"ok": not problems, "problems": problems, "rows": total, "shards": len(store.manifest["shards"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+    """What a shard's footer says, read by :func:`check_shards` when a store is opened for training.
+
+    Attributes:
+        name: The shard's file name.
+        rows: Its row count.
+        splits: The split codes its rows may hold (from the ``split`` column's min/max statistics).
+    """
+
+    name: str
+    rows: int
+    splits: tuple[int, ...]
+
+
+def check_shards(store: Store) -> list[ShardLayout]:
+    """Cheap integrity on every open: each listed shard exists at its recorded size, with the format's schema.
+
+    Reads one directory listing and each shard's Parquet footer (in parallel threads, so
+    a remote store costs one round trip per shard, not per byte); no data page is read.
+    :func:`verify_store` is the full check (checksums, values, unique ids).
+
+    Returns:
+        Per shard, in manifest order, its :class:`ShardLayout`.
+
+    Raises:
+        StillError: Naming the store and the first shard that is missing, of another
+            size than the manifest records, unreadable, or of another schema or row count.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = expected_schema_columns(store.manifest)
+    shards = store.manifest["shards"]
+    infos = store.location.fs.ls(store.location.path, detail=True)
+    sizes = {posixpath.basename(str(info["name"]).rstrip("/")): info.get("size") for info in infos}
+
+    def footer(shard: Mapping[str, Any]) -> ShardLayout:
+        name = shard["name"]
+        if name not in sizes:
+            raise StillError(f"store {store.uri!r}: shard {name} is missing (still store verify checks the rest)")
+        if sizes[name] != shard["bytes"]:
+            raise StillError(f"store {store.uri!r}: shard {name} has {sizes[name]} bytes, the manifest records "
+                             f"{shard['bytes']} (truncated or rewritten; run still store verify)")
+        loc = store.location.join(name)
+        try:
+            with loc.fs.open(loc.path, "rb") as handle:
+                meta = pq.ParquetFile(handle).metadata
+        except Exception as exc:  # a corrupt footer raises several Arrow error types
+            raise StillError(f"store {store.uri!r}: shard {name} is unreadable ({type(exc).__name__}: "
+                             f"{str(exc)[:80]}); run still store verify") from None
+        columns = meta.schema.to_arrow_schema().names
+        if columns != expected or meta.num_rows != shard["rows"]:
+            raise StillError(f"store {store.uri!r}: shard {name} holds {meta.num_rows} rows of columns {columns}; "
+                             f"the manifest records {shard['rows']} rows of {expected}")
+        return ShardLayout(name, meta.num_rows, _split_codes(meta, columns.index("split")))
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
+        return list(pool.map(footer, shards))
+
+
+def _split_codes(meta: pq.FileMetaData, column: int) -> tuple[int, ...]:
+    """The split codes a shard may hold: every code within its row groups' min/max statistics."""
+    codes: set[int] = set()
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(column).statistics
+        if meta.row_group(group).num_rows == 0:
+            continue
+        if stats is None or not stats.has_min_max:
+            return (0, 1, 2)
+        codes.update(range(int(stats.min), int(stats.max) + 1))
+    return tuple(sorted(codes))
 
 
 def _check_values(table: pa.Table, spec: SoftLabelSpec) -> list[str]:

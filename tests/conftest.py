@@ -9,6 +9,9 @@ needs CPUs left over for Ray Data's read tasks, or it waits forever
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -17,6 +20,7 @@ import pytest
 def ray_cluster():
     """A real local Ray cluster shared by the session (dashboard on 127.0.0.1)."""
     import ray
+    import ray.data
 
     if not ray.is_initialized():
         # address="local": always a fresh cluster, never another process's (ray.init() with no
@@ -24,6 +28,8 @@ def ray_cluster():
         # still_worker: a custom resource for scaling.resources_per_worker to reserve.
         ray.init(address="local", num_cpus=4, resources={"still_worker": 2}, include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True)
+    # A column Ray cannot make a tensor column of fails the test instead of being pickled silently.
+    ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = False
     yield ray
     ray.shutdown()
 
@@ -57,7 +63,7 @@ def digits_teacher(tmp_path_factory):
     Returns the still checkpoint path."""
     from still.config import load_config
     from student_train.config import TrainConfig
-    from student_train.driver import train_job
+    from student_train.driver import JobOptions, train_job
 
     out = tmp_path_factory.mktemp("digits-teacher")
     cfg = load_config(TrainConfig, None, [
@@ -65,7 +71,7 @@ def digits_teacher(tmp_path_factory):
         "kd.weight=0", "train.epochs=40", "train.batch_size=64", "train.lr=0.001", "train.seed=0",
         "scaling.num_workers=0", "scaling.cpus_per_worker=1", "tracking.enabled=false", f"train.output_dir={out}",
     ])
-    summary = train_job(cfg, run_name="digits-teacher", quiet=True)
+    summary = train_job(cfg, run_name="digits-teacher", options=JobOptions(quiet=True))
     return summary["checkpoint"]
 
 
@@ -82,3 +88,58 @@ def digits_store(ray_cluster, digits_teacher, tmp_path_factory):
         "store.mode=topk", "store.k=5", "store.dtype=float32", "tracking.enabled=false",
     ])
     return run_infer(cfg)["store"]
+
+
+class MlflowServer(str):
+    """A running ``mlflow server``: the string is its URI; :meth:`stop` takes it away (mid-run, say)."""
+
+    def __new__(cls, uri: str, proc: subprocess.Popen) -> "MlflowServer":
+        server = super().__new__(cls, uri)
+        server.proc = proc
+        return server
+
+    @property
+    def uri(self) -> str:
+        """The server's http URI."""
+        return str(self)
+
+    def stop(self) -> None:
+        """Terminates the server process (its whole process group: gunicorn/uvicorn workers too)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(timeout=15)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend), stopped after the test."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    server = MlflowServer(f"http://127.0.0.1:{port}", proc)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(server.uri + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.stop()
+        pytest.fail("mlflow server did not answer /health")
+    yield server
+    server.stop()

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from still.cli import _CONFIG_VERBS, _load, build_parser, resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def still(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["still", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    # PYTHONPATH: the console script runs this checkout, whatever the editable install points at.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(["still", *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
 
 
 def test_help_lists_every_verb_with_an_example():
@@ -30,3 +44,179 @@ def test_missing_config_file(tmp_path):
     result = still("train", "--config", "nope.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "config file 'nope.yaml' does not exist" in result.stderr
+
+
+# ------------------------------------------------------------------------- still VERB --help: the config keys
+
+
+def _help_line(stdout: str, key: str) -> list[str]:
+    lines = [line for line in stdout.splitlines() if line.startswith(f"  {key} ")]
+    assert len(lines) == 1, f"{key} not listed once in the help"
+    return lines[0].split()
+
+
+def test_train_help_lists_keys_with_type_default_and_doc(tmp_path):
+    result = still("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "--print-config" in out and "--verbose" in out
+    assert _help_line(out, "train.epochs")[:2] == ["train.epochs", "int"]
+    assert _help_line(out, "train.epochs")[2] == "10"
+    assert " ".join(_help_line(out, "train.epochs")[3:]) == "Passes over the training split."
+    assert _help_line(out, "data.image.mean")[:3] == ["data.image.mean", "list[float]", "[]"]
+    assert _help_line(out, "scaling.num_workers")[:3] == ["scaling.num_workers", "list[int]", "[2]"]
+    assert _help_line(out, "kd.tail")[:4] == ["kd.tail", "one", "of", "uniform|bucket"]
+    assert _help_line(out, "scaling.resources_per_worker")[1:3] == ["dict[str,", "float]"]
+    assert _help_line(out, "ray.verbose")[1:3] == ["bool", "false"]
+    # Grouped by section, each under a header carrying the section's doc.
+    assert "\ntrain: The optimisation loop and its outputs.\n" in out
+    assert "\ndata.image: " in out
+    assert out.index("\ndata:") < out.index("\ndata.image:") < out.index("\nstudent:")
+
+
+@pytest.mark.parametrize("verb", sorted(_CONFIG_VERBS))
+def test_help_lists_every_key_of_the_verb(verb, tmp_path):
+    from still.config import flatten
+    from still.config_help import config_keys
+
+    rows = config_keys(_load(_CONFIG_VERBS[verb][2]))
+    keys = [row.key for row in rows]
+    # Every key a resolved config has (flatten leaves out empty mappings: those are dict-typed keys).
+    config = resolve_config(build_parser().parse_args([verb, "store.uri=s"] if verb == "tune" else [verb]))
+    flat = set(flatten(config))
+    assert flat <= set(keys)
+    assert all(row.type.startswith("dict") for row in rows if row.key not in flat)
+    out = still(verb, "--help", cwd=tmp_path).stdout
+    missing = [key for key in keys if f"\n  {key} " not in out]
+    assert not missing, f"still {verb} --help does not list {missing}"
+
+
+@pytest.mark.parametrize("verb", sorted(_CONFIG_VERBS))
+def test_every_config_key_has_a_doc(verb):
+    """Each field needs a docstring right under it in its config dataclass."""
+    from still.config_help import config_keys
+
+    undocumented = [row.key for row in config_keys(_load(_CONFIG_VERBS[verb][2])) if not row.doc.strip()]
+    assert not undocumented, f"{verb}: add a docstring under these config fields: {undocumented}"
+
+
+def test_config_keys_types_defaults_and_first_sentences():
+    from still.config_help import config_keys, first_sentence
+    from tuning.config import TuneConfig
+
+    rows = {row.key: row for row in config_keys(TuneConfig)}
+    # The root's section default wins over the section class's own default.
+    assert rows["scaling.num_workers"].default == "[1]"
+    assert rows["tune.mode"].type == 'one of ""|max|min'
+    assert rows["store.uri"].type == "list[str]"
+    assert rows["space.width"].type == "any" and rows["space.width"].default == "null"
+    assert rows["tune.name"].section == "tune"
+    assert first_sentence("Wrapped\n    over lines, e.g. here (see x. Y) too. Second one.") == (
+        "Wrapped over lines, e.g. here (see x. Y) too.")
+    assert first_sentence("``a``: first\n\nsecond paragraph") == "`a`: first"
+
+
+def test_infer_store_include_inputs_union_type():
+    from still.config_help import config_keys
+    from teacher_infer.config import InferConfig
+
+    rows = {row.key: row for row in config_keys(InferConfig)}
+    assert rows["store.include_inputs"].type == "bool|auto"
+    assert rows["store.temperatures"].default == "[1.0, 2.0, 4.0, 8.0]"
+
+
+# --------------------------------------------------------------------------- --print-config, --verbose
+
+
+def test_print_config_prints_the_override_and_runs_nothing(tmp_path):
+    # In a fresh interpreter: the config is printed and Ray is never imported.
+    script = (
+        "import sys\n"
+        "from still.cli import main\n"
+        "code = main(['train', '--print-config', '--json', 'train.epochs=3', '--verbose',\n"
+        "             'scaling.num_workers=0'])\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout.strip().splitlines()[-1])
+    assert config["train"]["epochs"] == 3
+    assert config["scaling"]["num_workers"] == [0]
+    assert config["ray"]["verbose"] is True  # --verbose, given between two overrides
+    assert not list(tmp_path.iterdir()), "--print-config wrote files"
+
+
+def test_print_config_yaml_loads_back_as_the_same_config(tmp_path):
+    from still.config import load_config
+    from student_train.config import TrainConfig
+
+    overrides = ["train.epochs=3", "data.image.mean=[0.5]", "data.image.std=[0.25]", "kd.tail=uniform"]
+    result = still("train", "--print-config", *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "  epochs: 3\n" in result.stdout
+    assert "  mean: [0.5]\n" in result.stdout
+    (tmp_path / "printed.yaml").write_text(result.stdout)
+    assert load_config(TrainConfig, tmp_path / "printed.yaml") == load_config(TrainConfig, None, overrides)
+
+
+def test_print_config_with_a_bad_override_names_the_key(tmp_path):
+    result = still("train", "--print-config", "train.epcohs=3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("still: error: unknown config key 'train.epcohs'")
+    assert "train.epochs" in result.stderr
+    result = still("train", "--print-config", "train.epochs=many", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.epochs must be an integer" in result.stderr
+
+
+def test_verbose_and_address_are_ray_overrides():
+    argv = ["train", "--verbose", "--address", "ray://head:10001", "train.epochs=2"]
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+    assert config.ray.verbose is True
+    assert config.ray.address == "ray://head:10001"
+    assert resolve_config(build_parser().parse_args(["infer"])).ray.verbose is False
+
+
+def test_stray_argument_after_a_flag_is_still_an_error(tmp_path):
+    result = still("train", "--verbose", "--bogus", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_run_verbose_reaches_every_stage(tmp_path, monkeypatch):
+    import still.pipeline as pipeline_module
+    import still.ray_setup
+
+    (tmp_path / "p.yaml").write_text(
+        "stages:\n"
+        "  - {name: a, verb: train, config: {scaling: {num_workers: 0}}}\n"
+        "  - {name: b, verb: train, config: {scaling: {num_workers: 0}}}\n"
+    )
+    args = build_parser().parse_args(["run", str(tmp_path / "p.yaml"), "--verbose"])
+    assert args.verbose is True
+
+    class Stop(Exception):
+        pass
+
+    def fake_init_ray(ray_config):
+        raise Stop(ray_config)
+
+    monkeypatch.setattr(still.ray_setup, "init_ray", fake_init_ray)
+    with pytest.raises(Stop) as stopped:
+        pipeline_module.run_pipeline_cli(args)
+    assert stopped.value.args[0].verbose is True
+
+    # run_pipeline hands the pipeline's ray.verbose to every stage's config.
+    seen = []
+    real_load = pipeline_module._load
+    monkeypatch.setattr(pipeline_module, "_load", lambda ref: (lambda cfg: seen.append(cfg.ray.verbose) or {})
+                        if ref.endswith(":run_train") else real_load(ref))
+    parsed = pipeline_module.parse_pipeline(str(tmp_path / "p.yaml"))
+    verbose = pipeline_module.dataclasses.replace(parsed, ray=pipeline_module.RayConfig(verbose=True))
+    pipeline_module.run_pipeline(verbose, progress=lambda _: None)
+    assert seen == [True, True]

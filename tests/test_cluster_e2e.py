@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _ray_workers import train_worker_pids
 from _teacher_fixtures import (
     assert_killed_store,
     kill_infer_mid_run,
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.multinode
 def _base_env() -> dict[str, str]:
     """This process's environment without anything that points at a Ray or MLflow."""
     drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-            "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "STILL_TRAIN_PID_DIR")
+            "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
@@ -257,13 +258,13 @@ def test_worker_node_killed_mid_training_finishes_elastically(cluster, env, tmp_
     SIGKILLed after two checkpoints: training restarts from the last checkpoint on the
     surviving node with one worker and finishes, without a replacement node."""
     _ensure_two_nodes(cluster)
-    pid_dir, out, epochs = tmp_path / "pids", tmp_path / "student", 20
+    out, epochs = tmp_path / "student", 20
     run_dir = out / "ray" / "elastic"
     # After the kill, Ray Train's elastic policy first restarts at the old size: its view of the
     # cluster (refreshed every 20 s) still counts the dead node's CPU. Each try waits
     # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) for its placement group before the
     # next decision; a placement group that fits is ready in well under a second, so 15 s is ample.
-    driver_env = {**env, "STILL_TRAIN_PID_DIR": str(pid_dir), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    driver_env = {**env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
     command = [sys.executable, "-m", "still.cli", "train", "--address", cluster.address,
                "data.source=builtin:digits", "kd.weight=0", "student.width=64", "student.depth=1",
                f"train.epochs={epochs}", "train.batch_size=16", "train.name=elastic", f"train.output_dir={out}",
@@ -287,7 +288,7 @@ def test_worker_node_killed_mid_training_finishes_elastically(cluster, env, tmp_
         assert len(_checkpoints(run_dir)) >= 2, "no checkpoints in time"
         # One worker on each node: rank pids under the head's and the worker node's processes.
         worker = _worker_nodes(cluster) - 1
-        ranks = {int(p.read_text()) for p in pid_dir.glob("rank*.pid")}
+        ranks = train_worker_pids()
         head_pid, worker_pid = cluster.node_pids()[0], cluster.node_pids()[worker + 1]
         head_tree = procs.tree({head_pid: procs.start_ticks(head_pid)})
         worker_tree = procs.tree({worker_pid: procs.start_ticks(worker_pid)})

@@ -21,7 +21,7 @@ from still.datasets import load_arrays, resolve_dataset
 from still.errors import StillError
 from student_train.config import TrainConfig
 from student_train.data import load_split_arrays, resolve_source
-from student_train.driver import train_job
+from student_train.driver import JobOptions, train_job
 from teacher_infer import store as st
 from teacher_infer.config import InferConfig
 from teacher_infer.infer import run_infer
@@ -84,7 +84,7 @@ def test_student_trains_from_a_labels_only_store(stores, tmp_path):
             f"store.uri={out['false']['store']}", "student.width=64", "train.epochs=8", "train.seed=0",
             f"scaling.num_workers={workers}", "scaling.cpus_per_worker=0.5", "tracking.enabled=false",
             f"train.output_dir={tmp_path / str(workers)}"])
-        results[workers] = train_job(cfg, run_name=f"labels-only-{workers}", quiet=True)
+        results[workers] = train_job(cfg, run_name=f"labels-only-{workers}", options=JobOptions(quiet=True))
     for summary in results.values():
         assert summary["student_test_accuracy"] > 0.9, summary["student_test_accuracy"]
 

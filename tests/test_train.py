@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _ray_workers import train_worker_pids
 
 from still.checkpoints import load_checkpoint
 from still.config import load_config
 from still.errors import StillError
 from still.models import build_model
 from student_train.config import TrainConfig
-from student_train.driver import run_train, train_job
+from student_train.driver import JobOptions, run_train, train_job
 from student_train.loop import jitter
 from student_train.losses import soft_kl, teacher_top1
 from teacher_infer.targets import DenseTarget
@@ -82,8 +83,8 @@ def test_distilled_student_beats_ce_only(digits_store, tmp_path):
     """Same student, seed and epochs: distilled from the stored teacher at T=2 vs labels only."""
     common = [f"store.uri={digits_store}", "student.width=32", "train.epochs=30", "kd.temperature=2",
               "train.seed=0", "scaling.num_workers=0"]
-    ce = train_job(_cfg(tmp_path / "ce", *common, "kd.weight=0"), run_name="ce", quiet=True)
-    kd = train_job(_cfg(tmp_path / "kd", *common, "kd.weight=0.5"), run_name="kd", quiet=True)
+    ce = train_job(_cfg(tmp_path / "ce", *common, "kd.weight=0"), run_name="ce", options=JobOptions(quiet=True))
+    kd = train_job(_cfg(tmp_path / "kd", *common, "kd.weight=0.5"), run_name="kd", options=JobOptions(quiet=True))
     assert kd["student_test_accuracy"] > ce["student_test_accuracy"]
     assert kd["test_nll"] < ce["test_nll"]
     assert kd["history"][-1]["agreement"] > 0.9 and kd["history"][-1]["train_kl"] > 0
@@ -93,9 +94,9 @@ def test_distilled_student_beats_ce_only(digits_store, tmp_path):
 
 def test_resume_continues_a_stopped_run(digits_store, tmp_path):
     base = [f"store.uri={digits_store}", "scaling.num_workers=0", "train.name=resumable"]
-    first = train_job(_cfg(tmp_path, *base, "train.epochs=2"), run_name="resumable", quiet=True)
+    first = train_job(_cfg(tmp_path, *base, "train.epochs=2"), run_name="resumable", options=JobOptions(quiet=True))
     assert first["epochs"] == 2 and first["resumed_from"] == 0
-    second = train_job(_cfg(tmp_path, *base, "train.epochs=4", "train.resume=true"), run_name="resumable", quiet=True)
+    second = train_job(_cfg(tmp_path, *base, "train.epochs=4", "train.resume=true"), run_name="resumable", options=JobOptions(quiet=True))
     assert second["resumed_from"] == 2
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
 
@@ -112,7 +113,7 @@ def test_ensemble_of_two_stores(digits_store, digits_teacher, ray_cluster, tmp_p
     for workers in (0, 2):
         out = train_job(_cfg(tmp_path / str(workers), f"store.uri=[{digits_store}, {sampled}]",
                              f"scaling.num_workers={workers}", "train.epochs=6"), run_name=f"ensemble-{workers}",
-                        quiet=True)
+                        options=JobOptions(quiet=True))
         assert out["student_test_accuracy"] > 0.5 and out["test_agreement"] > 0.5
         assert "," in out["store_key"]
 
@@ -120,11 +121,11 @@ def test_ensemble_of_two_stores(digits_store, digits_teacher, ray_cluster, tmp_p
 def test_init_from_checkpoint_loads_matching_layers(digits_teacher, tmp_path):
     same = _cfg(tmp_path, "student.width=512", "student.depth=2", "student.dropout=0.3", f"student.init={digits_teacher}",
                 "scaling.num_workers=0", "train.epochs=1", "train.lr=0.0001")
-    out = train_job(same, run_name="init-same", quiet=True)
+    out = train_job(same, run_name="init-same", options=JobOptions(quiet=True))
     assert out["init"]["skipped"] == [] and out["student_test_accuracy"] > 0.9
     other = _cfg(tmp_path, "student.width=32", "student.depth=2", f"student.init={digits_teacher}",
                  "scaling.num_workers=0", "train.epochs=1")
-    partial = train_job(other, run_name="init-other", quiet=True)
+    partial = train_job(other, run_name="init-other", options=JobOptions(quiet=True))
     assert partial["init"]["loaded"] == ["head.bias"]
     assert any(item.startswith("body.1.weight (shape (512, 64) vs (32, 64))") for item in partial["init"]["skipped"])
 
@@ -141,7 +142,7 @@ def _incomplete_store(tmp_path, digits_store):
     return broken
 
 
-@pytest.mark.parametrize("case", ["incomplete", "corrupt", "classes", "hints", "unreachable"])
+@pytest.mark.parametrize("case", ["incomplete", "corrupt", "flipped", "classes", "hints", "unreachable"])
 def test_bad_input_fails_before_training(case, digits_store, tmp_path):
     import shutil
 
@@ -156,7 +157,17 @@ def test_bad_input_fails_before_training(case, digits_store, tmp_path):
         shard = sorted(copy.glob("part-*.parquet"))[0]
         shard.write_bytes(shard.read_bytes()[:-20] + b"x" * 20)
         overrides[0] = f"store.uri={copy}"
-        match = "fails verification"
+        match = "shard part-00000.parquet is unreadable .*run still store verify"  # the cheap check on open
+    elif case == "flipped":  # same size, footer intact: only the full verification sees it
+        copy = tmp_path / "flipped"
+        shutil.copytree(digits_store, copy)
+        shard = sorted(copy.glob("part-*.parquet"))[0]
+        data = bytearray(shard.read_bytes())
+        data[100:110] = bytes(10)
+        shard.write_bytes(bytes(data))
+        overrides[0] = f"store.uri={copy}"
+        overrides.append("train.verify_store=true")
+        match = "fails verification: part-00000.parquet: checksum mismatch"
     elif case == "classes":
         overrides.append("student.num_classes=3")
         match = "student.num_classes=3 but the store"
@@ -168,7 +179,7 @@ def test_bad_input_fails_before_training(case, digits_store, tmp_path):
         match = "unreachable"
     cfg = _cfg(tmp_path, *overrides)
     with pytest.raises(StillError, match=match):
-        train_job(cfg, run_name=f"bad-{case}", quiet=True)
+        train_job(cfg, run_name=f"bad-{case}", options=JobOptions(quiet=True))
     assert not (tmp_path / "out" / "student.pt").exists()
 
 
@@ -206,12 +217,12 @@ def test_two_workers_supervised_exports_student(ray_cluster, tmp_path):
     torch.testing.assert_close(scripted(x), model(x))
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir: Path, pid_dir: Path, killed: list, stop: threading.Event):
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list, stop: threading.Event):
     while not stop.is_set():
-        pid_file = pid_dir / "rank1.pid"
+        workers = train_worker_pids()
         # two checkpoint folders: the first is then surely registered (the newest may be mid-upload)
-        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and pid_file.exists():
-            pid = int(pid_file.read_text())
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and len(workers) == 2:
+            pid = max(workers)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             return
@@ -219,17 +230,16 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, pid_dir: Path, killed: 
 
 
 @pytest.mark.timeout(420)
-def test_killed_worker_resumes_from_checkpoint(ray_cluster, digits_store, tmp_path, monkeypatch):
-    monkeypatch.setenv("STILL_TRAIN_PID_DIR", str(tmp_path / "pids"))
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, digits_store, tmp_path):
     cfg = _cfg(tmp_path, f"store.uri={digits_store}", "scaling.num_workers=2", "train.epochs=8",
                "train.batch_size=16", "train.name=killed", "train.max_failures=2")
     run_dir = tmp_path / "out" / "ray" / "killed"
     killed: list[int] = []
     stop = threading.Event()
-    thread = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(run_dir, tmp_path / "pids", killed, stop), daemon=True)
+    thread = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(run_dir, killed, stop), daemon=True)
     thread.start()
     try:
-        out = train_job(cfg, run_name="killed", quiet=True)
+        out = train_job(cfg, run_name="killed", options=JobOptions(quiet=True))
     finally:
         stop.set()
         thread.join(timeout=5)
@@ -240,40 +250,6 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, digits_store, tmp_pa
 
 
 # --------------------------------------------------------------------------- MLflow server
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer /health")
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.mark.timeout(300)
@@ -308,6 +284,6 @@ def test_a_sampled_store_far_from_its_sample_temperature_warns(tmp_path, capsys)
     store, _ = write_small_store(tmp_path / "sampled", mode="sampled", rows=30)  # drawn at T_s = 1
     for temperature, warned in ((1.5, False), (4, True)):
         train_job(_cfg(tmp_path / str(temperature), f"store.uri={store}", "scaling.num_workers=0", "train.epochs=1",
-                       f"kd.temperature={temperature}"), run_name="sampled", quiet=True, log_model=False)
+                       f"kd.temperature={temperature}"), run_name="sampled", options=JobOptions(quiet=True, log_model=False))
         err = capsys.readouterr().err
         assert ("kd.temperature=4 is 4x away from the sampled store's sample_temperature=1" in err) is warned

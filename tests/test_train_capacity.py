@@ -13,8 +13,9 @@ TWO_NODES = [{"CPU": 2.0}, {"CPU": 2.0}]
 
 
 def test_worker_demand_adds_a_gpu_and_custom_resources():
-    assert worker_demand(1, False, {}) == {"CPU": 1.0}
-    assert worker_demand(0.5, True, {"still_worker": 1}) == {"CPU": 0.5, "still_worker": 1.0, "GPU": 1.0}
+    assert worker_demand(1, 0, {}) == {"CPU": 1.0}
+    assert worker_demand(0.5, 1, {"still_worker": 1}) == {"CPU": 0.5, "still_worker": 1.0, "GPU": 1.0}
+    assert worker_demand(1, 0.25, {}) == {"CPU": 1.0, "GPU": 0.25}  # four small students share a GPU
 
 
 @pytest.mark.parametrize(("strategy", "expected"), [("PACK", 4), ("SPREAD", 4), ("STRICT_PACK", 2),

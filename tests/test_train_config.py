@@ -31,6 +31,12 @@ def test_store_list_and_elastic_workers():
     assert load_config(TrainConfig, None, ["scaling.num_workers=0"]).scaling.in_process
 
 
+def test_gpu_shares():
+    assert load_config(TrainConfig, None, []).scaling.gpus == 0
+    assert load_config(TrainConfig, None, ["scaling.use_gpu=true"]).scaling.gpus == 1.0
+    assert load_config(TrainConfig, None, ["scaling.gpus_per_worker=0.25"]).scaling.gpus == 0.25
+
+
 def test_per_worker_resources_and_placement():
     cfg = load_config(TrainConfig, None, ["scaling.resources_per_worker={still_worker: 1}",
                                           "scaling.placement_strategy=STRICT_SPREAD"])
@@ -53,6 +59,10 @@ def test_per_worker_resources_and_placement():
         ("scaling.resources_per_worker={CPU: 1}", "scaling.resources_per_worker.CPU: set scaling.cpus_per_worker"),
         ("scaling.resources_per_worker={still_worker: 0}", "scaling.resources_per_worker.still_worker must be > 0"),
         ("scaling.placement_strategy=spread", "scaling.placement_strategy must be one of 'PACK'"),
+        ("scaling.gpus_per_worker=1.5", "scaling.gpus_per_worker must be in (0, 1] (0: one GPU when "
+                                        "scaling.use_gpu), got 1.5: a worker trains on one device"),
+        ("scaling.resources_per_worker={GPU: 0.5}", "scaling.resources_per_worker.GPU: set scaling.gpus_per_worker"),
+        ("train.shuffle_buffer=-1", "train.shuffle_buffer must be >= 0, got -1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -66,6 +66,7 @@ class SweepPlan:
         metric: Tune metric; mode: ``max``/``min``.
         store_uri: The store ("" for an online-teacher sweep); store_key: its cache key.
         input_shape / num_classes: What the student models are built for.
+        source: The store (or dataset) resolved once for every trial.
     """
 
     name: str
@@ -78,6 +79,7 @@ class SweepPlan:
     store_key: str
     input_shape: tuple[int, ...]
     num_classes: int
+    source: Any = None
 
     @property
     def experiment_dir(self) -> Path:
@@ -91,30 +93,20 @@ def plan_sweep(config: TuneConfig) -> SweepPlan:
     Raises:
         StillError: A bad space (empty or inverted range, bad values, a range under
             the grid searcher), an output folder that is not local, a store that does
-            not open or fails verification, or a finished sweep in the output folder
-            without ``tune.resume=true``.
+            not open (or fails verification, with ``train.verify_store=true``), or a
+            finished sweep in the output folder without ``tune.resume=true``.
     """
     dims = resolve_space(config.space, config.tune.searcher, config.student.family)
     if "://" in config.output_dir:
         raise StillError(f"tune.output_dir must be a local folder, got {config.output_dir!r}")
     output_dir = Path(config.output_dir).expanduser().resolve()
     store_uri, store_key = "", ""
+    from student_train.data import resolve_source
+
+    source = resolve_source(config.store.uri, config.data, verify=config.train.verify_store)
+    input_shape, num_classes = tuple(source.input_shape), source.num_classes
     if config.store.uri:
-        from teacher_infer.store import open_store, verify_store
-
-        store_uri = config.store.uri[0]
-        store = open_store(store_uri)
-        verdict = verify_store(store_uri)
-        if not verdict["ok"]:
-            problems = verdict["problems"]
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise StillError(f"store {store_uri!r} failed verification: {problems[0]}{more}")
-        store_key, input_shape, num_classes = store.key, tuple(store.input_shape), store.num_classes
-    else:
-        from still.datasets import resolve_dataset
-
-        spec = resolve_dataset(config.data)
-        input_shape, num_classes = tuple(spec.input_shape), spec.num_classes
+        store_uri, store_key = config.store.uri[0], ",".join(m["key"] for m in source.manifests)
     if config.student.num_classes and config.student.num_classes != num_classes:
         raise StillError(
             f"student.num_classes={config.student.num_classes} but the store has {num_classes} classes"
@@ -136,6 +128,7 @@ def plan_sweep(config: TuneConfig) -> SweepPlan:
         store_key=store_key,
         input_shape=input_shape,
         num_classes=num_classes,
+        source=source,
     )
 
 
@@ -261,7 +254,22 @@ def trial_base(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> dict
     return to_dict(replace(config.base_train_config(), changes))
 
 
-def _trainable(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> Any:
+def shared_data(config: TuneConfig, plan: SweepPlan) -> Any:
+    """The data every trial shares: the resolved source and, for in-process trials on a store
+    small enough for memory, its split arrays put once in Ray's object store (each trial
+    reads them zero-copy instead of loading the store again); a larger store is streamed."""
+    import ray
+
+    from student_train.data import load_split_arrays
+    from student_train.driver import SharedData, choose_ingest
+
+    base = config.base_train_config()
+    if config.tune.trial_mode != "in_process" or choose_ingest(base, plan.source, 1) != "memory":
+        return SharedData(plan.source)
+    return SharedData(plan.source, ray.put(load_split_arrays(plan.source)))
+
+
+def _trainable(config: TuneConfig, plan: SweepPlan, parent: "ParentRun", shared: Any) -> Any:
     from ray import tune
 
     from tuning.trainable import TrialSpec, run_trial
@@ -272,6 +280,7 @@ def _trainable(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> Any:
         parent_run_id=parent.run_id,
         trial_mode=config.tune.trial_mode,
         models_dir=str(plan.output_dir / "models"),
+        shared=shared,
     )
     fn = tune.with_parameters(run_trial, spec=spec)
     if config.tune.trial_mode == "in_process":
@@ -283,18 +292,20 @@ def _trainable(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> Any:
     return tune.with_resources(fn, resources)
 
 
-def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callbacks: Sequence[Any] = ()) -> Any:
+def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callbacks: Sequence[Any] = (),
+                shared: Any = None) -> Any:
     """Returns a fresh Tuner, or the restored one when ``tune.resume`` finds a saved sweep.
 
     ``callbacks`` (Ray Tune ``Callback``s) go to a fresh Tuner's ``RunConfig``; a restored
     one gets back those it was first given (Tune saves them with the experiment).
+    ``shared``: :func:`shared_data` (built here when not given).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from tuning.trainable import TrialNamer
 
-    trainable = _trainable(config, plan, parent)
+    trainable = _trainable(config, plan, parent, shared if shared is not None else shared_data(config, plan))
     experiment_dir = plan.experiment_dir
     TrialNamer.forget(str(experiment_dir))  # recount from what is on disk
     if config.tune.resume and tune.Tuner.can_restore(str(experiment_dir)):
@@ -393,7 +404,6 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
             "epochs": int(epochs) if epochs is not None else None,
             "status": status,
             "run_id": last.get("run_id", ""),
-            "teacher_loader_imported": bool(last.get("teacher_loader_imported", 0)),
             "error": _error_line(Path(trial.path)) if status == "error" else "",
         }
         rows.append(row)
@@ -504,7 +514,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def retrain_best(config: TuneConfig, plan: SweepPlan, best_row: dict[str, Any], parent: ParentRun) -> dict[str, Any]:
     """Trains the best config on train+val (in this process) as the sweep's model."""
-    from student_train.driver import train_job
+    from student_train.driver import JobOptions, SharedData, train_job
 
     from tuning.trainable import TrialSpec, trial_train_config
 
@@ -516,8 +526,9 @@ def retrain_best(config: TuneConfig, plan: SweepPlan, best_row: dict[str, Any], 
     params = {k: best_row[k] for k in CONFIG_KEYS if best_row.get(k) is not None}
     cfg = replace(trial_train_config(spec, params, "best"), {"train.include_val": True})
     print(f"still tune: retraining the best config ({best_row['trial']}) on train+val", flush=True)
-    summary = train_job(cfg, run_name=cfg.train.name, parent_run_id=parent.run_id,
-                        in_process=config.tune.trial_mode == "in_process", load_teacher=False)
+    summary = train_job(cfg, run_name=cfg.train.name, options=JobOptions(
+        parent_run_id=parent.run_id, in_process=config.tune.trial_mode == "in_process", load_teacher=False,
+        shared=SharedData(plan.source)))
     if parent.enabled:
         parent.client.set_tag(parent.run_id, "still.best_model_run_id", summary.get("run_id", ""))
         if summary.get("checkpoint") and Path(str(summary["checkpoint"])).is_file():

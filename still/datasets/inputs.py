@@ -69,7 +69,8 @@ class Normalisation:
         """:meth:`apply` for numpy rows (on the CPU)."""
         import torch
 
-        return self.apply(torch.from_numpy(np.ascontiguousarray(raw))).numpy()
+        # Arrow hands Ray Data batches out read-only; torch needs a writable array.
+        return self.apply(torch.from_numpy(np.require(raw, requirements=("C", "W")))).numpy()
 
 
 def is_image_type(kind: pa.DataType) -> bool:

@@ -1,0 +1,183 @@
+"""What ``still train`` prints: its own lines, not Ray's chatter (``ray.verbose=false``).
+
+The end-to-end test runs the real command in a subprocess (its own embedded cluster, as
+a user gets it) with stdout and stderr captured, so nothing is a terminal: the case
+where Ray Data logs its progress as lines instead of drawing bars. The unit tests check
+the settings of ``still.ray_setup`` one by one, without a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from types import SimpleNamespace
+
+import pytest
+
+from _teacher_fixtures import still_cli
+
+EPOCHS = 5
+CHATTER = (
+    "Checkpoint successfully created",  # Ray Train, every checkpoint
+    "Reporting training result",  # Ray Train, every report of every worker
+    "Running Dataset",  # Ray Data progress bars
+    "Starting execution of Dataset",  # Ray Data, every execution
+    "Progress bars disabled",  # Ray Data, once per process
+    "RayDeprecationWarning",  # ray.train.DataConfig's default ingest options (Ray 2.60)
+    "Token authentication is enabled",  # Ray's start-up note
+    "pickled python objects",  # Ray Data's tensor fallback: a data-path bug, not chatter
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def console_lines(run) -> list[str]:
+    """The non-blank lines a terminal would show of a finished run (stdout and stderr)."""
+    text = _ANSI.sub("", run.stdout + "\n" + run.stderr)
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip()]
+    if any("Found multiple active Ray instances" in line for line in lines):
+        # Ray 2.60's PlacementGroupCleaner looks its cluster up by auto-detection and dies
+        # with this traceback when another Ray instance runs on the machine (the session's
+        # ray_cluster fixture, a parallel test run): Ray's error, not chatter this test
+        # measures; it stays on the console.
+        lines = [line for line in lines if "(PlacementGroupCleaner pid=" not in line]
+    return lines
+
+
+def _train(store: str, tmp_path, *extra: str):
+    return still_cli(["train", f"store.uri={store}", f"train.epochs={EPOCHS}", "scaling.num_workers=2",
+                      "student.width=64", "student.depth=1", "tracking.enabled=false",
+                      f"train.output_dir={tmp_path / 'student'}", *extra, "--json"],
+                     cwd=tmp_path, timeout=480)
+
+
+@pytest.mark.timeout(600)
+def test_train_prints_its_epochs_and_table_not_rays_chatter(digits_store, tmp_path):
+    run = _train(digits_store, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = console_lines(run)
+    shown = "\n".join(lines)
+    for epoch in range(1, EPOCHS + 1):  # once each: Ray Train's print patch doubled them
+        assert len(re.findall(rf"\bepoch {epoch}/{EPOCHS}\b", shown)) == 1, shown
+    assert "test accuracy" in shown  # the final table
+    for chatter in CHATTER:
+        assert chatter not in shown, f"{chatter!r} on the console:\n{shown}"
+    # Epoch lines, the table (6), the JSON summary, and room for Ray's warnings.
+    assert len(lines) <= EPOCHS + 25, f"{len(lines)} lines:\n{shown}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_verbose_brings_rays_output_back(digits_store, tmp_path):
+    run = _train(digits_store, tmp_path, "ray.verbose=true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    shown = "\n".join(console_lines(run))
+    assert "Reporting training result" in shown
+    assert "Checkpoint successfully created" in shown
+
+
+# --------------------------------------------------------------------------- the settings, one by one
+
+
+@pytest.fixture
+def restore_ray_console():
+    """Puts back what apply_console_settings changes in this (shared pytest) process."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.use_ray_tqdm, ctx.print_on_execution_start,
+             logging.getLogger("ray.data").level)
+    yield
+    from still.ray_setup import _NOTICES
+
+    ctx.enable_progress_bars, ctx.use_ray_tqdm, ctx.print_on_execution_start, level = saved
+    logging.getLogger("ray.data").setLevel(level)
+    for name, notice in _NOTICES.items():
+        logging.getLogger(name).removeFilter(notice)
+
+
+def test_quiet_console_settings_and_verbose_restores_rays_defaults(restore_ray_console):
+    import ray.data
+
+    from still.ray_setup import apply_console_settings
+
+    ctx = ray.data.DataContext.get_current()
+    apply_console_settings(verbose=False)
+    assert (ctx.enable_progress_bars, ctx.print_on_execution_start) == (False, False)
+    assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
+    apply_console_settings(verbose=True)
+    defaults = ray.data.DataContext()
+    assert ctx.enable_progress_bars == defaults.enable_progress_bars
+    assert ctx.use_ray_tqdm == defaults.use_ray_tqdm
+    assert ctx.print_on_execution_start == defaults.print_on_execution_start
+    assert logging.getLogger("ray.data").getEffectiveLevel() < logging.INFO
+
+
+def test_only_the_auth_on_notice_is_dropped(restore_ray_console):
+    from still.ray_setup import apply_console_settings
+
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    auth.addHandler(handler)
+    enabled = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+    try:
+        apply_console_settings(verbose=False)
+        auth.warning(enabled)
+        auth.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+        apply_console_settings(verbose=True)
+        auth.warning(enabled)
+    finally:
+        auth.removeHandler(handler)
+    assert [m.split(".")[0] for m in seen] == ["Token authentication is disabled for this Ray cluster",
+                                              "Token authentication is enabled for this Ray cluster"]
+
+
+def test_console_env_leaves_the_users_variables_alone(monkeypatch):
+    from still.ray_setup import console_env
+
+    monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PRINT_PATCH", raising=False)
+    quiet = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    assert console_env(verbose=False) == quiet
+    assert console_env(verbose=True) == {}
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "INFO")
+    assert "RAY_DATA_LOG_LEVEL" not in console_env(verbose=False)
+
+
+def test_train_logging_config_level():
+    from still.ray_setup import train_logging_config
+
+    assert train_logging_config(verbose=False).log_level == "WARNING"
+    assert train_logging_config(verbose=True).log_level == "INFO"
+
+
+def test_ingest_options_are_rays_defaults_without_the_deprecated_option():
+    import ray.data
+    import ray.train
+
+    from still.ray_setup import ingest_options
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RayDeprecationWarning fails the test
+        options = ingest_options()
+        ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
+    current = ray.data.DataContext.get_current().execution_options
+    assert options.resource_limits == current.resource_limits
+    assert options.preserve_order == current.preserve_order
+    assert options.verbose_progress == current.verbose_progress
+    assert options.exclude_resources == current.exclude_resources  # zero: nothing excluded either way
+
+
+def test_train_datasets_log_progress_instead_of_drawing_bars():
+    from still.ray_setup import train_datasets_console
+
+    def fake():
+        return SimpleNamespace(context=SimpleNamespace(enable_progress_bars=False, use_ray_tqdm=True))
+
+    quiet = train_datasets_console({"train": fake(), "val": fake()}, verbose=False)
+    assert all((d.context.enable_progress_bars, d.context.use_ray_tqdm) == (True, False)
+               for d in quiet.values())
+    loud = train_datasets_console({"train": fake()}, verbose=True)
+    assert (loud["train"].context.enable_progress_bars, loud["train"].context.use_ray_tqdm) == (False, True)

@@ -1,0 +1,158 @@
+"""Training at scale: streamed ingest, live MLflow metrics, cheap integrity, bad input.
+
+Real local Ray (the session's ``ray_cluster``), real Parquet stores from ``still infer``,
+a real MLflow server process for tracking. Shared fixtures: tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from still.config import DataConfig, load_config
+from still.datasets import load_arrays, resolve_dataset
+from still.errors import StillError
+from student_train.config import TrainConfig
+from student_train.driver import JobOptions, train_job
+from teacher_infer.config import InferConfig
+from teacher_infer.infer import run_infer
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(TrainConfig, None, [
+        "student.width=64", "student.depth=1", "train.epochs=6", "train.batch_size=64", "train.lr=0.003",
+        "scaling.cpus_per_worker=1", "tracking.enabled=false", f"train.output_dir={tmp_path / 'out'}", *overrides,
+    ])
+
+
+def _digits_parquet(path: Path, *, sort_by_label: bool) -> Path:
+    """builtin:digits as one Parquet file, in its own order or sorted by class (ids, hence splits, unchanged)."""
+    spec = resolve_dataset(DataConfig(source="builtin:digits"))
+    ids, x, y = load_arrays(spec, splits=("train", "val", "test"))
+    order = np.argsort(y, kind="stable") if sort_by_label else np.arange(len(y))
+    flat = x[order].reshape(len(order), -1)
+    pq.write_table(pa.table({"id": ids[order], "label": y[order],
+                             "features": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])}),
+                   path)
+    return path
+
+
+@pytest.mark.timeout(600)
+def test_a_class_sorted_store_streams_as_well_as_a_shuffled_one(ray_cluster, digits_teacher, tmp_path):
+    accuracy = {}
+    for order in ("sorted", "shuffled"):
+        data = _digits_parquet(tmp_path / f"{order}.parquet", sort_by_label=order == "sorted")
+        store = run_infer(load_config(InferConfig, None, [
+            f"data.source={data}", f"teacher.uri={digits_teacher}", f"store.root={tmp_path / 'stores'}",
+            "store.mode=topk", "store.k=5", "infer.shard_rows=150", "tracking.enabled=false"]))["store"]
+        out = train_job(_cfg(tmp_path / order, f"store.uri={store}", "scaling.num_workers=0", "train.ingest=stream",
+                             "train.seed=3"), run_name=f"stream-{order}", options=JobOptions(quiet=True))
+        assert out["ingest"] == "stream" and out["epochs"] == 6
+        accuracy[order] = out["student_test_accuracy"]
+    # ten shards of about one class each: read in order, a batch would see one or two classes
+    assert accuracy["shuffled"] > 0.85 and accuracy["sorted"] > accuracy["shuffled"] - 0.04, accuracy
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_stream_a_store(ray_cluster, digits_store, tmp_path):
+    out = train_job(_cfg(tmp_path, f"store.uri={digits_store}", "scaling.num_workers=2", "train.ingest=stream",
+                         "scaling.cpus_per_worker=1"), run_name="stream-2", options=JobOptions(quiet=True))
+    assert out["ingest"] == "stream" and out["history"][-1]["world_size"] == 2
+    assert out["student_test_accuracy"] > 0.85 and out["test_agreement"] > 0.85
+
+
+def _truncate_after_first_epoch(checkpoint: Path, shard: Path, stop: threading.Event) -> None:
+    while not stop.is_set():
+        if checkpoint.exists():
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_truncated_mid_training_fails_naming_it_and_the_run_keeps_its_epochs(
+        ray_cluster, digits_store, mlflow_sqlite, tmp_path):
+    import shutil
+
+    import mlflow
+
+    copy = tmp_path / "store"
+    shutil.copytree(digits_store, copy)
+    shard = sorted(copy.glob("part-*.parquet"))[0]
+    cfg = _cfg(tmp_path, f"store.uri={copy}", "scaling.num_workers=0", "train.ingest=stream", "train.epochs=30",
+               "tracking.enabled=true", "tracking.experiment=truncated", "train.name=truncated")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_truncate_after_first_epoch,
+                               args=(tmp_path / "out" / "ray" / "truncated" / "state.pt", shard, stop), daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(StillError, match=rf"shard {shard.name} cannot be read .*run still store verify"):
+            train_job(cfg, run_name="truncated", options=JobOptions(quiet=True))
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_sqlite)
+    [run] = client.search_runs([client.get_experiment_by_name("truncated").experiment_id])
+    assert run.info.status == "FAILED"
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert epochs and epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 30
+
+
+def test_streaming_a_batch_larger_than_the_split_is_refused(digits_store, tmp_path):
+    cfg = _cfg(tmp_path, f"store.uri={digits_store}", "scaling.num_workers=0", "train.ingest=stream",
+               "train.batch_size=5000")
+    with pytest.raises(StillError, match=r"train.batch_size=5000 is larger than the training split .* \(1\d\d\d rows\)"):
+        train_job(cfg, run_name="big-batch", options=JobOptions(quiet=True))
+    assert not (tmp_path / "out").exists()
+
+
+def _epochs_seen(client, experiment: str) -> list[tuple[str, int]]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    seen = []
+    for run in client.search_runs([exp.experiment_id]):
+        history = client.get_metric_history(run.info.run_id, "epoch")
+        seen.append((run.info.status, max((int(m.value) for m in history), default=0)))
+    return seen
+
+
+@pytest.mark.timeout(400)
+def test_epochs_reach_mlflow_while_running_and_a_lost_server_is_not_fatal(digits_store, mlflow_server, tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    command = [sys.executable, "-m", "still.cli", "train", f"store.uri={digits_store}", "scaling.num_workers=1",
+               "student.width=64", "train.epochs=25", "train.batch_size=32", f"tracking.uri={mlflow_server}",
+               "tracking.experiment=live", f"train.output_dir={tmp_path / 'out'}", "--json"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        samples: list[tuple[float, int]] = []
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            running = [epoch for status, epoch in _epochs_seen(client, "live") if status == "RUNNING"]
+            if running and running[0] > 0:
+                samples.append((time.time(), running[0]))
+            if len(samples) >= 2 and samples[-1][1] >= samples[0][1] + 2:
+                break
+            time.sleep(0.5)
+        assert len(samples) >= 2 and samples[-1][1] > samples[0][1], f"no live epochs: {samples}"
+        assert samples[-1][1] < 25  # seen growing while the run was RUNNING, before it ended
+        mlflow_server.stop()  # the tracking server goes away mid-run
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["epochs"] == 25 and summary["student_test_accuracy"] > 0.85
+    assert summary["tracking_lost"] and f"MLflow tracking at {mlflow_server.uri} lost" in err
