@@ -57,20 +57,23 @@ psutil), for the same streaming run from the ``--small-rows`` (1M; quick 20k) st
 and from the ``--rows`` store. ``rss_ratio_10x`` = worker peak at ``--rows`` ÷ at
 ``--small-rows``, ``rss_ratio_10x_driver`` the same for the driver. Private memory
 (``RssAnon``: without the object store's shared pages) is reported beside it. The
-stores' shard size is ``still infer``'s choice (``--shard-rows`` 0: auto, which grows
-with the rows: 250k-row shards at 1M rows, 1M-row shards at 10M), and the training
-read joins one whole shard with its source rows per task, so per-process peaks follow
-the shard size; ``--shard-rows 250000`` holds it fixed.
+stores' shard size is ``still infer``'s choice (``--shard-rows`` 0: auto, 250k-row
+shards at 1M rows, 1M-row shards at 10M); ``--shard-rows N`` fixes it (those stores go
+under ``stores-shardN/``: the shard size is not part of a store's key). It is not what
+makes the worker grow: at 10M rows the worker peaked at 2,115 MiB with 1M-row shards
+and 1,989 MiB with 250k-row shards, against 712 MiB at 1M rows (2026-12-01).
 
 **4. Sweep overhead** (``trial_overhead_s``): ``still tune --json`` in a new process,
 4 in-process trials (``tune.trial_mode=in_process``, grid T ∈ {2, 4} × width ∈ {32,
 64}, λ = 0.7) of 2 epochs each on the digits store of part 1, batch 128, one trial at a
-time, no early stopping, tracking off. ``trial_overhead_s`` = (the sweep's ``wall_s``
-− the sum of every trial's per-epoch ``epoch_s``, read from
-``<tune.output_dir>/models/trial-NNNN/summary.json``) ÷ trials: everything a trial
-costs besides its training steps (Tune, the trial actor, reading the store,
-evaluation, export; the sweep's own Ray start and report are spread over the trials;
-``process_s`` adds the process's Python imports).
+time, no early stopping, tracking off. ``trial_overhead_s`` = the mean over trials of
+the trial's wall time (Tune's ``time_total_s``, from ``trials/trial-NNNN/result.json``)
+− its training steps (the per-epoch ``epoch_s`` of ``models/trial-NNNN/summary.json``):
+what a trial costs besides the bare loop (opening its data, evaluation, export, MLflow,
+the trial actor's first imports for the first trial). ``sweep_overhead_per_trial_s`` =
+(the sweep's ``wall_s`` − every trial's ``epoch_s``) ÷ trials also spreads the sweep's
+own costs (Ray start, planning, the table and plot) over the trials; ``process_s`` adds
+the process's Python imports.
 
 Every measurement that fails is recorded (null, and the error's last line under
 ``errors``) and the script carries on. Progress goes to stderr; the last stdout line
@@ -213,7 +216,8 @@ def synthetic_store(cache: Path, rows: int, teacher: str, shard_rows: int, timeo
         make_data(data, rows, classes=CLASSES, files=max(4, rows // 250_000), features=FEATURES)
         (data / ".complete").write_text(f"{time.perf_counter() - started:.1f} s\n")
     log(f"still infer of {rows:,} rows, labels only")
-    run = run_still(["infer", f"data.source={data}", f"teacher.uri={teacher}", f"store.root={cache / 'stores'}",
+    root = cache / ("stores" if not shard_rows else f"stores-shard{shard_rows}")  # shard size is not in the key
+    run = run_still(["infer", f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}",
                      "store.mode=topk", "store.k=5", "store.include_inputs=false", f"infer.shard_rows={shard_rows}",
                      "tracking.enabled=false"], timeout=timeout)
     summary = run["summary"]
@@ -284,19 +288,25 @@ def sweep_overhead(store: str, out: Path, grid: dict[str, str], timeout: float) 
     ], timeout=timeout)
     summary = run["summary"]
     rows = summary["trials"]
-    epoch_s, missing = 0.0, []
+    epoch_s, missing, per_trial = 0.0, [], []
+    folder = Path(summary.get("output_dir") or out)
     for row in rows:
-        path = Path(summary.get("output_dir") or out) / "models" / row["trial"] / "summary.json"
         try:
-            epoch_s += sum(h["epoch_s"] for h in json.loads(path.read_text())["history"])
-        except (OSError, ValueError, KeyError) as exc:
+            trial_epochs = sum(h["epoch_s"] for h in json.loads(
+                (folder / "models" / row["trial"] / "summary.json").read_text())["history"])
+            results = (folder / "trials" / row["trial"] / "result.json").read_text().strip().splitlines()
+            per_trial.append(float(json.loads(results[-1])["time_total_s"]) - trial_epochs)
+            epoch_s += trial_epochs
+        except (OSError, ValueError, KeyError, IndexError) as exc:
             missing.append(f"{row['trial']}: {type(exc).__name__}")
     if missing:
         raise RuntimeError(f"no per-epoch epoch_s for {len(missing)} trial(s): {missing[0]}")
     wall = float(summary["wall_s"])
     return {"trials": len(rows), "statuses": sorted({r["status"] for r in rows}), "sweep_wall_s": wall,
             "process_s": round(run["seconds"], 2), "epoch_s_sum": round(epoch_s, 3),
-            "trial_overhead_s": round((wall - epoch_s) / len(rows), 3)}
+            "trial_overhead_each_s": [round(x, 3) for x in per_trial],
+            "trial_overhead_s": round(sum(per_trial) / len(per_trial), 3),
+            "sweep_overhead_per_trial_s": round((wall - epoch_s) / len(rows), 3)}
 
 
 # --------------------------------------------------------------------------- main

@@ -158,18 +158,26 @@ def train_logging_config(verbose: bool) -> Any:
     return ray.train.LoggingConfig(log_level="INFO" if verbose else logging.getLevelName(_QUIET_LEVEL))
 
 
-def ingest_options() -> Any:
+def ingest_options(object_store_bytes: int | None = None) -> Any:
     """Ray Data ``ExecutionOptions`` for ``ray.train.DataConfig(execution_options=...)``.
 
     The options Ray Train uses when given none (``DataConfig.default_ingest_options``:
     the current ``DataContext``'s resource limits, order and progress verbosity), built
     without ``exclude_resources``: Ray 2.60's default copies that deprecated option and
     so logs a ``RayDeprecationWarning`` from every ``DatasetManager``.
+
+    Args:
+        object_store_bytes: The most object-store memory the ingest may hold ahead of
+            the workers (None: Ray's share of the object store, which grows with the
+            machine, not with what the workers need).
     """
     import ray.data
 
     current = ray.data.DataContext.get_current().execution_options
-    return ray.data.ExecutionOptions(resource_limits=current.resource_limits,
+    limits = current.resource_limits
+    if object_store_bytes is not None:
+        limits = limits.copy(object_store_memory=float(object_store_bytes))
+    return ray.data.ExecutionOptions(resource_limits=limits,
                                      preserve_order=current.preserve_order,
                                      verbose_progress=current.verbose_progress)
 

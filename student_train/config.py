@@ -97,7 +97,7 @@ class TrainLoopConfig:
     rows takes under 1 GiB (``Source.row_bytes`` × rows ÷ workers), else stream."""
     shuffle_buffer: int = 0
     """Rows a streaming worker mixes locally (the shards also come in a new random order
-    every epoch); 0: four shards' worth, at least 16 batches, at most 256 MiB of rows."""
+    every epoch); 0: four shards' worth, at least 16 batches, at most 128 MiB of rows."""
     verify_store: bool = False
     """Re-read every shard against the manifest (checksums, values, unique ids) before
     training, as ``still store verify`` does. Off, opening a store checks the manifest,

@@ -37,9 +37,10 @@ T on the device (``student_train.losses``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,8 @@ from still.errors import StillError
 from teacher_infer.soft_labels import SoftLabelSpec
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
+READ_CHUNK_ROWS = 65_536  # rows a read task converts at a time
+TRAIN_BLOCK_BYTES = 8 << 20  # Ray Data blocks of the training datasets stay under this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,20 +411,43 @@ def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False
 
 
 def _store_split_pipeline(source: Source, codes: Sequence[int], *, shuffle: bool) -> Any:
-    """One split of a store: a read task per shard that holds the split, converted to training arrays."""
+    """One split of a store: a read task per shard that holds the split, yielding converted chunks.
+
+    A task converts its shard ``READ_CHUNK_ROWS`` rows at a time and Ray keeps its
+    output blocks under ``TRAIN_BLOCK_BYTES``: what a worker holds stays the same size
+    however large the shards (or the store) grow.
+    """
     import ray.data
 
     shards = [i for i, layout in enumerate(source.shards) if set(layout.splits) & set(codes)]
-    items = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=max(1, len(shards)))
-    if shuffle:
-        items = items.randomize_block_order()  # reshuffled on every execution: a new shard order each epoch
-    ds = items.map_batches(_read_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
-                           batch_size=1, batch_format="pyarrow")
-    for index in range(1, len(source.inputs)):
-        ds = ds.join(_member_pipeline(source, index), join_type="inner", num_partitions=max(1, len(shards)),
-                     on=("id",))
-    return ds.map_batches(_convert_for_ray, fn_kwargs={"source": source},
-                          batch_format="pyarrow", batch_size=4096, zero_copy_batch=True)
+    with _block_size(TRAIN_BLOCK_BYTES):
+        items = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=max(1, len(shards)))
+        if shuffle:
+            items = items.randomize_block_order()  # reshuffled on every execution: a new shard order each epoch
+        if len(source.inputs) == 1:
+            return items.map_batches(_converted_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
+                                     batch_size=1, batch_format="pyarrow")
+        ds = items.map_batches(_read_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
+                               batch_size=1, batch_format="pyarrow")
+        for index in range(1, len(source.inputs)):
+            ds = ds.join(_member_pipeline(source, index), join_type="inner", num_partitions=max(1, len(shards)),
+                         on=("id",))
+        return ds.map_batches(_convert_for_ray, fn_kwargs={"source": source},
+                              batch_format="pyarrow", batch_size=READ_CHUNK_ROWS, zero_copy_batch=True)
+
+
+@contextlib.contextmanager
+def _block_size(limit: int) -> Iterator[None]:
+    """Datasets created inside get this ``target_max_block_size`` (a dataset copies the context it is made in)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    context.target_max_block_size = limit
+    try:
+        yield
+    finally:
+        context.target_max_block_size = saved
 
 
 def _dataset_pipeline(source: Source) -> Any:
@@ -449,6 +475,13 @@ def _member_pipeline(source: Source, index: int) -> Any:
 
 def _read_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...]) -> pa.Table:
     return pa.concat_tables([read_store_shard(source, int(i), codes) for i in batch["shard"].to_pylist()])
+
+
+def _converted_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...]) -> Iterator[pa.Table]:
+    for index in batch["shard"].to_pylist():
+        table = read_store_shard(source, int(index), codes)
+        for start in range(0, table.num_rows, READ_CHUNK_ROWS):
+            yield _convert_for_ray(table.slice(start, READ_CHUNK_ROWS), source)
 
 
 def _member_columns(table: Any, source: Source, index: int) -> dict[str, np.ndarray]:

@@ -39,7 +39,8 @@ from student_train.loop import STATE_FILE, LocalSession, LoopSpec, local_device,
 
 DEFAULT_EXPERIMENT = "still-train"
 MEMORY_INGEST_LIMIT = 1 << 30  # bytes per worker below which `ingest: auto` reads its share into memory
-SHUFFLE_BUFFER_BYTES = 256 << 20  # the most a streaming worker's automatic shuffle buffer holds
+SHUFFLE_BUFFER_BYTES = 128 << 20  # the most a streaming worker's automatic shuffle buffer holds
+INGEST_OBJECT_STORE_BYTES = 512 << 20  # the most object-store memory streamed ingest holds ahead of the workers
 _NAME_EXCLUDES = ("train.resume", "train.output_dir", "train.name", "tracking.", "ray.", "register.",
                   "scaling.", "train.max_failures", "train.ingest", "train.verify_store", "train.shuffle_buffer")
 
@@ -337,7 +338,7 @@ def choose_ingest(cfg: TrainConfig, source: Source, workers: int) -> str:
 
 
 def shuffle_buffer_rows(cfg: TrainConfig, source: Source, per_worker_batch: int) -> int:
-    """``train.shuffle_buffer``, with 0 resolved: four shards' rows, at least 16 batches, at most 256 MiB."""
+    """``train.shuffle_buffer``, with 0 resolved: four shards' rows, at least 16 batches, at most 128 MiB."""
     if cfg.train.shuffle_buffer:
         return cfg.train.shuffle_buffer
     shard_rows = source.num_rows / max(1, len(source.shards) or 1)
@@ -421,7 +422,8 @@ def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
             logging_config=train_logging_config(cfg.ray.verbose),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options=ingest_options(INGEST_OBJECT_STORE_BYTES)),
     )
     try:
         result = trainer.fit()

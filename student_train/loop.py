@@ -42,7 +42,7 @@ from still.models import build_model
 from still.ray_setup import quiet_worker_console
 from still.tracking import attach
 from student_train.config import TrainConfig
-from student_train.data import Source, teacher_prefix
+from student_train.data import READ_CHUNK_ROWS, Source, teacher_prefix
 from student_train.evaluate import evaluate
 from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss
 from teacher_infer.targets import DenseTarget, target_from_columns
@@ -142,6 +142,61 @@ class MemoryFeeder:
                                self.source)
 
 
+class ShuffleBuffer:
+    """Mixes a stream of batches through a pool of rows held on the training device.
+
+    The first ``capacity`` rows fill the pool; after that every incoming batch is
+    swapped for as many rows taken from the pool at random (slots visited in a fresh
+    random permutation per cycle, so no slot is taken twice in a cycle), and at the end
+    the pool drains in random order. Each batch costs one gather and one scatter per
+    column, whatever the pool's size (Ray Data's local shuffle buffer re-concatenates
+    its buffer instead).
+
+    Args:
+        capacity: Rows in the pool.
+        generator: The CPU generator of the epoch (the same mixing on any device).
+    """
+
+    def __init__(self, capacity: int, generator: torch.Generator) -> None:
+        self.capacity = max(1, capacity)
+        self.generator = generator
+
+    def _slots(self, n: int, device: torch.device) -> Iterator[torch.Tensor]:
+        while True:
+            order = torch.randperm(self.capacity, generator=self.generator).to(device)
+            for start in range(0, self.capacity - n + 1, n):
+                yield order[start : start + n]
+
+    def mix(self, chunks: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields the rows of ``chunks``, mixed: chunks of the incoming sizes, then the pool."""
+        pool: dict[str, torch.Tensor] = {}
+        filled = 0
+        slots: dict[int, Iterator[torch.Tensor]] = {}
+        for chunk in chunks:
+            n = len(next(iter(chunk.values())))
+            if not pool:
+                pool = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                        for k, v in chunk.items()}
+            if filled < self.capacity:
+                take = min(self.capacity - filled, n)
+                for k, v in chunk.items():
+                    pool[k][filled : filled + take] = v[:take]
+                filled += take
+                chunk, n = {k: v[take:] for k, v in chunk.items()}, n - take
+                if n == 0:
+                    continue
+            if n not in slots:
+                slots[n] = self._slots(n, next(iter(pool.values())).device)
+            index = next(slots[n])
+            out = {k: pool[k].index_select(0, index) for k in pool}
+            for k, v in chunk.items():
+                pool[k].index_copy_(0, index, v)
+            yield out
+        if filled:
+            order = torch.randperm(filled, generator=self.generator).to(next(iter(pool.values())).device)
+            yield {k: v[:filled].index_select(0, order) for k, v in pool.items()}
+
+
 class StreamFeeder:
     """A Ray Data iterator read every epoch (data larger than memory).
 
@@ -149,8 +204,9 @@ class StreamFeeder:
         iterator: A ``DataIterator`` (a Train worker's shard, or a dataset's iterator).
         device: Where batches go (pinned host memory first on CUDA).
         source: The source (its normalisation).
-        shuffle_buffer: Rows mixed locally; the shards themselves come in a new random
-            order every epoch (``data.ray_datasets(shuffle=True)``).
+        shuffle_buffer: Rows mixed on the device (:class:`ShuffleBuffer`); the shards
+            themselves come in a new random order every epoch
+            (``data.ray_datasets(shuffle=True)``).
     """
 
     def __init__(self, iterator: Any, device: torch.device, source: Source, shuffle_buffer: int) -> None:
@@ -159,11 +215,11 @@ class StreamFeeder:
         self.source = source
         self.shuffle_buffer = shuffle_buffer
 
-    def _batches(self, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, batch_size: int | None, prefetch_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         cuda = self.device.type == "cuda"
         try:
-            for batch in self.iterator.iter_torch_batches(device=self.device, pin_memory=cuda, **kwargs):
-                yield device_batch(batch, self.device, self.source)
+            yield from self.iterator.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch_batches,
+                                                        device=self.device, pin_memory=cuda)
         except StillError:
             raise
         except Exception as exc:  # a read task's StillError (a shard gone bad) arrives wrapped by Ray Data
@@ -173,14 +229,25 @@ class StreamFeeder:
             raise carried from None
 
     def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields locally shuffled batches streamed from the shard."""
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        yield from self._batches(batch_size=batch_size, local_shuffle_buffer_size=self.shuffle_buffer or None,
-                                 local_shuffle_seed=seed if self.shuffle_buffer else None, prefetch_batches=4)
+        """Yields batches streamed from the shard, mixed on the device.
+
+        Rows come from Ray Data a block at a time (the read tasks cut blocks of
+        ``data.READ_CHUNK_ROWS`` rows: one conversion to tensors per block, no
+        re-batching in Ray) and are cut into batches here.
+        """
+        chunks = self._batches(None, prefetch_batches=2)
+        if self.shuffle_buffer:
+            chunks = ShuffleBuffer(max(self.shuffle_buffer, READ_CHUNK_ROWS), generator).mix(chunks)
+        for chunk in chunks:
+            rows = len(next(iter(chunk.values())))
+            for start in range(0, rows, batch_size):
+                yield device_batch({k: v[start : start + batch_size] for k, v in chunk.items()}, self.device,
+                                   self.source)
 
     def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yields all rows, in large batches."""
-        yield from self._batches(batch_size=EVAL_BATCH, prefetch_batches=2)
+        for batch in self._batches(EVAL_BATCH, prefetch_batches=2):
+            yield device_batch(batch, self.device, self.source)
 
 
 def read_shard(shard: Any) -> dict[str, np.ndarray]:
