@@ -59,9 +59,11 @@ and from the ``--rows`` store. ``rss_ratio_10x`` = worker peak at ``--rows`` ÷ 
 (``RssAnon``: without the object store's shared pages) is reported beside it. The
 stores' shard size is ``still infer``'s choice (``--shard-rows`` 0: auto, 250k-row
 shards at 1M rows, 1M-row shards at 10M); ``--shard-rows N`` fixes it (those stores go
-under ``stores-shardN/``: the shard size is not part of a store's key). It is not what
-makes the worker grow: at 10M rows the worker peaked at 2,115 MiB with 1M-row shards
-and 1,989 MiB with 250k-row shards, against 712 MiB at 1M rows (2026-12-01).
+under ``stores-shardN/``: the shard size is not part of a store's key). A read task
+holds one shard while it converts it, so with auto shards its memory grows with the
+shard (4× from 1M to 10M rows); the worker holds 8 MiB blocks, its shuffle buffer and
+what Ray Data prefetches (2026-12-01, after streaming was bounded: worker 706 → 1,001
+MiB, ×1.42; before: 712 → 2,115 MiB).
 
 **4. Sweep overhead** (``trial_overhead_s``): ``still tune --json`` in a new process,
 4 in-process trials (``tune.trial_mode=in_process``, grid T ∈ {2, 4} × width ∈ {32,

@@ -518,3 +518,4 @@ def arrow_table(arrays: Mapping[str, np.ndarray]) -> pa.Table:
 
     return pa.table({name: ArrowTensorArray.from_numpy(value) if value.ndim > 1 else pa.array(value)
                      for name, value in arrays.items()})
+

@@ -115,16 +115,16 @@ def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class MemoryFeeder:
-    """A split held as tensors; shuffled batches by index, no per-batch conversion.
+    """A split held as tensors on the training device; shuffled batches by index.
 
-    On CUDA the split is moved to the device once (``memory`` ingest is for splits of
-    at most ``MEMORY_INGEST_LIMIT`` bytes), so batches cost an index, not a copy.
+    The raw inputs are moved to the device and normalised there once, when the feeder
+    is built (``memory`` ingest is for splits of at most ``MEMORY_INGEST_LIMIT`` bytes,
+    counted at 4 bytes a value), so a batch costs an index, not a copy or a conversion.
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], device: torch.device, source: Source) -> None:
         self.device = device
-        self.source = source
-        self.tensors = {k: v.to(device) for k, v in _tensors(arrays).items()}
+        self.tensors = device_batch(_tensors(arrays), device, source)
         self.rows = len(self.tensors["y"])
 
     def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
@@ -132,14 +132,12 @@ class MemoryFeeder:
         order = torch.randperm(self.rows, generator=generator).to(self.device)
         for start in range(0, self.rows, batch_size):
             index = order[start : start + batch_size]
-            yield device_batch({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.device,
-                               self.source)
+            yield {k: v.index_select(0, index) for k, v in self.tensors.items()}
 
     def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yields all rows in order, in large batches (evaluation)."""
         for start in range(0, self.rows, EVAL_BATCH):
-            yield device_batch({k: v[start : start + EVAL_BATCH] for k, v in self.tensors.items()}, self.device,
-                               self.source)
+            yield {k: v[start : start + EVAL_BATCH] for k, v in self.tensors.items()}
 
 
 class ShuffleBuffer:

@@ -46,6 +46,22 @@ def _digits_parquet(path: Path, *, sort_by_label: bool) -> Path:
     return path
 
 
+def test_the_shuffle_buffer_yields_every_row_once_and_mixes_a_sorted_stream():
+    import torch
+
+    from student_train.loop import ShuffleBuffer
+
+    labels = torch.arange(10).repeat_interleave(1000)  # 10 classes, sorted: the worst order
+    chunks = ({"y": labels[i:i + 500], "x": torch.arange(i, i + 500)[:, None].expand(-1, 3)}
+              for i in range(0, 10_000, 500))
+    out = list(ShuffleBuffer(3000, torch.Generator().manual_seed(0)).mix(chunks))
+    x = torch.cat([c["x"] for c in out])
+    assert sorted(x[:, 0].tolist()) == list(range(10_000))  # every row once
+    assert torch.equal(torch.cat([c["y"] for c in out]), labels[x[:, 0]])  # columns stay together
+    # once the pool holds three classes' rows, every chunk out mixes at least three classes
+    assert all(len(c["y"].unique()) >= 3 for c in out[6:])
+
+
 @pytest.mark.timeout(600)
 def test_a_class_sorted_store_streams_as_well_as_a_shuffled_one(ray_cluster, digits_teacher, tmp_path):
     accuracy = {}
