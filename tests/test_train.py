@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _ray_workers import train_worker_pids
 
 from still.checkpoints import load_checkpoint
 from still.config import load_config
@@ -217,15 +216,23 @@ def test_two_workers_supervised_exports_student(ray_cluster, tmp_path):
     torch.testing.assert_close(scripted(x), model(x))
 
 
+def _alive_train_workers() -> list[int]:
+    """Pids of this cluster's live Ray Train worker actors (finished runs' workers are dead actors)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(int(a.pid) for a in actors if a.pid)
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list, stop: threading.Event):
     while not stop.is_set():
-        workers = train_worker_pids()
         # two checkpoint folders: the first is then surely registered (the newest may be mid-upload)
-        if len(list(run_dir.glob("checkpoint_*"))) >= 2 and len(workers) == 2:
-            pid = max(workers)
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2:
+            workers = _alive_train_workers()
+            if len(workers) == 2:
+                os.kill(workers[-1], signal.SIGKILL)
+                killed.append(workers[-1])
+                return
         time.sleep(0.05)
 
 

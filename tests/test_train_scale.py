@@ -7,6 +7,7 @@ a real MLflow server process for tracking. Shared fixtures: tests/conftest.py.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _console import CHATTER, console_lines
 
 from still.config import DataConfig, load_config
 from still.datasets import load_arrays, resolve_dataset
@@ -29,7 +31,7 @@ from teacher_infer.infer import run_infer
 
 def _cfg(tmp_path, *overrides):
     return load_config(TrainConfig, None, [
-        "student.width=64", "student.depth=1", "train.epochs=6", "train.batch_size=64", "train.lr=0.003",
+        "student.width=64", "student.depth=1", "train.epochs=4", "train.batch_size=64", "train.lr=0.005",
         "scaling.cpus_per_worker=1", "tracking.enabled=false", f"train.output_dir={tmp_path / 'out'}", *overrides,
     ])
 
@@ -72,7 +74,7 @@ def test_a_class_sorted_store_streams_as_well_as_a_shuffled_one(ray_cluster, dig
             "store.mode=topk", "store.k=5", "infer.shard_rows=150", "tracking.enabled=false"]))["store"]
         out = train_job(_cfg(tmp_path / order, f"store.uri={store}", "scaling.num_workers=0", "train.ingest=stream",
                              "train.seed=3"), run_name=f"stream-{order}", options=JobOptions(quiet=True))
-        assert out["ingest"] == "stream" and out["epochs"] == 6
+        assert out["ingest"] == "stream" and out["epochs"] == 4
         accuracy[order] = out["student_test_accuracy"]
     # ten shards of about one class each: read in order, a batch would see one or two classes
     assert accuracy["shuffled"] > 0.85 and accuracy["sorted"] > accuracy["shuffled"] - 0.04, accuracy
@@ -131,6 +133,9 @@ def test_streaming_a_batch_larger_than_the_split_is_refused(digits_store, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+EPOCHS = 15
+
+
 def _epochs_seen(client, experiment: str) -> list[tuple[str, int]]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -144,11 +149,12 @@ def _epochs_seen(client, experiment: str) -> list[tuple[str, int]]:
 
 @pytest.mark.timeout(400)
 def test_epochs_reach_mlflow_while_running_and_a_lost_server_is_not_fatal(digits_store, mlflow_server, tmp_path):
+    """Also what the terminal shows: each epoch once, the table, none of Ray's chatter."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     command = [sys.executable, "-m", "still.cli", "train", f"store.uri={digits_store}", "scaling.num_workers=1",
-               "student.width=64", "train.epochs=25", "train.batch_size=32", f"tracking.uri={mlflow_server}",
+               "student.width=64", f"train.epochs={EPOCHS}", "train.batch_size=32", f"tracking.uri={mlflow_server}",
                "tracking.experiment=live", f"train.output_dir={tmp_path / 'out'}", "--json"]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -162,7 +168,7 @@ def test_epochs_reach_mlflow_while_running_and_a_lost_server_is_not_fatal(digits
                 break
             time.sleep(0.5)
         assert len(samples) >= 2 and samples[-1][1] > samples[0][1], f"no live epochs: {samples}"
-        assert samples[-1][1] < 25  # seen growing while the run was RUNNING, before it ended
+        assert samples[-1][1] < EPOCHS  # seen growing while the run was RUNNING, before it ended
         mlflow_server.stop()  # the tracking server goes away mid-run
         out, err = proc.communicate(timeout=300)
     finally:
@@ -170,5 +176,11 @@ def test_epochs_reach_mlflow_while_running_and_a_lost_server_is_not_fatal(digits
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["epochs"] == 25 and summary["student_test_accuracy"] > 0.85
+    assert summary["epochs"] == EPOCHS and summary["student_test_accuracy"] > 0.85
     assert summary["tracking_lost"] and f"MLflow tracking at {mlflow_server.uri} lost" in err
+    lines = console_lines(out, err)
+    shown = "\n".join(lines)
+    for epoch in range(1, EPOCHS + 1):
+        assert len(re.findall(rf"\bepoch {epoch}/{EPOCHS}\b", shown)) == 1, shown
+    assert "test accuracy" in shown and not [c for c in CHATTER if c in shown], shown
+    assert len(lines) <= EPOCHS + 20, f"{len(lines)} lines:\n{shown}"  # epochs, table, JSON, the two warnings

@@ -144,7 +144,11 @@ def test_plan_checks_store_before_any_trial(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(StillError, match=r"failed verification: part-00000.parquet: checksum mismatch"):
+    plan_sweep(_cfg(store=good))  # same size, footer intact: the cheap check on open cannot see it
+    with pytest.raises(StillError, match=r"fails verification: part-00000.parquet: checksum mismatch"):
+        plan_sweep(_cfg("train.verify_store=true", store=good))
+    shard.write_bytes(bytes(raw[:-100]))  # truncated: seen on every open
+    with pytest.raises(StillError, match=r"shard part-00000.parquet has \d+ bytes, the manifest records"):
         plan_sweep(_cfg(store=good))
 
 
