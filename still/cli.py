@@ -204,13 +204,19 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
     return handlers[args.verb](args)
 
 
-def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
-    if not as_json:
-        for key, value in summary.items():
-            if not isinstance(value, (dict, list)):
-                print(f"{key}: {value}")
+# Verbs that print their own table: without --json the CLI adds only where the results are.
+_SUMMARY_KEYS = {"train": ("checkpoint", "torchscript", "run_id", "model_uri", "tracking_lost")}
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool, verb: str) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str))
         return
-    print(json.dumps(summary, default=str))
+    keys = _SUMMARY_KEYS.get(verb)
+    for key, value in summary.items():
+        if isinstance(value, (dict, list)) or (keys is not None and (key not in keys or value is None)):
+            continue
+        print(f"{key}: {value}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary is None:  # --print-config: the config is the whole output
         return 0
     exit_code = int(summary.pop("_exit_code", 0)) if isinstance(summary, dict) else 0
-    _print_summary(summary, getattr(args, "json", False))
+    _print_summary(summary, getattr(args, "json", False), args.verb)
     return exit_code
 
 
