@@ -394,9 +394,13 @@ def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False
         shuffle: The ``train`` dataset of a store visits its shards in a new random
             order on every pass (streamed training).
     """
-    converted = _dataset_pipeline(source) if source.kind == "dataset" else None
+    converted = None  # one pipeline of every row, its split kept: a dataset (split by rule) or an ensemble
+    if source.kind == "dataset":
+        converted = _dataset_pipeline(source)
+    elif len(source.inputs) > 1:
+        converted = _ensemble_pipeline(source)
     if converted is not None and materialize:
-        converted = converted.materialize()  # split rules need every row: convert once, select thrice
+        converted = converted.materialize()  # convert (and join) once, select thrice
     datasets = {}
     for name in SPLITS:
         codes = split_codes(name, include_val)
@@ -424,15 +428,23 @@ def _store_split_pipeline(source: Source, codes: Sequence[int], *, shuffle: bool
         items = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=max(1, len(shards)))
         if shuffle:
             items = items.randomize_block_order()  # reshuffled on every execution: a new shard order each epoch
-        if len(source.inputs) == 1:
-            return items.map_batches(_converted_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
-                                     batch_size=1, batch_format="pyarrow")
-        ds = items.map_batches(_read_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
-                               batch_size=1, batch_format="pyarrow")
+        return items.map_batches(_converted_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
+                                 batch_size=1, batch_format="pyarrow")
+
+
+def _ensemble_pipeline(source: Source) -> Any:
+    """Every row of an ensemble's primary store, joined by id to each member's teacher columns, split kept."""
+    import ray.data
+
+    shards = range(len(source.inputs[0][1]))
+    with _block_size(TRAIN_BLOCK_BYTES):
+        ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=max(1, len(shards)))
+        ds = ds.map_batches(_read_shards_for_ray, fn_kwargs={"source": source, "codes": None},
+                            batch_size=1, batch_format="pyarrow")
         for index in range(1, len(source.inputs)):
             ds = ds.join(_member_pipeline(source, index), join_type="inner", num_partitions=max(1, len(shards)),
                          on=("id",))
-        return ds.map_batches(_convert_for_ray, fn_kwargs={"source": source},
+        return ds.map_batches(_convert_for_ray, fn_kwargs={"source": source, "keep_split": True},
                               batch_format="pyarrow", batch_size=READ_CHUNK_ROWS, zero_copy_batch=True)
 
 
@@ -473,7 +485,7 @@ def _member_pipeline(source: Source, index: int) -> Any:
                           batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
-def _read_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...]) -> pa.Table:
+def _read_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...] | None) -> pa.Table:
     return pa.concat_tables([read_store_shard(source, int(i), codes) for i in batch["shard"].to_pylist()])
 
 
