@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -388,6 +389,9 @@ def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     from student_train.capacity import check_workers_fit, worker_demand
 
     cfg = job.cfg
+    # The Train controller registers reported checkpoints when it polls the workers: poll often, so a
+    # worker lost right after a report restarts from that report's checkpoint, not the one before.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     init_ray(cfg.ray)
     workers = cfg.scaling.max_workers
     spec.ingest = job.ingest
