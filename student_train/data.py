@@ -360,8 +360,6 @@ def read_store_shard(source: Source, index: int, codes: Sequence[int] | None = N
             and says to run ``still store verify`` (a shard can be truncated or
             rewritten after the store was opened, in the middle of training).
     """
-    import pyarrow.compute as pc
-
     from still.storage import resolve
     from teacher_infer.store import Store, read_joined_shard
 
@@ -374,9 +372,14 @@ def read_store_shard(source: Source, index: int, codes: Sequence[int] | None = N
     except Exception as exc:  # a corrupt shard raises several Arrow and OS error types
         raise StillError(f"store {store.uri!r}: shard {name} cannot be read ({type(exc).__name__}: "
                          f"{str(exc)[:120]}); run still store verify {store.uri}") from None
-    if codes is not None:
-        table = table.filter(pc.is_in(table["split"], value_set=pa.array(list(codes), pa.int8())))
-    return table
+    return table if codes is None else _rows_of_splits(table, codes)
+
+
+def _rows_of_splits(table: pa.Table, codes: Sequence[int]) -> pa.Table:
+    """The rows of ``table`` whose ``split`` is one of ``codes``."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_in(table["split"], value_set=pa.array(list(codes), pa.int8())))
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -439,8 +442,8 @@ def _ensemble_pipeline(source: Source) -> Any:
     shards = range(len(source.inputs[0][1]))
     with _block_size(TRAIN_BLOCK_BYTES):
         ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=max(1, len(shards)))
-        ds = ds.map_batches(_read_shards_for_ray, fn_kwargs={"source": source, "codes": None},
-                            batch_size=1, batch_format="pyarrow")
+        ds = ds.map_batches(_read_shards_for_ray, fn_kwargs={"source": source}, batch_size=1,
+                            batch_format="pyarrow")
         for index in range(1, len(source.inputs)):
             ds = ds.join(_member_pipeline(source, index), join_type="inner", num_partitions=max(1, len(shards)),
                          on=("id",))
@@ -485,8 +488,8 @@ def _member_pipeline(source: Source, index: int) -> Any:
                           batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
-def _read_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...] | None) -> pa.Table:
-    return pa.concat_tables([read_store_shard(source, int(i), codes) for i in batch["shard"].to_pylist()])
+def _read_shards_for_ray(batch: Any, source: Source) -> pa.Table:
+    return pa.concat_tables([read_store_shard(source, int(i)) for i in batch["shard"].to_pylist()])
 
 
 def _converted_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...]) -> Iterator[pa.Table]:
@@ -513,10 +516,7 @@ def _convert_for_ray(table: Any, source: Source, keep_split: bool = False) -> pa
 
 
 def _select_for_ray(table: pa.Table, codes: tuple[int, ...]) -> pa.Table:
-    import pyarrow.compute as pc
-
-    keep = pc.is_in(table["split"], value_set=pa.array(list(codes), pa.int8()))
-    return table.filter(keep).drop_columns(["split"])
+    return _rows_of_splits(table, codes).drop_columns(["split"])
 
 
 def arrow_table(arrays: Mapping[str, np.ndarray]) -> pa.Table:

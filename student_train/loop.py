@@ -464,7 +464,7 @@ class Targets:
     def __init__(self, spec: LoopSpec, device: torch.device) -> None:
         self.source = spec.source
         self.teacher = spec.teacher.load() if spec.teacher is not None else None
-        if isinstance(self.teacher, (nn.Module, torch.jit.ScriptModule)):
+        if isinstance(self.teacher, nn.Module):  # TorchScript modules are Modules too
             self.teacher = self.teacher.to(device)
 
     @property
