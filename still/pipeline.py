@@ -231,11 +231,17 @@ def run_pipeline(pipeline: Pipeline, progress: Callable[[str], None] = print) ->
     return {**results, **figures, "seconds": seconds}
 
 
-def format_report(pipeline: Pipeline, outcome: dict[str, Any], tracking_uri: str) -> str:
-    """Returns the closing table: each summary figure beside its reference value."""
+FAST_NOTE = ("--fast is a smoke run (a short version of every stage) that checks the pipeline works: its "
+             "numbers mean nothing, and a distilled student worse than the baseline here says nothing about "
+             "distillation. Run without --fast for the comparison.")
+
+
+def format_report(pipeline: Pipeline, outcome: dict[str, Any], tracking_uri: str, fast: bool = False) -> str:
+    """Returns the closing table: each summary figure beside its reference value (and, for ``--fast``, why
+    its numbers mean nothing)."""
     from still.tracking import ui_command
 
-    lines = [f"pipeline {pipeline.name}"]
+    lines = [f"pipeline {pipeline.name}" + (" (--fast: a smoke run)" if fast else "")]
     title = pipeline.reference.get("title", "reference")
     rows = [(name, outcome[name], pipeline.reference.get(name, "")) for name in pipeline.summary]
     width = max([len(r[0]) for r in rows] + [len("stage seconds")])
@@ -248,6 +254,8 @@ def format_report(pipeline: Pipeline, outcome: dict[str, Any], tracking_uri: str
         lines.append(f"    {stage.ljust(width - 2)}  {secs:>8.1f} s")
     lines.append(f"  total {sum(outcome['seconds'].values()):.1f} s")
     lines.append(f"  MLflow UI: {ui_command(tracking_uri)}")
+    if fast:
+        lines.append(f"  {FAST_NOTE}")
     return "\n".join(lines)
 
 
@@ -264,7 +272,9 @@ def run_pipeline_cli(args: Any) -> dict[str, Any]:
     init_ray(pipeline.ray)
     outcome = run_pipeline(pipeline)
     uri = tracking_uri(pipeline.tracking)
-    report = format_report(pipeline, outcome, uri)
+    report = format_report(pipeline, outcome, uri, fast=args.fast)
+    if args.fast:
+        outcome["smoke_run"] = FAST_NOTE
     print(report)
     with open_run(
         {"pipeline": pipeline.name, "fast": args.fast, "stages": [s.name for s in pipeline.stages]},

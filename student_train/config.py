@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from still.augment import AugmentConfig
 from still.config import DataConfig, RayConfig, TrackingConfig
 from still.errors import StillError
 
@@ -80,10 +81,19 @@ class TrainLoopConfig:
     """Optimizer; sgd uses momentum 0.9."""
     weight_decay: float = 0.0
     """L2 weight decay."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """``cosine``: the learning rate falls from ``train.lr`` to 0 along a half cosine over
+    the run's steps (Loshchilov & Hutter 2017, without restarts)."""
     seed: int = 0
-    """Seed of weight init, shuffling, dropout and jitter."""
-    jitter: int = 0
-    """Random translation of image inputs by up to ±jitter pixels (Hinton et al.: 2)."""
+    """Seed of weight init, shuffling, dropout, augmentation and view choice."""
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    """Augmentation of image inputs, drawn afresh for every batch (data without a teacher,
+    and single-view stores, whose targets were computed on the un-augmented input). A
+    multi-view store replays its own views: leave this unset, or set it to the store's
+    ``store.augment`` (anything else is refused: the targets would not match the inputs)."""
+    views: Literal["one", "all"] = "one"
+    """Multi-view stores: ``one`` trains each epoch on one view per sample, drawn afresh
+    every epoch (an epoch is as long as with one view); ``all`` on every view."""
     resume: bool = False
     """Continue a stopped run of the same name from its last checkpoint."""
     output_dir: str = ""
@@ -214,13 +224,13 @@ class TrainConfig:
             (self.train.batch_size >= 1, f"train.batch_size must be >= 1, got {self.train.batch_size}"),
             (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr}"),
             (self.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.train.weight_decay}"),
-            (self.train.jitter >= 0, f"train.jitter must be >= 0, got {self.train.jitter}"),
             (self.train.max_failures >= 0, f"train.max_failures must be >= 0, got {self.train.max_failures}"),
             (self.train.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.train.shuffle_buffer}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise StillError(message)
+        self.train.augment.validate("train.augment")
         from still.models import MODELS
 
         if self.student.family not in MODELS:

@@ -12,6 +12,13 @@ dataset's id/features/label/split columns) into the arrays the loop consumes:
            (``teacher_infer.store.teacher_arrays``: k ids and log-probabilities per row
            for top-k, the padded draws for sampled, C logits only for dense stores)
     f      float32 (n, d)              teacher hint features (stores with ``features`` only)
+    sample int64 (n,)                  train split: a key of the row's id (the worker sorts
+                                       its rows by it, so memory ingest is deterministic;
+                                       multi-view stores draw one view per sample with it)
+    aug    int16 (n, P)                multi-view stores, train split: each row's view
+                                       (``still.augment``), replayed on the device
+    view   int16 (n,)                  multi-view stores, train split: the row's view
+                                       (:func:`one_view_mask`)
 
 Nothing grows before it reaches the worker: no float copy of the inputs, no dense
 ``(n, C)`` teacher array in Ray Data or the object store. The loop moves a batch to
@@ -30,6 +37,10 @@ opened), and keeps only that split's rows: val and test cost their own shards, n
 pass over the store. Streamed training visits the shards in a new random order every
 epoch and mixes rows in the worker's shuffle buffer (``train.shuffle_buffer``).
 
+Multi-view stores: the training split holds every view of each sample (``train.views=all``)
+or, per epoch, the one view :func:`one_view_mask` draws for it (``one``); held-out
+splits are evaluated on view 0, the inputs as they are.
+
 Ensembles: stores of one dataset share ids; rows are joined by id, each store's
 columns keep their own prefix, and the loss averages the members' probabilities at
 T on the device (``student_train.losses``).
@@ -45,6 +56,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from still.augment import AugmentConfig, param_names
 from still.errors import StillError
 from teacher_infer.soft_labels import SoftLabelSpec
 
@@ -78,7 +90,9 @@ class Source:
         normalisation: How raw inputs become model inputs (scale, mean/std, shape).
         shards: The primary store's shards as their footers describe them
             (``teacher_infer.store.ShardLayout``: rows, split codes present).
-        split_rows: Rows per split name, where known (stores record them).
+        split_rows: Store rows per split name, where known (stores record them).
+        views: K, rows per sample of a multi-view store (1 otherwise).
+        augment: The augmentation a multi-view store's views were made with.
     """
 
     kind: str
@@ -100,6 +114,8 @@ class Source:
     normalisation: Any = None
     shards: tuple[Any, ...] = ()
     split_rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    views: int = 1
+    augment: AugmentConfig = AugmentConfig()
 
     @property
     def labels_only(self) -> bool:
@@ -114,7 +130,9 @@ class Source:
     def row_bytes(self) -> int:
         """Bytes of one converted row (x, y, split, teacher columns, f) in memory; an upper bound
         (inputs counted as 4 bytes a value, though uint8 inputs stay 1)."""
-        n = 4 * math.prod(self.input_shape) + 9 + (self.num_classes if self.task == "multilabel" else 0)
+        n = 4 * math.prod(self.input_shape) + 17 + (self.num_classes if self.task == "multilabel" else 0)
+        if self.views > 1:
+            n += 10 + 2 * len(param_names(self.augment))
         for spec, width in zip(self.teachers, self.max_support):
             value = 2 if spec.dtype == "float16" else 4
             grid = 4 * (1 + len(spec.temperatures))
@@ -130,7 +148,8 @@ class Source:
         teacher = list(self.teachers[index].columns)
         if index > 0:
             return ["id"] + teacher
-        return ["id", "label", "split", "input"] + teacher + (["features"] if self.feature_dim else [])
+        views = ["view", "augment"] if self.views > 1 else []
+        return ["id", "label", "split", *views, "input"] + teacher + (["features"] if self.feature_dim else [])
 
 
 def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = False) -> Source:
@@ -185,6 +204,9 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = F
                              f"{other.uri!r} has {other.num_classes}")
         if other.task != first.task:
             raise StillError(f"ensemble stores disagree on task: {first.uri!r} vs {other.uri!r}")
+        if first.views > 1 or other.views > 1:
+            raise StillError(f"ensembles of multi-view stores are not supported ({first.uri!r}: {first.views} "
+                             f"views, {other.uri!r}: {other.views}): their rows join by id, one row per sample")
         if other.num_rows != first.num_rows:
             raise StillError(f"ensemble stores must cover the same rows: {first.uri!r} has {first.num_rows}, "
                              f"{other.uri!r} has {other.num_rows}")
@@ -202,7 +224,9 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = F
         manifests=tuple(s.manifest for s in stores), teachers=tuple(s.soft_labels for s in stores),
         max_support=tuple(s.max_support for s in stores), dataset=dataset,
         normalisation=Normalisation.of(first.manifest["preprocessing"]), shards=tuple(layouts[0]),
-        split_rows={name: int(per_split.get(name, {}).get("rows", 0)) for name in SPLITS} if per_split else {},
+        split_rows={name: int(per_split.get(name, {}).get("rows", 0)) * first.views for name in SPLITS}
+        if per_split else {},
+        views=first.views, augment=first.augment,
     )
 
 
@@ -243,6 +267,7 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
         source: The resolved :class:`Source`.
     """
     from still.datasets import column_matrix, decode_inputs, features_to_numpy, labels_to_numpy
+    from still.datasets.splits import id_keys
 
     if source.kind == "dataset":
         from still.datasets import assign_splits
@@ -254,6 +279,7 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
             "x": _raw_inputs(decode_inputs(batch[feat], source.dataset), source),
             "y": labels_to_numpy(batch[label_col], source.task, source.num_classes),
             "split": assign_splits(ids, source_split, source.split_rule).astype(np.int8),
+            "sample": id_keys(ids).view(np.int64),
         }
     from teacher_infer.store import teacher_arrays
 
@@ -268,7 +294,35 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
         out.update({name: _numpy(value) for name, value in batch.items() if name.startswith(prefix)})
     if source.feature_dim:
         out["f"] = features_to_numpy(batch["features"], (source.feature_dim,), 1.0)
+    out["sample"] = id_keys(_numpy(batch["id"])).view(np.int64)
+    if source.views > 1:
+        out["aug"] = column_matrix(batch["augment"]).astype(np.int16, copy=False)
+        out["view"] = _numpy(batch["view"]).astype(np.int16, copy=False)
     return out
+
+
+VIEW_COLUMNS = ("aug", "view", "sample")
+"""Training columns held-out splits drop (evaluation needs neither order nor views)."""
+
+
+def one_view_mask(sample: np.ndarray, view: np.ndarray, views: int, seed: int) -> np.ndarray:
+    """The rows holding the one view drawn for each sample (``train.views=one``).
+
+    The view is a hash of (sample key, seed): every worker and read task that holds a
+    sample's rows draws the same one, so each sample is trained on once per epoch
+    whatever the sharding.
+
+    Args:
+        sample: int64 sample keys (the ``sample`` training column).
+        view: The rows' views.
+        views: K.
+        seed: The epoch's seed.
+    """
+    from still.datasets.splits import splitmix64
+
+    key = splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))
+    drawn = splitmix64(np.asarray(sample, dtype=np.int64).view(np.uint64) ^ key) % np.uint64(views)
+    return drawn.astype(np.int64) == np.asarray(view, dtype=np.int64)
 
 
 def _raw_inputs(raw: np.ndarray, source: Source) -> np.ndarray:
@@ -342,9 +396,16 @@ def _align(ids: np.ndarray, other_ids: np.ndarray, name: str) -> np.ndarray:
 
 
 def select_split(arrays: Mapping[str, np.ndarray], codes: Sequence[int]) -> dict[str, np.ndarray]:
-    """The rows of the given split codes (0 train, 1 val, 2 test), without the ``split`` column."""
+    """The rows of the given split codes (0 train, 1 val, 2 test), without the ``split`` column.
+
+    Held-out splits keep view 0 only (multi-view stores), without :data:`VIEW_COLUMNS`.
+    """
     keep = np.isin(arrays["split"], list(codes))
-    return {k: np.ascontiguousarray(v[keep]) for k, v in arrays.items() if k != "split"}
+    held_out = SPLITS["train"] not in codes
+    if held_out and "view" in arrays:
+        keep &= arrays["view"] == 0
+    return {k: np.ascontiguousarray(v[keep]) for k, v in arrays.items()
+            if k != "split" and not (held_out and k in VIEW_COLUMNS)}
 
 
 def read_store_shard(source: Source, index: int, codes: Sequence[int] | None = None) -> pa.Table:
@@ -376,17 +437,20 @@ def read_store_shard(source: Source, index: int, codes: Sequence[int] | None = N
 
 
 def _rows_of_splits(table: pa.Table, codes: Sequence[int]) -> pa.Table:
-    """The rows of ``table`` whose ``split`` is one of ``codes``."""
+    """The rows of ``table`` whose ``split`` is one of ``codes`` (held-out splits: view 0 only)."""
     import pyarrow.compute as pc
 
-    return table.filter(pc.is_in(table["split"], value_set=pa.array(list(codes), pa.int8())))
+    keep = pc.is_in(table["split"], value_set=pa.array(list(codes), pa.int8()))
+    if SPLITS["train"] not in codes and "view" in table.column_names:
+        keep = pc.and_(keep, pc.equal(table["view"], 0))
+    return table.filter(keep)
 
 
 # --------------------------------------------------------------------------- Ray Data
 
 
 def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False,
-                 shuffle: bool = False) -> dict[str, Any]:
+                 shuffle: bool = False, one_view: bool = False) -> dict[str, Any]:
     """Builds ``{"train", "val", "test"}`` Ray Data datasets of training arrays.
 
     Args:
@@ -396,6 +460,9 @@ def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False
         include_val: ``train`` holds the train and val rows (``train.include_val``).
         shuffle: The ``train`` dataset of a store visits its shards in a new random
             order on every pass (streamed training).
+        one_view: The ``train`` dataset of a multi-view store keeps, on every pass, one
+            view per sample (drawn afresh each pass; streamed training with
+            ``train.views=one``). Memory ingest draws in the worker instead.
     """
     converted = None  # one pipeline of every row, its split kept: a dataset (split by rule) or an ensemble
     if source.kind == "dataset":
@@ -411,18 +478,23 @@ def ray_datasets(source: Source, *, materialize: bool, include_val: bool = False
             ds = converted.map_batches(_select_for_ray, fn_kwargs={"codes": codes}, batch_format="pyarrow",
                                        batch_size=None, zero_copy_batch=True)
         else:
-            ds = _store_split_pipeline(source, codes, shuffle=shuffle and name == "train")
+            train = name == "train"
+            ds = _store_split_pipeline(source, codes, shuffle=shuffle and train, one_view=one_view and train,
+                                       streamed=not materialize)
         # materialised here, on the driver: no map task left to compete with the workers for CPUs
         datasets[name] = ds.materialize() if materialize else ds
     return datasets
 
 
-def _store_split_pipeline(source: Source, codes: Sequence[int], *, shuffle: bool) -> Any:
+def _store_split_pipeline(source: Source, codes: Sequence[int], *, shuffle: bool, one_view: bool,
+                          streamed: bool) -> Any:
     """One split of a store: a read task per shard that holds the split, yielding converted chunks.
 
     A task converts its shard ``READ_CHUNK_ROWS`` rows at a time and Ray keeps its
     output blocks under ``TRAIN_BLOCK_BYTES``: what a worker holds stays the same size
-    however large the shards (or the store) grow.
+    however large the shards (or the store) grow. A ``streamed`` training split leaves
+    out what only memory ingest uses (``view``, ``sample``: the one-view draw, if any,
+    is made here).
     """
     import ray.data
 
@@ -431,8 +503,9 @@ def _store_split_pipeline(source: Source, codes: Sequence[int], *, shuffle: bool
         items = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=max(1, len(shards)))
         if shuffle:
             items = items.randomize_block_order()  # reshuffled on every execution: a new shard order each epoch
-        return items.map_batches(_converted_shards_for_ray, fn_kwargs={"source": source, "codes": tuple(codes)},
-                                 batch_size=1, batch_format="pyarrow")
+        return items.map_batches(_converted_shards_for_ray, batch_size=1, batch_format="pyarrow",
+                                 fn_kwargs={"source": source, "codes": tuple(codes), "one_view": one_view,
+                                            "streamed": streamed})
 
 
 def _ensemble_pipeline(source: Source) -> Any:
@@ -492,11 +565,21 @@ def _read_shards_for_ray(batch: Any, source: Source) -> pa.Table:
     return pa.concat_tables([read_store_shard(source, int(i)) for i in batch["shard"].to_pylist()])
 
 
-def _converted_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...]) -> Iterator[pa.Table]:
+def _converted_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...], one_view: bool,
+                              streamed: bool) -> Iterator[pa.Table]:
+    # A fresh draw on every execution, i.e. every epoch (a sample's views all lie in one shard).
+    seed = int(np.random.default_rng().integers(1 << 62))
     for index in batch["shard"].to_pylist():
         table = read_store_shard(source, int(index), codes)
         for start in range(0, table.num_rows, READ_CHUNK_ROWS):
-            yield _convert_for_ray(table.slice(start, READ_CHUNK_ROWS), source)
+            chunk = table.slice(start, READ_CHUNK_ROWS)
+            arrays = convert_batch({c: chunk[c] for c in chunk.column_names}, source)
+            arrays.pop("split")
+            if one_view:
+                keep = one_view_mask(arrays["sample"], arrays["view"], source.views, seed)
+                arrays = {name: values[keep] for name, values in arrays.items()}
+            drop = VIEW_COLUMNS if SPLITS["train"] not in codes else ("view", "sample") if streamed else ()
+            yield arrow_table({name: values for name, values in arrays.items() if name not in drop})
 
 
 def _member_columns(table: Any, source: Source, index: int) -> dict[str, np.ndarray]:
@@ -516,7 +599,9 @@ def _convert_for_ray(table: Any, source: Source, keep_split: bool = False) -> pa
 
 
 def _select_for_ray(table: pa.Table, codes: tuple[int, ...]) -> pa.Table:
-    return _rows_of_splits(table, codes).drop_columns(["split"])
+    held_out = SPLITS["train"] not in codes
+    drop = ["split"] + [c for c in VIEW_COLUMNS if held_out and c in table.column_names]
+    return _rows_of_splits(table, codes).drop_columns(drop)
 
 
 def arrow_table(arrays: Mapping[str, np.ndarray]) -> pa.Table:

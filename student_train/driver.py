@@ -200,6 +200,7 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
         raise StillError("kd.hint_weight > 0 needs a store with a features column "
                          "(write one with still infer teacher.feature_layer=<layer>)")
     _warn_far_from_sample_temperature(cfg, source)
+    check_augment(cfg, source)
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
         raise StillError(f"student.num_classes={cfg.student.num_classes} but the "
                          f"{'store' if source.has_teacher else 'data'} {source.name!r} has {source.num_classes} classes")
@@ -224,6 +225,27 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
     if not cfg.train.resume and (job.checkpoint_root / run_name).exists():
         shutil.rmtree(job.checkpoint_root / run_name)  # a fresh run of the same name: drop the old run's checkpoints
     return job
+
+
+def check_augment(cfg: TrainConfig, source: Source) -> None:
+    """Checks ``train.augment`` against the inputs, and against a multi-view store's own views.
+
+    Raises:
+        StillError: The augmentation does not fit the input shape, or differs from the
+            one a multi-view store's views were made with (the student's inputs would
+            then not be the ones its targets were computed on).
+    """
+    if source.views > 1:
+        wanted = cfg.train.augment
+        if wanted.enabled and wanted != source.augment:
+            raise StillError(
+                f"train.augment={wanted.to_dict()} differs from the augmentation the views of store "
+                f"{source.name!r} were made with, store.augment={source.augment.to_dict()}: its teacher targets "
+                "are of those views. Leave train.augment unset (the store's views are replayed exactly), or write "
+                "a store with the augmentation you want"
+            )
+        return
+    cfg.train.augment.check(source.input_shape, "train.augment")
 
 
 def _check_batch_fits(cfg: TrainConfig, source: Source, workers: int) -> None:
@@ -365,7 +387,8 @@ def _fit_in_process(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str,
 
         init_ray(cfg.ray)
         spec.shuffle_buffer = shuffle_buffer_rows(cfg, spec.source, cfg.train.batch_size)
-        splits = ray_datasets(spec.source, materialize=False, include_val=cfg.train.include_val, shuffle=True)
+        splits = ray_datasets(spec.source, materialize=False, include_val=cfg.train.include_val, shuffle=True,
+                              one_view=spec.one_view_of > 0)
     on_report = None
     if job.options.report_to_tune:
         import ray.tune
@@ -403,7 +426,8 @@ def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     spec.threads = max(1, int(cpus))
     spec.shuffle_buffer = shuffle_buffer_rows(cfg, spec.source, max(1, cfg.train.batch_size // workers))
     datasets = train_datasets_console(ray_datasets(spec.source, materialize=not streaming,
-                                                   include_val=cfg.train.include_val, shuffle=streaming),
+                                                   include_val=cfg.train.include_val, shuffle=streaming,
+                                                   one_view=streaming and spec.one_view_of > 0),
                                       cfg.ray.verbose)
     callbacks = []
     if job.options.report_to_tune:

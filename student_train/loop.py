@@ -25,6 +25,7 @@ on that device.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -34,15 +35,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from still.augment import apply_augment, background_of, random_params
 from still.errors import StillError, carried_still_error
 from still.models import build_model
 from still.ray_setup import quiet_worker_console
 from still.tracking import attach
 from student_train.config import TrainConfig
-from student_train.data import READ_CHUNK_ROWS, Source, teacher_prefix
+from student_train.data import READ_CHUNK_ROWS, Source, one_view_mask, teacher_prefix
 from student_train.evaluate import evaluate
 from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss
 from teacher_infer.targets import DenseTarget, target_from_columns
@@ -79,6 +80,11 @@ class LoopSpec:
     quiet: bool = False
     tracking: tuple[str, str] | None = None
     shuffle_buffer: int = 0
+
+    @property
+    def one_view_of(self) -> int:
+        """K when each epoch trains on one view per sample of a multi-view store, else 0."""
+        return self.source.views if self.source.views > 1 and self.cfg.train.views == "one" else 0
 
 
 class Net(nn.Module):
@@ -120,17 +126,44 @@ class MemoryFeeder:
     The raw inputs are moved to the device and normalised there once, when the feeder
     is built (``memory`` ingest is for splits of at most ``MEMORY_INGEST_LIMIT`` bytes,
     counted at 4 bytes a value), so a batch costs an index, not a copy or a conversion.
+
+    Args:
+        arrays: The split's training arrays.
+        device: The training device.
+        source: The source (its normalisation).
+        one_view_of: K to train each epoch on one view per sample of a multi-view
+            store (:func:`student_train.data.one_view_mask`); 0: every row.
     """
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], device: torch.device, source: Source) -> None:
+    def __init__(self, arrays: Mapping[str, np.ndarray], device: torch.device, source: Source,
+                 one_view_of: int = 0) -> None:
         self.device = device
+        arrays = dict(arrays)
+        views = {name: arrays.pop(name) for name in ("view", "sample") if name in arrays}
+        if "sample" in views:  # rows reach a Ray Train worker in varying order: sorted, a seed reproduces a run
+            order = np.lexsort([views[name] for name in ("view", "sample") if name in views])
+            arrays = {name: values[order] for name, values in arrays.items()}
+            views = {name: values[order] for name, values in views.items()}
+        self.one_view_of = one_view_of if "view" in views else 0
+        self.views = views
         self.tensors = device_batch(_tensors(arrays), device, source)
         self.rows = len(self.tensors["y"])
 
-    def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields shuffled batches covering every row once."""
-        order = torch.randperm(self.rows, generator=generator).to(self.device)
-        for start in range(0, self.rows, batch_size):
+    def epoch_rows(self, view_seed: int) -> int:
+        """Rows one epoch trains on (one per sample of a multi-view store with ``one_view_of``)."""
+        return len(self._selected(view_seed)) if self.one_view_of else self.rows
+
+    def _selected(self, view_seed: int) -> np.ndarray:
+        return np.flatnonzero(one_view_mask(self.views["sample"], self.views["view"], self.one_view_of, view_seed))
+
+    def epoch(self, batch_size: int, generator: torch.Generator, view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields shuffled batches covering every row (or every sample's drawn view) once."""
+        if self.one_view_of:
+            rows = torch.from_numpy(self._selected(view_seed))
+            order = rows[torch.randperm(len(rows), generator=generator)].to(self.device)
+        else:
+            order = torch.randperm(self.rows, generator=generator).to(self.device)
+        for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             yield {k: v.index_select(0, index) for k, v in self.tensors.items()}
 
@@ -226,12 +259,17 @@ class StreamFeeder:
                 raise
             raise carried from None
 
-    def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch_rows(self, view_seed: int) -> int | None:
+        """Rows an epoch trains on: unknown ahead of a stream."""
+        return None
+
+    def epoch(self, batch_size: int, generator: torch.Generator, view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yields batches streamed from the shard, mixed on the device.
 
         Rows come from Ray Data a block at a time (the read tasks cut blocks of
         ``data.READ_CHUNK_ROWS`` rows: one conversion to tensors per block, no
-        re-batching in Ray) and are cut into batches here.
+        re-batching in Ray) and are cut into batches here. A multi-view store's read
+        tasks have already drawn the epoch's views (``view_seed`` is for memory ingest).
         """
         chunks = self._batches(None, prefetch_batches=2)
         if self.shuffle_buffer:
@@ -300,7 +338,7 @@ class LocalSession:
         """The split as tensors, or streamed."""
         data = self.splits[split]
         if isinstance(data, Mapping):
-            return MemoryFeeder(data, self.device, spec.source)
+            return MemoryFeeder(data, self.device, spec.source, spec.one_view_of if split == "train" else 0)
         return StreamFeeder(data.iterator(), self.device, spec.source, spec.shuffle_buffer)
 
     def restore(self) -> dict[str, Any] | None:
@@ -343,7 +381,8 @@ class RaySession:
 
         shard = ray.train.get_dataset_shard(split)
         if self.ingest == "memory":
-            return MemoryFeeder(read_shard(shard), self.device, spec.source)
+            return MemoryFeeder(read_shard(shard), self.device, spec.source,
+                                spec.one_view_of if split == "train" else 0)
         return StreamFeeder(shard, self.device, spec.source, spec.shuffle_buffer)
 
     def restore(self) -> dict[str, Any] | None:
@@ -386,19 +425,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def jitter(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Shifts each image of ``x`` (n, C, H, W) by a random (dy, dx) in [−pixels, pixels], zero fill.
+class Augmenter:
+    """A batch's model input, augmented on its device (:mod:`still.augment`).
 
-    The shifts are drawn from ``generator`` on the CPU (the same shifts on any device).
+    A multi-view store's rows carry their view (``aug``): replayed, so the input is the
+    one the teacher's target was computed on. Otherwise ``train.augment`` is drawn
+    afresh for every row from the epoch's CPU generator (the same draws on any device).
     """
-    n, _, height, width = x.shape
-    padded = F.pad(x, (pixels, pixels, pixels, pixels)).permute(0, 2, 3, 1)
-    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
-    rows = dy[:, None] + torch.arange(height, device=x.device)
-    cols = dx[:, None] + torch.arange(width, device=x.device)
-    shifted = padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return shifted.permute(0, 3, 1, 2).contiguous()
+
+    def __init__(self, spec: LoopSpec, device: torch.device) -> None:
+        source = spec.source
+        self.replay = source.views > 1
+        self.augment = source.augment if self.replay else spec.cfg.train.augment
+        self.input_shape = source.input_shape
+        self.background = background_of(source.normalisation, device) if self.augment.enabled else None
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        x = batch["x"]
+        if not self.augment.enabled:
+            return x
+        if self.replay:
+            params = batch["aug"]
+        else:
+            params = random_params(self.augment, self.input_shape, len(x), generator).to(x.device)
+        return apply_augment(self.augment, x, params, self.background)
+
+
+def learning_rate(cfg: TrainConfig, progress: float) -> float:
+    """``train.lr`` at ``progress`` ∈ [0, 1] of the run (``train.lr_schedule``)."""
+    if cfg.train.lr_schedule == "cosine":
+        return cfg.train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.train.lr
 
 
 def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -483,22 +540,25 @@ class Targets:
                 for i, spec in enumerate(self.source.teachers)]
 
 
-def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, generator: torch.Generator,
-                batch_size: int, device: torch.device) -> dict[str, float]:
+def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, augmenter: Augmenter,
+                generator: torch.Generator, epoch: int, batch_size: int, device: torch.device) -> dict[str, float]:
     """One pass over this worker's training shard; returns the epoch's mean losses and its samples."""
     cfg, source = spec.cfg, spec.source
     loss_fn = multilabel_kd_loss if source.task == "multilabel" else kd_loss
     T, lam, beta = cfg.kd.temperature, cfg.kd.weight, cfg.kd.hint_weight
-    image = len(source.input_shape) == 3 and cfg.train.jitter > 0
+    view_seed = cfg.train.seed * 1_000_003 + epoch  # the same on every rank: one view per sample overall
+    rows = train.epoch_rows(view_seed)
+    steps_per_epoch = max(1, math.ceil(rows / batch_size)) if rows else None
     placed.model.train()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     zero = torch.zeros((), device=device)
     steps = samples = 0
-    for batch in train.epoch(batch_size, generator):
-        x, y = batch["x"], batch["y"]
-        if image:
-            x = jitter(x, cfg.train.jitter, generator)
-            batch = {**batch, "x": x}  # an online teacher sees the jittered input too
+    for batch in train.epoch(batch_size, generator, view_seed):
+        progress = (epoch + (min(steps, steps_per_epoch) / steps_per_epoch if steps_per_epoch else 0.0)) / cfg.train.epochs
+        for group in placed.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, progress)
+        x, y = augmenter(batch, generator), batch["y"]
+        batch = {**batch, "x": x}  # an online teacher sees the augmented input too
         logits, projected = placed.model(x)
         terms = loss_fn(logits, targets(batch) if targets.present else None, y, T, lam, cfg.kd.tail)
         loss, hint = terms["loss"], zero
@@ -513,7 +573,7 @@ def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, gen
         samples += len(y)
     mean = (sums / max(1, steps)).tolist()
     return {"train_loss": mean[0], "train_ce": mean[1], "train_kl": mean[2], "train_hint": mean[3],
-            "samples": samples}
+            "samples": samples, "lr": placed.optimizer.param_groups[0]["lr"]}
 
 
 def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
@@ -526,6 +586,7 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     placed = place_model(spec, session)
     resumed_from, history = placed.start_epoch, placed.history
     targets = Targets(spec, session.device)
+    augmenter = Augmenter(spec, session.device)
     tracker = attach(spec.tracking) if session.rank == 0 else attach(None)
     multilabel = source.task == "multilabel"
     per_worker_batch = max(1, cfg.train.batch_size // max(1, session.world_size))
@@ -548,7 +609,8 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     for epoch in range(placed.start_epoch, cfg.train.epochs):
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 101 + session.rank)
         started = time.perf_counter()
-        losses = train_epoch(spec, placed, train, targets, generator, per_worker_batch, session.device)
+        losses = train_epoch(spec, placed, train, targets, augmenter, generator, epoch, per_worker_batch,
+                             session.device)
         seconds = time.perf_counter() - started
         samples = losses.pop("samples")
         metrics = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from still.augment import AugmentConfig
 from still.config import DataConfig, RayConfig, TrackingConfig
 from still.errors import StillError
 
@@ -63,8 +64,15 @@ class StoreConfig:
     self-contained (small data; moving a store between clusters). ``false``: a
     labels-only store: ids, labels, splits and teacher outputs; training reads the
     inputs from the source recorded in the manifest and refuses a source whose
-    fingerprint changed. ``auto``: ``true`` up to 1 GiB of decoded inputs
-    (``teacher_infer.key.SELF_CONTAINED_MAX_BYTES``), else ``false``."""
+    fingerprint changed. ``auto``: ``true`` up to 1 GiB of decoded inputs (counted once
+    per view; ``teacher_infer.key.SELF_CONTAINED_MAX_BYTES``), else ``false``."""
+    views: int = 1
+    """K: rows per sample. View 0 is the input as it is; views 1…K−1 are augmented by
+    ``store.augment``, each with its parameters stored in the ``augment`` column, and the
+    teacher runs on every view. Students replay each row's view exactly (``train.views``
+    chooses one view per sample per epoch, or all). Enters the cache key."""
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    """The augmentation of views 1…K−1 (``store.views`` > 1 needs one)."""
 
     def __post_init__(self) -> None:
         if not self.root:
@@ -77,6 +85,16 @@ class StoreConfig:
             raise StillError(f"store.sample_temperature must be > 0, got {self.sample_temperature}")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise StillError(f"store.temperatures must be a non-empty list of values > 0, got {list(self.temperatures)}")
+        if self.views < 1:
+            raise StillError(f"store.views must be >= 1 (1: the inputs as they are; K > 1: K views per sample, "
+                             f"view 0 un-augmented), got {self.views}")
+        self.augment.validate("store.augment")
+        if self.views > 1 and not self.augment.enabled:
+            raise StillError(f"store.views={self.views} needs an augmentation for views 1…{self.views - 1}: set "
+                             "store.augment.jitter, store.augment.crop or store.augment.flip")
+        if self.views == 1 and self.augment.enabled:
+            raise StillError("store.augment is set but store.views=1 keeps only view 0, the un-augmented input: "
+                             "set store.views to the number of views per sample")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ def finalize(*, config: Any, spec: Any, teacher: Any, store_dir: Location, key: 
     """
     from still.tracking import package_versions
 
+    views = config.store.views
     shards, stats_parts = [], []
     for planned in plan["shards"]:
         index = planned["index"]
@@ -43,14 +44,15 @@ def finalize(*, config: Any, spec: Any, teacher: Any, store_dir: Location, key: 
             stats_parts.append(record["stats"])
         elif index in done:
             digest, size = st.file_sha256(store_dir.join(name))
-            entry = {"name": name, "rows": planned["rows"], "bytes": size, "sha256": digest}
+            entry = {"name": name, "rows": planned["rows"] * views, "bytes": size, "sha256": digest}
             stats_parts.append(done[index]["stats"])
         else:
             raise StillError(f"store {store_dir.uri!r}: shard {name} was not written; rerun to finish the store")
         shards.append({**entry, "source_rows": planned["pieces"]})
     rows = sum(s["rows"] for s in shards)
-    if rows != spec.num_rows:
-        raise StillError(f"store {store_dir.uri!r} has {rows} rows, dataset {spec.name!r} has {spec.num_rows}")
+    if rows != spec.num_rows * views:
+        raise StillError(f"store {store_dir.uri!r} has {rows} rows, dataset {spec.name!r} has {spec.num_rows}"
+                         + (f" × {views} views" if views > 1 else ""))
     total_bytes = sum(s["bytes"] for s in shards)
     metrics = tm.finish_metrics(tm.merge_stats([p["metrics"] for p in stats_parts]), spec.task)
     fidelity_stats = fid.merge_stats([p["fidelity"] for p in stats_parts])

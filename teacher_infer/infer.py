@@ -31,7 +31,7 @@ from teacher_infer.config import InferConfig
 from teacher_infer.finalize import finalize
 from teacher_infer.key import Settings, cache_key, resolve_settings, storage_fields, storage_spec
 from teacher_infer.pipeline import check_capacity, cluster_cpus, measure_rows_per_shard, run_shards
-from teacher_infer.shards import WriteSettings, read_shard
+from teacher_infer.shards import ViewSettings, WriteSettings, read_shard
 from teacher_infer.soft_labels import SoftLabelSpec
 
 DEFAULT_EXPERIMENT = "still-infer"
@@ -75,11 +75,13 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
     check_capacity(config.infer, config.ray)
     plan = shard_plan.load_or_make_plan(spec, store_dir, key, config.infer.shard_rows, itemsize,
                                         lambda: cluster_cpus(config.ray))
-    done = shard_plan.complete_shards(store_dir, plan)
+    done = shard_plan.complete_shards(store_dir, plan, views=config.store.views)
     todo = [s for s in plan["shards"] if s["index"] not in done]
     print(f"still infer: store {store_dir.uri}: {len(plan['shards'])} shards of <= {plan['shard_rows']} rows, "
           f"{len(done)} already complete, {len(todo)} to write ({settings.plan} plan, {settings.precision}, "
-          f"{'self-contained' if settings.include_inputs else 'labels-only'})", file=sys.stderr, flush=True)
+          f"{'self-contained' if settings.include_inputs else 'labels-only'}"
+          f"{f', {config.store.views} views per sample' if config.store.views > 1 else ''})",
+          file=sys.stderr, flush=True)
 
     from still.tracking import open_run
 
@@ -212,8 +214,11 @@ def _run(config: InferConfig, spec: Any, soft_labels: SoftLabelSpec, settings: S
                           write=not store_dir.uri.startswith("memory://"), seed=int(key, 16),
                           feature_dtype=soft_labels.dtype)
     predictor_kwargs = {"feature_layer": config.teacher.feature_layer, "precision": settings.precision,
-                        "batch_size": config.infer.batch_size, "torch_threads": config.infer.torch_threads}
+                        "batch_size": config.infer.batch_size, "torch_threads": config.infer.torch_threads,
+                        "augment": config.store.augment}
+    views = config.store.views
     measure = measure_rows_per_shard(config.infer.fidelity_rows, max(s["rows"] for s in todo), spec.num_rows)
     return run_shards(todo, spec=spec, payload=teacher.payload(), run=config.infer, plan=settings.plan,
                       predictor_kwargs=predictor_kwargs, settings=write, measure_rows=measure,
-                      ray_config=config.ray)
+                      ray_config=config.ray,
+                      views=ViewSettings(views, config.store.augment, seed=int(key, 16)) if views > 1 else None)

@@ -6,7 +6,8 @@
 
 Everything that changes a stored value enters the key: teacher, dataset fingerprint,
 columns, preprocessing (shape, scale, mean/std, image decoding), split rule, storage
-mode and parameters, whether inputs are included, and the forward-pass precision.
+mode and parameters, views and their augmentation, whether inputs are included, and the
+forward-pass precision.
 Speed settings (batch sizes, shard sizes, the plan, actor counts) do not.
 """
 
@@ -48,7 +49,8 @@ def resolve_settings(config: InferConfig, spec: Any, input_itemsize: int) -> Set
     """
     include = config.store.include_inputs
     if include == "auto":
-        include = spec.num_rows * math.prod(spec.input_shape) * input_itemsize <= SELF_CONTAINED_MAX_BYTES
+        stored_rows = spec.num_rows * config.store.views  # a self-contained multi-view store keeps each view's input
+        include = stored_rows * math.prod(spec.input_shape) * input_itemsize <= SELF_CONTAINED_MAX_BYTES
     gpu = config.infer.num_gpus > 0
     precision = config.infer.precision if config.infer.precision != "auto" else ("bf16" if gpu else "fp32")
     plan = config.infer.plan if config.infer.plan != "auto" else ("streaming" if gpu else "fused")
@@ -56,8 +58,9 @@ def resolve_settings(config: InferConfig, spec: Any, input_itemsize: int) -> Set
 
 
 def storage_spec(config: InferConfig, spec: Any) -> SoftLabelSpec:
-    """The storage settings for this dataset, checked against it (mode vs task, k vs classes)."""
+    """The storage settings for this dataset, checked against it (mode vs task, k vs classes, augmentation vs shape)."""
     store = config.store
+    store.augment.check(spec.input_shape, "store.augment")
     try:
         return SoftLabelSpec.create(store.mode, spec.num_classes, dtype=store.dtype, k=store.k,
                                     samples=store.samples, sample_temperature=store.sample_temperature,
@@ -67,9 +70,19 @@ def storage_spec(config: InferConfig, spec: Any) -> SoftLabelSpec:
 
 
 def storage_fields(config: InferConfig, soft_labels: SoftLabelSpec, settings: Settings) -> dict[str, Any]:
-    """What the store keeps, as the cache key and the manifest's ``storage`` section record it."""
-    return {**soft_labels.manifest_fields(), "include_inputs": settings.include_inputs,
-            "feature_layer": config.teacher.feature_layer}
+    """What the store keeps, as the cache key and the manifest's ``storage`` section record it.
+
+    Multi-view stores add ``views``, ``augment`` and ``augment_params`` (absent for one
+    view: keys of single-view stores are what they were).
+    """
+    fields = {**soft_labels.manifest_fields(), "include_inputs": settings.include_inputs,
+              "feature_layer": config.teacher.feature_layer}
+    if config.store.views > 1:
+        from still.augment import param_names
+
+        fields.update(views=config.store.views, augment=config.store.augment.to_dict(),
+                      augment_params=list(param_names(config.store.augment)))
+    return fields
 
 
 def cache_key(config: InferConfig, spec: Any, teacher_fp: str, soft_labels: SoftLabelSpec,

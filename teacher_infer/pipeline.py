@@ -55,7 +55,7 @@ import numpy as np
 
 from still.datasets import Normalisation
 from still.errors import StillError
-from teacher_infer.shards import ShardRows, WriteSettings, read_shard, write_shard
+from teacher_infer.shards import ShardRows, ViewSettings, WriteSettings, read_shard, write_shard
 
 _PREDICTORS: dict[tuple, Any] = {}
 _RECORD_OBJECTS = ("data", "stats", "name", "sha256")
@@ -109,7 +109,7 @@ def check_capacity(run: Any, ray_config: Any) -> None:
 
 def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any, plan: str,
                predictor_kwargs: dict[str, Any], settings: WriteSettings, measure_rows: int,
-               ray_config: Any) -> dict[int, dict[str, Any]]:
+               ray_config: Any, views: ViewSettings | None = None) -> dict[int, dict[str, Any]]:
     """Runs the shards ``todo`` on Ray Data with the chosen plan; returns their records by index.
 
     Args:
@@ -122,6 +122,7 @@ def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any,
         settings: What the write step needs.
         measure_rows: Rows per shard whose fidelity is measured.
         ray_config: The ``ray`` section.
+        views: The views of a multi-view store (None: one view).
 
     Raises:
         StillError: A task's StillError (an image that does not decode, a teacher
@@ -142,14 +143,15 @@ def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any,
     if plan == "fused":
         ds = ds.map_batches(_fused_stage, batch_size=1, num_cpus=run.num_cpus_per_task,
                             num_gpus=run.num_gpus or None,
-                            fn_kwargs={**common, "spec": spec, "settings": settings, "measure_rows": measure_rows})
+                            fn_kwargs={**common, "spec": spec, "settings": settings, "measure_rows": measure_rows,
+                                       "views": views})
     else:
         max_actors = run.max_actors or None
         if device == "cpu":
             free = max(1, int(ray.cluster_resources().get("CPU", 1) // run.num_cpus_per_task) - 1)
             max_actors = min(max_actors or free, free)
         ds = ds.map_batches(_read_stage, batch_size=1, num_cpus=1,
-                            fn_kwargs={"spec": spec, "measure_rows": measure_rows})
+                            fn_kwargs={"spec": spec, "measure_rows": measure_rows, "views": views})
         ds = ds.map_batches(
             TeacherActor, batch_size=1, num_gpus=run.num_gpus or None, num_cpus=run.num_cpus_per_task,
             compute=ray.data.ActorPoolStrategy(min_size=min(run.min_actors, max_actors or run.min_actors),
@@ -215,21 +217,26 @@ def _records(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def _fused_stage(batch: dict[str, np.ndarray], *, payload: Any, normalisation: Normalisation,
                  predictor_kwargs: dict[str, Any], spec: Any, settings: WriteSettings,
-                 measure_rows: int) -> dict[str, np.ndarray]:
+                 measure_rows: int, views: ViewSettings | None) -> dict[str, np.ndarray]:
     predictor = _predictor(payload, normalisation, predictor_kwargs)
     records = []
     for item in batch["shard"]:
-        rows = read_shard(json.loads(item), spec, measure_rows)
-        logits, features = predictor.forward(rows.inputs)
+        rows = read_shard(json.loads(item), spec, measure_rows, views)
+        logits, features = predictor.forward(rows.inputs, rows.source_index, rows.params)
         records.append(write_shard(rows, logits, features, settings))
     return _records(records)
 
 
-def _read_stage(batch: dict[str, np.ndarray], *, spec: Any, measure_rows: int) -> dict[str, np.ndarray]:
-    rows = read_shard(json.loads(batch["shard"][0]), spec, measure_rows)
+def _read_stage(batch: dict[str, np.ndarray], *, spec: Any, measure_rows: int,
+                views: ViewSettings | None) -> dict[str, np.ndarray]:
+    rows = read_shard(json.loads(batch["shard"][0]), spec, measure_rows, views)
     inputs, rows.inputs = rows.inputs, None
-    # the inputs travel as a tensor column (one row per shard); the small rest pickled beside them
-    return {"inputs": inputs[None], "meta": np.array([pickle.dumps(rows)], dtype=object)}
+    # the inputs (and a multi-view shard's view layout) travel as tensor columns, one row per
+    # shard; the small rest pickled beside them
+    out = {"inputs": inputs[None], "meta": np.array([pickle.dumps(rows)], dtype=object)}
+    if rows.params is not None:
+        out.update(source_index=rows.source_index[None], params=rows.params[None])
+    return out
 
 
 class TeacherActor:
@@ -242,7 +249,9 @@ class TeacherActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = batch["inputs"][0]
-        logits, features = self.predictor.forward(inputs)
+        views = "params" in batch
+        logits, features = self.predictor.forward(inputs, batch["source_index"][0] if views else None,
+                                                  batch["params"][0] if views else None)
         out = {"meta": batch["meta"], "logits": logits[None]}
         if features is not None:
             out["features"] = features[None]

@@ -109,8 +109,10 @@ def load_or_make_plan(spec: Any, store_dir: Location, key: str, shard_rows: int,
     return plan
 
 
-def complete_shards(store_dir: Location, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def complete_shards(store_dir: Location, plan: dict[str, Any], views: int = 1) -> dict[int, dict[str, Any]]:
     """Shards already in place (from a killed run): readable, right row count, stats in the footer.
+
+    A shard of a multi-view store holds ``views`` rows per planned (source) row.
 
     Anything else named ``part-*`` is deleted: it cannot be trusted and will be written again.
     """
@@ -124,7 +126,7 @@ def complete_shards(store_dir: Location, plan: dict[str, Any]) -> dict[int, dict
         loc = store_dir.join(name)
         try:
             stats, rows = st.read_shard_stats(loc)
-            ok = shard is not None and rows == shard["rows"]
+            ok = shard is not None and rows == shard["rows"] * views
         except Exception:  # an unreadable file cannot be trusted: write it again
             ok = False
         if ok:

@@ -2,11 +2,15 @@
 
     predictor = TeacherPredictor(teacher_payload, Normalisation((64,), 1 / 16), device="cuda", precision="bf16")
     logits, features = predictor.forward(raw_uint8_rows)      # float32 (n, C), (n, d) or None
+    logits, _ = predictor.forward(raw, source_index, params)   # a multi-view shard: row i is view
+                                                               # params[i] of raw[source_index[i]]
 
 The model is loaded once in ``__init__``. :meth:`TeacherPredictor.forward` takes the
 rows as stored in the source (uint8 pixels stay uint8), moves each batch to the device
 (pinned host memory and an asynchronous copy on CUDA), turns it into the model input
-there (raw × scale, minus mean, over std, per channel), and runs the teacher under
+there (raw × scale, minus mean, over std, per channel), augments it there when the rows
+are views (:func:`still.augment.apply_augment`, the function students replay them with),
+and runs the teacher under
 ``torch.inference_mode`` at ``precision`` (``fp32``; ``bf16``/``fp16`` by autocast,
 so weights and reductions the autocast policy keeps in float32 stay there). Logits
 come back as float32 numpy. Compression and statistics happen elsewhere, on CPUs
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from still.augment import AugmentConfig, apply_augment, background_of
 from still.datasets.inputs import Normalisation
 from still.errors import StillError
 
@@ -41,6 +46,7 @@ class TeacherPredictor:
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast on the device).
         batch_size: Rows per forward pass.
         torch_threads: Intra-op threads (0 leaves torch's setting).
+        augment: What the ``params`` of :meth:`forward` describe (multi-view stores).
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class TeacherPredictor:
         precision: str = "fp32",
         batch_size: int = 4096,
         torch_threads: int = 0,
+        augment: AugmentConfig = AugmentConfig(),
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -71,6 +78,8 @@ class TeacherPredictor:
         self.normalisation = normalisation
         self.precision = precision
         self.batch_size = int(batch_size)
+        self.augment = augment
+        self.background = background_of(normalisation, self.device) if augment.enabled else None
         self._captured: list[torch.Tensor] = []
         self._feature_method = None
         self._hooks: list[Any] = []
@@ -100,14 +109,18 @@ class TeacherPredictor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    def forward(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Runs the teacher over all rows, ``batch_size`` at a time.
+    def forward(self, raw: np.ndarray, source_index: np.ndarray | None = None,
+                params: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Runs the teacher over all rows (or all views), ``batch_size`` at a time.
 
         Args:
             raw: ``(n, ...)`` rows as the source holds them (any numeric dtype).
+            source_index: For views: the row of ``raw`` each output row is a view of.
+            params: For views: ``(len(source_index), P)`` augmentation parameters.
 
         Returns:
-            float32 logits ``(n, C)`` and features ``(n, d)`` (None without a feature layer).
+            float32 logits ``(m, C)`` and features ``(m, d)`` (None without a feature layer),
+            one row per row of ``raw``, or per view.
 
         Raises:
             StillError: The rows cannot be reshaped to the input shape, or the teacher
@@ -127,11 +140,21 @@ class TeacherPredictor:
             host.numpy()[:] = raw
         else:
             host = torch.from_numpy(raw if raw.flags.writeable else raw.copy())  # Arrow buffers are read-only
+        views = source_index is not None
+        if views:
+            index = torch.from_numpy(np.asarray(source_index, dtype=np.int64))
+            view_params = torch.from_numpy(np.ascontiguousarray(params, dtype=np.int16))
+        rows = len(index) if views else n
         logits, feats = [], []
         with torch.inference_mode():
-            for lo in range(0, n, self.batch_size):
-                chunk = host[lo:lo + self.batch_size].to(self.device, non_blocking=cuda)
-                out, feat = self._forward_batch(self.normalisation.apply(chunk))
+            for lo in range(0, rows, self.batch_size):
+                if views:
+                    chunk = host.index_select(0, index[lo:lo + self.batch_size]).to(self.device, non_blocking=cuda)
+                    x = apply_augment(self.augment, self.normalisation.apply(chunk),
+                                      view_params[lo:lo + self.batch_size].to(self.device), self.background)
+                else:
+                    x = self.normalisation.apply(host[lo:lo + self.batch_size].to(self.device, non_blocking=cuda))
+                out, feat = self._forward_batch(x)
                 logits.append(out)
                 if feat is not None:
                     feats.append(feat)
@@ -143,7 +166,7 @@ class TeacherPredictor:
         if bad.any():
             hint = "; run it at infer.precision=fp32 (or bf16, which has fp32's range)" if self.precision == "fp16" \
                 else ""
-            raise StillError(f"the teacher returned NaN/inf logits for {int(bad.sum())} of {n} rows at "
+            raise StillError(f"the teacher returned NaN/inf logits for {int(bad.sum())} of {rows} rows at "
                              f"infer.precision={self.precision}{hint}")
         return logits_np, feats_np
 

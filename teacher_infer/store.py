@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from still.augment import AugmentConfig
 from still.datasets.arrays import column_matrix, flat_values
 from still.errors import StillError
 from still.storage import Location, resolve
@@ -129,6 +130,16 @@ class Store:
         return bool(self.manifest["storage"].get("include_inputs", True))
 
     @property
+    def views(self) -> int:
+        """K, rows per sample (1: the inputs as they are)."""
+        return int(self.manifest["storage"].get("views", 1))
+
+    @property
+    def augment(self) -> AugmentConfig:
+        """The augmentation of views 1…K−1 (none for a single-view store)."""
+        return AugmentConfig(**self.manifest["storage"].get("augment", {}))
+
+    @property
     def fidelity(self) -> dict[str, dict[str, float]]:
         """The measured fidelity per temperature (:mod:`teacher_infer.fidelity`)."""
         return dict(self.manifest.get("fidelity") or {})
@@ -211,11 +222,11 @@ def source_dataset(store: Store) -> Any:
     except StillError as exc:
         raise StillError(f"store {store.uri!r} is labels-only: its inputs are read from the source dataset "
                          f"{source!r}, which cannot be opened: {exc}") from None
-    if spec.fingerprint != recorded["fingerprint"] or spec.num_rows != store.num_rows:
+    if spec.fingerprint != recorded["fingerprint"] or spec.num_rows * store.views != store.num_rows:
         raise StillError(
             f"store {store.uri!r} is labels-only, and its source dataset {source!r} has changed since the store was "
             f"written (fingerprint {spec.fingerprint[:12]}…, {spec.num_rows} rows; the store was made from "
-            f"{recorded['fingerprint'][:12]}…, {store.num_rows} rows): its inputs would not match the teacher's "
+            f"{recorded['fingerprint'][:12]}…, {store.num_rows // store.views} rows): its inputs would not match the teacher's "
             "outputs. Restore the source, or rerun still infer on it"
         )
     return spec
@@ -247,13 +258,32 @@ def read_joined_shard(store: Store, index: int, columns: Sequence[str], dataset:
     ids = table["id"] if "id" in table.column_names else pq.read_table(loc.path, columns=["id"],
                                                                         filesystem=loc.arrow_fs())["id"]
     source_ids = source[dataset.id_column].combine_chunks()
-    if not source_ids.cast(ids.type).equals(ids.combine_chunks()):
-        raise StillError(f"store {store.uri!r}: shard {shard['name']}'s rows are not rows "
-                         f"{shard['source_rows']} of {dataset.name!r} (the ids differ)")
+    ids = ids.combine_chunks()
+    if store.views == 1:
+        if not source_ids.cast(ids.type).equals(ids):
+            raise StillError(f"store {store.uri!r}: shard {shard['name']}'s rows are not rows "
+                             f"{shard['source_rows']} of {dataset.name!r} (the ids differ)")
+        positions = None
+    else:
+        positions = _positions(ids, source_ids.cast(ids.type), f"store {store.uri!r}: shard {shard['name']}")
     raw = decode_inputs(source[dataset.feature_column], dataset, source_ids)
     flat = raw.reshape(len(raw), -1)
+    if positions is not None:
+        flat = flat[positions]
     inputs = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     return table.append_column("input", inputs).select(list(columns))
+
+
+def _positions(ids: pa.Array, source_ids: pa.Array, where: str) -> np.ndarray:
+    """The position in ``source_ids`` of each of ``ids`` (a multi-view shard's rows in its source rows)."""
+    wanted = ids.to_numpy(zero_copy_only=False)
+    have = source_ids.to_numpy(zero_copy_only=False)
+    order = np.argsort(have, kind="stable")
+    found = np.clip(np.searchsorted(have[order], wanted), 0, max(0, len(have) - 1))
+    positions = order[found] if len(have) else np.zeros(len(wanted), dtype=np.int64)
+    if len(wanted) and (not len(have) or not np.array_equal(have[positions], wanted)):
+        raise StillError(f"{where}: some rows' ids are not among the source rows it was written from")
+    return positions
 
 
 def open_store(uri: str) -> Store:
@@ -397,6 +427,8 @@ def build_table(
     inputs: pa.Array | np.ndarray | None = None,
     features: np.ndarray | None = None,
     task: str = "multiclass",
+    views: np.ndarray | None = None,
+    augment: np.ndarray | None = None,
 ) -> pa.Table:
     """Builds one shard's Arrow table in the format-v2 column order.
 
@@ -410,6 +442,9 @@ def build_table(
             or a 2-D numpy array; None to leave them out.
         features: (n, d) hidden-layer features, or None.
         task: ``multiclass`` or ``multilabel`` (the label column's type).
+        views: int16 view of each row (None: all view 0).
+        augment: int16 ``(n, P)`` augmentation parameters of each row's view (multi-view
+            stores only: the ``augment`` column, after ``split``).
     """
     n = len(splits)
     id_array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids)
@@ -417,10 +452,12 @@ def build_table(
         id_array = id_array.cast(pa.int64())
     columns: dict[str, Any] = {
         "id": id_array,
-        "view": pa.array(np.zeros(n, dtype=np.int16)),
+        "view": pa.array(np.zeros(n, dtype=np.int16) if views is None else np.asarray(views, dtype=np.int16)),
         "label": _label_array(labels, n, task),
         "split": pa.array(np.asarray(splits, dtype=np.int8)),
     }
+    if augment is not None:
+        columns["augment"] = _fixed_list(np.asarray(augment, dtype=np.int16))
     if inputs is not None:
         columns["input"] = inputs if isinstance(inputs, (pa.Array, pa.ChunkedArray)) else _fixed_list(inputs)
     for name, values in outputs.items():
@@ -489,6 +526,8 @@ def file_sha256(location: Location) -> tuple[str, int]:
 def expected_schema_columns(manifest: Mapping[str, Any]) -> list[str]:
     """The columns every shard of a store with this manifest must have, in order."""
     columns = list(BASE_COLUMNS)
+    if manifest["storage"].get("views", 1) > 1:
+        columns.append("augment")
     if manifest["storage"].get("include_inputs", True):
         columns.append("input")
     columns += list(MODE_COLUMNS[manifest["storage"]["mode"]])
@@ -502,7 +541,8 @@ def verify_store(uri: str) -> dict[str, Any]:
 
     Checks: the manifest opens; every listed shard exists, its sha256 and row count
     match, its columns are the format's, the teacher columns hold sane values
-    (:func:`_check_values`), ids are unique across the store, the total matches
+    (:func:`_check_values`), ids are unique across the store (each holds views 0…K−1
+    once in a multi-view store), the total matches
     ``rows``, and no unlisted shard lies in the directory.
 
     Returns:
@@ -515,6 +555,7 @@ def verify_store(uri: str) -> dict[str, Any]:
     problems: list[str] = []
     expected = expected_schema_columns(store.manifest)
     ids: list[np.ndarray] = []
+    views: list[np.ndarray] = []
     total = 0
     listed = {s["name"] for s in store.manifest["shards"]}
     on_disk = {posixpath.basename(p) for p in store.location.fs.glob(posixpath.join(store.location.path, "part-*.parquet"))}
@@ -543,18 +584,33 @@ def verify_store(uri: str) -> dict[str, Any]:
         if table.column_names != expected:
             problems.append(f"{shard['name']}: columns {table.column_names}, expected {expected}")
         problems += [f"{shard['name']}: {p}" for p in _check_values(table, store.soft_labels)]
-        if "id" in table.column_names:
+        if "id" in table.column_names and "view" in table.column_names:
             ids.append(table["id"].to_numpy(zero_copy_only=False))
+            views.append(table["view"].to_numpy())
         total += table.num_rows
     if total != store.num_rows and not any("unreadable" in p or "missing" in p for p in problems):
         problems.append(f"store has {total} rows, manifest says {store.num_rows}")
     if ids:
-        all_ids = np.concatenate(ids)
-        uniq, counts = np.unique(all_ids, return_counts=True)
-        dup = uniq[counts > 1]
-        if len(dup):
-            problems.append(f"{len(dup)} duplicate ids (e.g. {dup[:3].tolist()})")
+        problems += _view_problems(np.concatenate(ids), np.concatenate(views), store.views)
     return {"ok": not problems, "problems": problems, "rows": total, "shards": len(store.manifest["shards"])}
+
+
+def _view_problems(ids: np.ndarray, views: np.ndarray, count: int) -> list[str]:
+    """Each id must hold views 0…count−1, each once (for one view: ids are unique)."""
+    problems = []
+    if len(views) and (views.min() < 0 or views.max() >= count):
+        problems.append(f"view numbers outside [0, {count})")
+    uniq, counts = np.unique(ids, return_counts=True)
+    dup = uniq[counts > count]
+    if len(dup):
+        problems.append(f"{len(dup)} duplicate ids (e.g. {dup[:3].tolist()})")
+    if count > 1:
+        from still.datasets.splits import id_keys
+
+        pairs = np.unique(np.stack([id_keys(ids), views.astype(np.uint64)], 1), axis=0)
+        if len(pairs) != len(ids) or np.any(counts != count):
+            problems.append(f"ids do not each hold views 0…{count - 1} once")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -678,6 +734,8 @@ def inspect_store(uri: str) -> dict[str, Any]:
         "temperatures": storage.get("temperatures"),
         "dtype": storage["dtype"],
         "include_inputs": store.include_inputs,
+        "views": store.views,
+        **({"augment": store.augment.to_dict()} if store.views > 1 else {}),
         "num_classes": store.num_classes,
         "task": store.task,
         "input_shape": "x".join(map(str, store.input_shape)),

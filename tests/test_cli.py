@@ -50,9 +50,16 @@ def test_missing_config_file(tmp_path):
 
 
 def _help_line(stdout: str, key: str) -> list[str]:
-    lines = [line for line in stdout.splitlines() if line.startswith(f"  {key} ")]
-    assert len(lines) == 1, f"{key} not listed once in the help"
-    return lines[0].split()
+    """A key's help entry as words: key, type, default, then its doc (on its line, or wrapped under it)."""
+    lines = stdout.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith(f"  {key} ")]
+    assert len(at) == 1, f"{key} not listed once in the help"
+    words = lines[at[0]].split()
+    for line in lines[at[0] + 1:]:
+        if not line.startswith("      "):
+            break
+        words += line.split()
+    return words
 
 
 def test_train_help_lists_keys_with_type_default_and_doc(tmp_path):

@@ -38,17 +38,22 @@ def test_mnist_fast_pipeline(tmp_path):
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in result.stdout
 
     # The --json contract of the main job.
-    for key in ("teacher_errors", "baseline_errors", "distilled_errors", "best_sweep_errors"):
+    for key in ("teacher_errors", "baseline_errors", "distilled_errors", "distilled_single_view_errors",
+                "best_sweep_errors"):
         assert isinstance(outcome[key], int) and 0 <= outcome[key] <= 10_000, (key, outcome[key])
     # One epoch of an MLP on MNIST is far above chance (9,000 errors): under 8% error.
     assert outcome["teacher_errors"] < 800
     assert outcome["baseline_errors"] < 800 and outcome["distilled_errors"] < 800
-    assert set(outcome["seconds"]) == {"teacher", "store", "baseline", "distilled", "sweep"}
+    assert set(outcome["seconds"]) == {"teacher", "store", "store_single_view", "baseline", "distilled",
+                                       "distilled_single_view", "sweep"}
+    # --fast says plainly that it is a smoke run whose numbers mean nothing.
+    assert "smoke run" in result.stdout and "numbers mean nothing" in outcome["smoke_run"]
     assert all(seconds > 0 for seconds in outcome["seconds"].values())
 
-    # The store: top-k, every MNIST row once, verifies, and its size matches the report.
+    # The store: top-k, labels-only, two views of every MNIST row (--fast), verifies, its size as reported.
     store = open_store(outcome["store"]["store"])
-    assert store.mode == "topk" and store.num_rows == 70_000 and store.num_classes == 10
+    assert store.mode == "topk" and store.num_classes == 10 and not store.include_inputs
+    assert store.views == 2 and store.num_rows == 2 * 70_000
     assert verify_store(store.uri)["ok"]
     assert outcome["bytes_per_row"] == pytest.approx(store.manifest["bytes_per_row"])
     # Students and sweep read the store; they recorded its key.
@@ -60,7 +65,8 @@ def test_mnist_fast_pipeline(tmp_path):
     experiment = client.get_experiment_by_name("still-mnist")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     names = {run.info.run_name for run in runs}
-    assert {"mnist-teacher", "mnist-baseline", "mnist-distilled", "pipeline-mnist-fast"} <= names
+    assert {"mnist-teacher", "mnist-baseline", "mnist-distilled", "mnist-distilled-single-view",
+            "pipeline-mnist-fast"} <= names
     assert all(run.info.status == "FINISHED" for run in runs)
     parent = client.get_run(outcome["sweep"]["parent_run_id"])
     assert parent.data.tags["store.key"] == store.key

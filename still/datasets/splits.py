@@ -65,11 +65,12 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 def _uniform(ids: np.ndarray, seed: int) -> np.ndarray:
     key = splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))
-    hashed = splitmix64(_id_keys(ids) ^ key)
+    hashed = splitmix64(id_keys(ids) ^ key)
     return (hashed >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _id_keys(ids: np.ndarray) -> np.ndarray:
+def id_keys(ids: np.ndarray) -> np.ndarray:
+    """uint64 keys of integer ids (their bits) or string ids (8 bytes of blake2b)."""
     if ids.dtype.kind in "iu":
         return ids.astype(np.int64).view(np.uint64)
     digests = (hashlib.blake2b(str(i).encode(), digest_size=8).digest() for i in ids)

@@ -1,0 +1,239 @@
+"""Multi-view stores: each view replayed exactly, one view per sample per epoch, bad input.
+
+The data are 1,200 real MNIST digits in a Parquet tensor column (1, 28, 28) and a
+confident teacher trained on them, so a one-pixel shift or a flip moves its logits by
+far more than fp16 rounding: a replay that is off by anything cannot pass.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from _teacher_fixtures import still_cli
+from still.augment import AugmentConfig, apply_augment, param_names, random_params, view_params
+from still.checkpoints import save_checkpoint
+from still.config import DataConfig, load_config
+from still.datasets import resolve_dataset
+from still.errors import StillError
+from still.models import build_model
+from student_train.config import TrainConfig
+from student_train.data import load_split_arrays, one_view_mask, resolve_source
+from student_train.loop import Augmenter, LoopSpec, MemoryFeeder
+from teacher_infer import store as st
+from teacher_infer.config import InferConfig
+from teacher_infer.infer import run_infer
+from teacher_infer.teachers import load_teacher
+
+ROWS = 1200
+VIEWS = 4
+AUGMENT = ["store.augment.jitter=2", "store.augment.crop=24", "store.augment.flip=true"]
+
+
+@pytest.fixture(scope="module")
+def digits_28(tmp_path_factory):
+    """(Parquet path of 1,200 MNIST digits as a uint8 (1, 28, 28) tensor column, a confident teacher)."""
+    base = tmp_path_factory.mktemp("views")
+    spec = resolve_dataset(DataConfig(source="builtin:mnist"))
+    fs, paths = spec.arrow_files()
+    table = pq.read_table(paths[0], filesystem=fs, columns=["id", "features", "label"]).slice(0, ROWS)
+    pixels = np.stack(table["features"].to_numpy(zero_copy_only=False)).reshape(ROWS, 1, 28, 28).astype(np.uint8)
+    labels = table["label"].to_numpy()
+    tensor = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.uint8(), (1, 28, 28)),
+                                            pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 784))
+    data = base / "digits28.parquet"
+    pq.write_table(pa.table({"id": table["id"], "features": tensor, "label": labels}), data)
+    torch.manual_seed(0)
+    args = {"input_shape": [1, 28, 28], "num_classes": 10, "width": 128, "depth": 1}
+    model = build_model("mlp", **args)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.from_numpy(pixels.astype(np.float32) / 255), torch.from_numpy(labels.copy())
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher = base / "teacher.pt"
+    save_checkpoint(str(teacher), model.eval(), "mlp", args, {"input_scale": 1 / 255})
+    return data, teacher
+
+
+def _infer(data, teacher, root, *overrides):
+    cfg = load_config(InferConfig, None, [f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}",
+                                          "tracking.enabled=false", *overrides])
+    return run_infer(cfg)
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_view_parameters_and_their_operations():
+    augment = AugmentConfig(jitter=2, crop=6, flip=True)
+    assert param_names(augment) == ("crop_y", "crop_x", "crop_side", "flip", "dy", "dx")
+    ids, views = np.repeat(np.arange(500, dtype=np.uint64), 3), np.tile(np.arange(3), 500)
+    params = view_params(augment, (1, 8, 8), ids, views, seed=7)
+    assert params.dtype == np.int16 and params.shape == (1500, 6)
+    assert not params[views == 0].any()  # view 0 is the identity
+    drawn = params[views > 0]
+    assert drawn[:, :2].min() >= 0 and drawn[:, :2].max() <= 2 and (drawn[:, 2] == 6).all()
+    assert set(drawn[:, 3]) == {0, 1} and drawn[:, 4:].min() == -2 and drawn[:, 4:].max() == 2
+    assert np.array_equal(params, view_params(augment, (1, 8, 8), ids, views, seed=7))  # replays
+    assert not np.array_equal(params, view_params(augment, (1, 8, 8), ids, views, seed=8))
+    assert len({tuple(row) for row in drawn}) > 200  # views differ across samples and views
+
+    x = torch.zeros(4, 1, 8, 8)
+    x[:, 0, 3, 5] = 1.0
+    background = torch.full((1, 1, 8, 8), -0.5)  # the normalised black pixel: what a shift fills in
+    shift = AugmentConfig(jitter=2)
+    moved = apply_augment(shift, x + background, torch.tensor([[0, 0], [1, 0], [0, -2], [2, 2]]), background)
+    peaks = [divmod(int(i), 8) for i in (moved - background)[:, 0].flatten(1).argmax(1)]
+    assert peaks == [(3, 5), (2, 5), (3, 7), (1, 3)]  # out(r, c) = in(r + dy, c + dx)
+    assert torch.allclose(moved.min(), torch.tensor(-0.5))  # vacated pixels are black, not 0
+    flipped = apply_augment(AugmentConfig(flip=True), x, torch.tensor([[1], [0], [1], [0]]), torch.zeros(1))
+    assert flipped[0, 0, 3, 2] == 1 and flipped[1, 0, 3, 5] == 1
+    ramp = torch.arange(8.0).repeat(2, 1, 8, 1).transpose(2, 3)  # value = row index
+    crops = apply_augment(AugmentConfig(crop=4), ramp, torch.tensor([[0, 0, 4], [4, 0, 4]]), torch.zeros(1))
+    assert crops.shape == ramp.shape and crops[0].mean() < 2 < 5 < crops[1].mean()
+    same = apply_augment(AugmentConfig(crop=4), ramp, torch.tensor([[3, 3, 0], [0, 0, 0]]), torch.zeros(1))
+    assert torch.equal(same, ramp)  # crop_side 0: no crop
+
+    drawn = random_params(augment, (1, 8, 8), 1000, torch.Generator().manual_seed(0))
+    assert drawn.shape == (1000, 6) and int(drawn[:, 4:].abs().max()) == 2 and set(drawn[:, 2].tolist()) == {6}
+
+
+def test_one_view_per_sample_whatever_the_sharding():
+    samples, views = np.repeat(np.arange(1000, dtype=np.int64), 4), np.tile(np.arange(4), 1000)
+    mask = one_view_mask(samples, views, 4, seed=11)
+    assert np.array_equal(np.sort(samples[mask]), np.arange(1000))  # each sample exactly once
+    # rows split between two workers any way: together they still train each sample once
+    order = np.random.default_rng(0).permutation(len(samples))
+    halves = [order[:1700], order[1700:]]
+    picked = np.concatenate([h[one_view_mask(samples[h], views[h], 4, seed=11)] for h in halves])
+    assert np.array_equal(np.sort(samples[picked]), np.arange(1000))
+    assert np.bincount(views[mask], minlength=4).min() > 200  # every view gets drawn
+    assert not np.array_equal(mask, one_view_mask(samples, views, 4, seed=12))  # a new draw per epoch
+
+
+# --------------------------------------------------------------------------- the replay is exact
+
+
+def _stored_log_probs(table: pa.Table, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: classes it stores and their stored log-probabilities at T = 1 (sampled: the most drawn)."""
+    def matrix(name: str, width: int | None = None) -> np.ndarray:
+        return np.stack([np.asarray(r)[:width] for r in table[name].to_numpy(zero_copy_only=False)])
+
+    if mode == "dense":
+        logits = matrix("logits").astype(np.float64)
+        log_probs = logits - logits.max(1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+        return np.tile(np.arange(logits.shape[1]), (len(logits), 1)), log_probs
+    prefix, width = ("topk", None) if mode == "topk" else ("sample", 1)
+    lse = table["logsumexp"].to_numpy()[:, None]
+    return matrix(f"{prefix}_idx", width), matrix(f"{prefix}_logit", width).astype(np.float64) - lse
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode,include_inputs", [("topk", "false"), ("dense", "true"), ("sampled", "false")])
+def test_replayed_views_reproduce_the_stored_teacher_outputs(ray_cluster, digits_28, tmp_path, mode,
+                                                             include_inputs):
+    data, teacher_uri = digits_28
+    summary = _infer(data, teacher_uri, tmp_path / "stores", f"store.mode={mode}", "store.k=3",
+                     "store.samples=16", "store.dtype=float16", f"store.include_inputs={include_inputs}",
+                     f"store.views={VIEWS}", *AUGMENT)
+    store = st.open_store(summary["store"])
+    assert store.num_rows == VIEWS * ROWS and store.views == VIEWS and summary["rows"] == VIEWS * ROWS
+    assert store.augment == AugmentConfig(jitter=2, crop=24, flip=True)
+    assert store.manifest["cache_key_inputs"]["storage"]["views"] == VIEWS  # views enter the key
+    assert store.include_inputs == (include_inputs == "true")
+    assert st.verify_store(store.uri)["ok"]
+    table = store.read_table()
+    assert table.column_names[:5] == ["id", "view", "label", "split", "augment"]
+    ids, views = table["id"].to_numpy(), table["view"].to_numpy()
+    assert sorted(np.bincount(views)) == [ROWS] * VIEWS
+    assert np.array_equal(np.sort(ids[views == 2]), np.sort(ids[views == 0]))  # every sample, every view
+
+    # The student's path: the store read for training (labels-only: inputs joined from the source),
+    # rows sorted by the memory feeder, each row's view replayed by the training loop's Augmenter.
+    source = resolve_source([store.uri], DataConfig())
+    feeder = MemoryFeeder(load_split_arrays(source, splits=("train",))["train"], torch.device("cpu"), source)
+    spec = LoopSpec(cfg=TrainConfig(), source=source, model_args={})
+    rows = np.flatnonzero(feeder.views["view"] > 0)[:: 7][:300]
+    batch = {name: values[torch.from_numpy(rows)] for name, values in feeder.tensors.items()}
+    teacher = load_teacher(str(teacher_uri)).model
+    with torch.no_grad():
+        replayed = torch.log_softmax(teacher(Augmenter(spec, torch.device("cpu"))(batch, torch.Generator())), 1)
+        unaugmented = torch.log_softmax(teacher(batch["x"]), 1)
+
+    position = {(int(i), int(v)): n for n, (i, v) in enumerate(zip(ids, views))}
+    at = [position[(int(s), int(v))] for s, v in zip(feeder.views["sample"][rows], feeder.views["view"][rows])]
+    classes, stored = _stored_log_probs(table.take(pa.array(at)), mode)
+    replay_error = np.abs(np.take_along_axis(replayed.numpy(), classes, 1) - stored)
+    assert replay_error.max() < 0.05, replay_error.max()  # fp16 storage of the logits
+    # The same rows without their views are far off: the check can tell a view from the plain input.
+    plain_error = np.abs(np.take_along_axis(unaugmented.numpy(), classes, 1) - stored).max(1)
+    assert np.median(plain_error) > 0.2, np.median(plain_error)
+
+    if mode == "topk":  # a killed run resumes: the rewritten shard holds the same views, byte for byte
+        first = store.manifest["shards"][0]
+        (tmp_path / "stores" / store.key / st.MANIFEST_NAME).unlink()
+        (tmp_path / "stores" / store.key / first["name"]).unlink()
+        again = _infer(data, teacher_uri, tmp_path / "stores", f"store.mode={mode}", "store.k=3", "store.samples=16",
+                       "store.dtype=float16", f"store.include_inputs={include_inputs}", f"store.views={VIEWS}",
+                       *AUGMENT)
+        assert again["shards_written"] == 1 and again["shards_resumed"] == len(store.manifest["shards"]) - 1
+        assert st.open_store(again["store"]).manifest["shards"][0]["sha256"] == first["sha256"]
+
+
+# --------------------------------------------------------------------------- end to end, and bad input
+
+
+@pytest.mark.timeout(600)
+def test_cli_trains_on_views_and_refuses_bad_views(ray_cluster, digits_28, tmp_path):
+    data, teacher_uri = digits_28
+    common = [f"data.source={data}", f"teacher.uri={teacher_uri}", f"store.root={tmp_path / 'stores'}"]
+
+    result = still_cli(["infer", *common, "store.views=0"], tmp_path)
+    assert result.returncode != 0 and "store.views must be >= 1" in result.stderr
+    result = still_cli(["infer", *common, "store.views=3"], tmp_path)
+    assert result.returncode != 0 and "store.views=3 needs an augmentation" in result.stderr
+    result = still_cli(["infer", *common, "store.views=3", "store.augment.crop=32"], tmp_path)
+    assert result.returncode != 0
+    assert "store.augment.crop=32 does not fit the input shape (1, 28, 28)" in result.stderr
+    assert not (tmp_path / "stores").exists()  # refused before anything was written
+
+    result = still_cli(["infer", *common, "store.include_inputs=false", f"store.views={VIEWS}", *AUGMENT, "--json"],
+                       tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    uri = json.loads(result.stdout.strip().splitlines()[-1])["store"]
+    before = st.verify_store(uri)
+
+    train = ["train", f"store.uri={uri}", "student.width=128", "train.epochs=6", "train.lr=0.003",
+             "scaling.num_workers=0", f"train.output_dir={tmp_path / 'student'}"]
+    result = still_cli([*train, "train.augment.jitter=1", "--json"], tmp_path)
+    assert result.returncode != 0
+    assert "train.augment={'jitter': 1, 'crop': 0, 'flip': False} differs" in result.stderr
+    assert "store.augment={'jitter': 2, 'crop': 24, 'flip': True}" in result.stderr
+    assert not (tmp_path / "student").exists() and st.verify_store(uri) == before
+
+    for views, ingest in (("one", "stream"), ("all", "memory")):
+        result = still_cli([*train, f"train.views={views}", f"train.ingest={ingest}", "--json"], tmp_path,
+                           timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert summary["ingest"] == ingest
+        # the teacher is right on these digits; six short epochs of a student are far above chance (0.1)
+        assert summary["student_test_accuracy"] > 0.75, (views, summary["student_test_accuracy"])
+
+
+def test_augmentation_must_fit_plain_training_data(tmp_path):
+    cfg = load_config(TrainConfig, None, ["data.source=builtin:digits", "train.augment.jitter=1",
+                                          "tracking.enabled=false", "scaling.num_workers=0"])
+    from student_train.driver import JobOptions, prepare_job
+
+    with pytest.raises(StillError, match=r"train.augment augments images .* shape \(64,\)"):
+        prepare_job(cfg, "x", JobOptions())
