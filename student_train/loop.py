@@ -156,7 +156,8 @@ class MemoryFeeder:
     def _selected(self, view_seed: int) -> np.ndarray:
         return np.flatnonzero(one_view_mask(self.views["sample"], self.views["view"], self.one_view_of, view_seed))
 
-    def epoch(self, batch_size: int, generator: torch.Generator, view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(self, batch_size: int, generator: torch.Generator,
+              view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yields shuffled batches covering every row (or every sample's drawn view) once."""
         if self.one_view_of:
             rows = torch.from_numpy(self._selected(view_seed))
@@ -263,7 +264,8 @@ class StreamFeeder:
         """Rows an epoch trains on: unknown ahead of a stream."""
         return None
 
-    def epoch(self, batch_size: int, generator: torch.Generator, view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(self, batch_size: int, generator: torch.Generator,
+              view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yields batches streamed from the shard, mixed on the device.
 
         Rows come from Ray Data a block at a time (the read tasks cut blocks of
@@ -554,7 +556,8 @@ def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, aug
     zero = torch.zeros((), device=device)
     steps = samples = 0
     for batch in train.epoch(batch_size, generator, view_seed):
-        progress = (epoch + (min(steps, steps_per_epoch) / steps_per_epoch if steps_per_epoch else 0.0)) / cfg.train.epochs
+        within = min(steps, steps_per_epoch) / steps_per_epoch if steps_per_epoch else 0.0
+        progress = (epoch + within) / cfg.train.epochs
         for group in placed.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, progress)
         x, y = augmenter(batch, generator), batch["y"]

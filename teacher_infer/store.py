@@ -226,8 +226,8 @@ def source_dataset(store: Store) -> Any:
         raise StillError(
             f"store {store.uri!r} is labels-only, and its source dataset {source!r} has changed since the store was "
             f"written (fingerprint {spec.fingerprint[:12]}…, {spec.num_rows} rows; the store was made from "
-            f"{recorded['fingerprint'][:12]}…, {store.num_rows // store.views} rows): its inputs would not match the teacher's "
-            "outputs. Restore the source, or rerun still infer on it"
+            f"{recorded['fingerprint'][:12]}…, {store.num_rows // store.views} rows): its inputs would not match the "
+            "teacher's outputs. Restore the source, or rerun still infer on it"
         )
     return spec
 

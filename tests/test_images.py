@@ -68,7 +68,7 @@ def _teacher(path, pixels, labels):
     model = build_model("mlp", **args)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x = torch.from_numpy(pixels[:, None].astype(np.float32) / 255)
-    y = torch.from_numpy(labels)
+    y = torch.from_numpy(labels.copy())
     for _ in range(150):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
