@@ -146,6 +146,7 @@ class MemoryFeeder:
             views = {name: values[order] for name, values in views.items()}
         self.one_view_of = one_view_of if "view" in views else 0
         self.views = views
+        self._drawn: tuple[int, np.ndarray] | None = None
         self.tensors = device_batch(_tensors(arrays), device, source)
         self.rows = len(self.tensors["y"])
 
@@ -154,7 +155,11 @@ class MemoryFeeder:
         return len(self._selected(view_seed)) if self.one_view_of else self.rows
 
     def _selected(self, view_seed: int) -> np.ndarray:
-        return np.flatnonzero(one_view_mask(self.views["sample"], self.views["view"], self.one_view_of, view_seed))
+        # epoch_rows and epoch ask for the same epoch's draw: hashed once
+        if self._drawn is None or self._drawn[0] != view_seed:
+            mask = one_view_mask(self.views["sample"], self.views["view"], self.one_view_of, view_seed)
+            self._drawn = (view_seed, np.flatnonzero(mask))
+        return self._drawn[1]
 
     def epoch(self, batch_size: int, generator: torch.Generator,
               view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:

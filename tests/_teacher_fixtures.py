@@ -39,6 +39,35 @@ def train_digits_teacher(path: Path, steps: int = 300, num_classes: int = 10) ->
     return path
 
 
+def mnist_digits(rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``rows`` MNIST digits: ids, uint8 pixels ``(rows, 28, 28)`` and labels."""
+    from still.config import DataConfig
+    from still.datasets import resolve_dataset
+
+    spec = resolve_dataset(DataConfig(source="builtin:mnist"))
+    fs, paths = spec.arrow_files()
+    table = pq.read_table(paths[0], filesystem=fs, columns=["id", "features", "label"]).slice(0, rows)
+    pixels = np.stack(table["features"].to_numpy(zero_copy_only=False)).reshape(rows, 28, 28).astype(np.uint8)
+    return table["id"].to_numpy(), pixels, table["label"].to_numpy()
+
+
+def train_pixel_teacher(path: Path, pixels: np.ndarray, labels: np.ndarray) -> Path:
+    """Trains a confident MLP 784-128-10 on these digits (150 full-batch steps) and saves it."""
+    torch.manual_seed(0)
+    args = {"input_shape": [1, 28, 28], "num_classes": 10, "width": 128, "depth": 1}
+    model = build_model("mlp", **args)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.from_numpy(pixels.reshape(len(pixels), 1, 28, 28).astype(np.float32) / 255)
+    y = torch.from_numpy(labels.copy())
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(str(path), model.eval(), "mlp", args, {"input_scale": 1 / 255})
+    return path
+
+
 def synthetic_parquet(directory: Path, rows: int, features: int = 784, classes: int = 10,
                       row_group_size: int = 5000, seed: int = 0) -> Path:
     """Writes a uint8 feature dataset (id, features fixed_size_list<uint8>, label)."""

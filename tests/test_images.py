@@ -14,15 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-from _teacher_fixtures import still_cli
-from still.checkpoints import save_checkpoint
+from _teacher_fixtures import mnist_digits, still_cli, train_pixel_teacher
 from still.config import DataConfig, ImageConfig, load_config
 from still.datasets import load_arrays, resolve_dataset
 from still.errors import StillError
-from still.models import build_model
 from teacher_infer import store as st
 from teacher_infer.config import InferConfig
 from teacher_infer.infer import run_infer
@@ -40,11 +37,7 @@ def _png(pixels: np.ndarray) -> bytes:
 def mnist_pngs(tmp_path_factory):
     """600 MNIST digits three ways: uint8 numbers, a Parquet column of PNG bytes, a folder of padded PNGs."""
     base = tmp_path_factory.mktemp("images")
-    spec = resolve_dataset(DataConfig(source="builtin:mnist"))
-    fs, paths = spec.arrow_files()
-    table = pq.read_table(paths[0], filesystem=fs, columns=["id", "features", "label"]).slice(0, ROWS)
-    pixels = np.stack(table["features"].to_numpy(zero_copy_only=False)).reshape(ROWS, 28, 28).astype(np.uint8)
-    ids, labels = table["id"].to_numpy(), table["label"].to_numpy()
+    ids, pixels, labels = mnist_digits(ROWS)
     numbers = base / "numbers.parquet"
     pq.write_table(pa.table({"id": ids, "features": pa.FixedSizeListArray.from_arrays(
         pa.array(pixels.reshape(-1)), 784), "label": labels}), numbers)
@@ -58,24 +51,8 @@ def mnist_pngs(tmp_path_factory):
         (folder / f"digit-{label}" / f"{i:05d}.png").write_bytes(_png(np.pad(p, 2)))  # 32x32
         order.append((f"digit-{label}/{i:05d}.png", i))
     folder_rows = [i for _, i in sorted(order)]  # the folder's ids count files in sorted path order
-    teacher = _teacher(base / "teacher.pt", pixels, labels)
+    teacher = train_pixel_teacher(base / "teacher.pt", pixels, labels)
     return base, numbers, pngs, folder, folder_rows, teacher
-
-
-def _teacher(path, pixels, labels):
-    torch.manual_seed(0)
-    args = {"input_shape": [1, 28, 28], "num_classes": 10, "width": 128, "depth": 1}
-    model = build_model("mlp", **args)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = torch.from_numpy(pixels[:, None].astype(np.float32) / 255)
-    y = torch.from_numpy(labels.copy())
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_checkpoint(str(path), model.eval(), "mlp", args, {"input_scale": 1 / 255})
-    return path
 
 
 def _infer(source, teacher, root, *overrides):

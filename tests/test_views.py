@@ -15,13 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from _teacher_fixtures import still_cli
+from _teacher_fixtures import mnist_digits, still_cli, train_pixel_teacher
 from still.augment import AugmentConfig, apply_augment, param_names, random_params, view_params
-from still.checkpoints import save_checkpoint
 from still.config import DataConfig, load_config
-from still.datasets import Normalisation, resolve_dataset
+from still.datasets import Normalisation
 from still.errors import StillError
-from still.models import build_model
 from student_train.config import TrainConfig
 from student_train.data import Source, load_split_arrays, one_view_mask, resolve_source
 from student_train.loop import Augmenter, LoopSpec, MemoryFeeder
@@ -39,28 +37,12 @@ AUGMENT = ["store.augment.jitter=2", "store.augment.crop=24", "store.augment.fli
 def digits_28(tmp_path_factory):
     """(Parquet path of 1,200 MNIST digits as a uint8 (1, 28, 28) tensor column, a confident teacher)."""
     base = tmp_path_factory.mktemp("views")
-    spec = resolve_dataset(DataConfig(source="builtin:mnist"))
-    fs, paths = spec.arrow_files()
-    table = pq.read_table(paths[0], filesystem=fs, columns=["id", "features", "label"]).slice(0, ROWS)
-    pixels = np.stack(table["features"].to_numpy(zero_copy_only=False)).reshape(ROWS, 1, 28, 28).astype(np.uint8)
-    labels = table["label"].to_numpy()
+    ids, pixels, labels = mnist_digits(ROWS)
     tensor = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.uint8(), (1, 28, 28)),
                                             pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 784))
     data = base / "digits28.parquet"
-    pq.write_table(pa.table({"id": table["id"], "features": tensor, "label": labels}), data)
-    torch.manual_seed(0)
-    args = {"input_shape": [1, 28, 28], "num_classes": 10, "width": 128, "depth": 1}
-    model = build_model("mlp", **args)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = torch.from_numpy(pixels.astype(np.float32) / 255), torch.from_numpy(labels.copy())
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    teacher = base / "teacher.pt"
-    save_checkpoint(str(teacher), model.eval(), "mlp", args, {"input_scale": 1 / 255})
-    return data, teacher
+    pq.write_table(pa.table({"id": ids, "features": tensor, "label": labels}), data)
+    return data, train_pixel_teacher(base / "teacher.pt", pixels, labels)
 
 
 def _infer(data, teacher, root, *overrides):
