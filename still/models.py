@@ -6,10 +6,13 @@ rebuilds the same module. That is why the registry lives in ``still`` and not in
 ``student_train``: ``teacher_infer`` must not import the training package.
 
 Every family has ``features(x)`` (the penultimate activations, before the last
-dropout: what hint losses match and feature stores keep), ``classify(features)``
-(last dropout, then the head) and ``forward(x) = classify(features(x))`` (the
-logits). ``width`` is the knob sweeps turn: hidden units for ``mlp``, a channel
-multiplier for ``cnn``.
+dropout), ``classify(features)`` (last dropout, then the head), ``forward(x) =
+classify(features(x))`` (the logits) and ``layers()``: the named layers a hint can
+match or a feature store can keep (``conv1``, ``pool1``, ``conv2``, ``pool2``,
+``features`` for ``cnn``; ``hidden1``…, ``features`` for ``mlp``), each the output
+of an activation or pooling module, before any dropout. ``width`` is the knob sweeps
+turn: hidden units for ``mlp``, a channel multiplier for ``cnn``. The head is always
+the ``head`` submodule (:data:`HEAD`): transfer learning re-initialises it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import torch
 from torch import nn
 
 from still.errors import StillError
+
+HEAD = "head"
+"""The submodule name of every family's classification head."""
 
 
 class MLP(nn.Module):
@@ -46,16 +52,24 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))
+        self._layers = {}
         for index in range(depth):
-            layers += [nn.Linear(in_features, hidden), nn.ReLU()]
+            activation = nn.ReLU()
+            layers += [nn.Linear(in_features, hidden), activation]
+            self._layers[f"hidden{index + 1}"] = activation
             if dropout > 0 and index < depth - 1:
                 layers.append(nn.Dropout(dropout))
             in_features = hidden
+        self._layers["features"] = layers[-1]
         self.body = nn.Sequential(*layers)
         # the last hidden layer's dropout sits outside ``body``, so features are taken before it
         self.dropout = nn.Dropout(dropout) if dropout > 0 and depth > 0 else nn.Identity()
         self.head = nn.Linear(in_features, num_classes)
         self.feature_dim = in_features
+
+    def layers(self) -> dict[str, nn.Module]:
+        """The named layers: ``hidden1``…``hidden{depth}`` and ``features`` (the last of them)."""
+        return dict(self._layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the last hidden layer's activations (before its dropout)."""
@@ -92,20 +106,29 @@ class CNN(nn.Module):
             )
         channels, height, width_px = input_shape
         c1, c2 = max(1, round(32 * width)), max(1, round(64 * width))
+        named = {"conv1": nn.ReLU(), "pool1": nn.MaxPool2d(2), "conv2": nn.ReLU()}
         layers: list[nn.Module] = [
-            nn.Conv2d(channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, c1, 3, padding=1), named["conv1"], named["pool1"],
+            nn.Conv2d(c1, c2, 3, padding=1), named["conv2"],
         ]
-        for _ in range(max(0, depth - 2)):
-            layers += [nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU()]
-        layers += [nn.MaxPool2d(2), nn.Flatten()]
+        for index in range(max(0, depth - 2)):
+            named[f"conv{index + 3}"] = nn.ReLU()
+            layers += [nn.Conv2d(c2, c2, 3, padding=1), named[f"conv{index + 3}"]]
+        named["pool2"] = nn.MaxPool2d(2)
+        layers += [named["pool2"], nn.Flatten()]
         flat = c2 * (height // 4) * (width_px // 4)
         hidden = max(1, round(128 * width))
-        layers += [nn.Linear(flat, hidden), nn.ReLU()]
+        named["features"] = nn.ReLU()
+        layers += [nn.Linear(flat, hidden), named["features"]]
+        self._layers = named
         self.body = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(hidden, num_classes)
         self.feature_dim = hidden
+
+    def layers(self) -> dict[str, nn.Module]:
+        """The named layers: ``conv1``, ``pool1``, ``conv2`` (``conv3``… with depth), ``pool2``, ``features``."""
+        return dict(self._layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the hidden layer's activations (before its dropout)."""
@@ -139,6 +162,15 @@ def build_model(family: str, **model_args: Any) -> nn.Module:
     if "input_shape" in model_args:
         model_args["input_shape"] = tuple(model_args["input_shape"])
     return MODELS[family](**model_args)
+
+
+def family_of(model: Any) -> str | None:
+    """The registered family a loaded model is of (a TorchScript module by its original
+    class name), or None for a model of no registered family."""
+    for family, cls in MODELS.items():
+        if isinstance(model, cls) or getattr(model, "original_name", None) == cls.__name__:
+            return family
+    return None
 
 
 def count_parameters(model: nn.Module) -> int:

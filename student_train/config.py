@@ -42,13 +42,18 @@ class StudentConfig:
     num_classes: int = 0
     """Output size; 0 takes the store's (or dataset's) classes. Any other value must match them."""
     init: str = ""
-    """Initial weights: a still checkpoint or an MLflow model URI (runs:/…, models:/…).
-    Every parameter whose name and shape match is loaded; the rest are reported."""
+    """Initial weights (transfer learning): a still checkpoint, TorchScript file or MLflow
+    model URI (runs:/…, models:/…) of the same family, width and depth; any tensor of
+    another name or shape but the head's is an error (student_train.transfer)."""
+    init_head: Literal["auto", "reinit", "keep"] = "auto"
+    """The head of ``student.init``: ``auto`` re-initialises it when the init was trained for
+    other classes (another count, or other class names where its checkpoint records them),
+    ``reinit`` always, ``keep`` never."""
 
 
 @dataclasses.dataclass(frozen=True)
 class KDConfig:
-    """The distillation loss (DESIGN.md): (1−λ)·CE + λ·T²·KL + β·hint."""
+    """The distillation loss (DESIGN.md): (1−λ)·CE + λ·T²·KL + β·Σ hint (student_train.hints)."""
 
     temperature: float = 4.0
     """T: softmax temperature of teacher and student in the KL term."""
@@ -59,7 +64,13 @@ class KDConfig:
     shape is not: ``bucket`` is a KL over the k classes plus one tail bin; ``uniform``
     spreads the tail mass evenly over the tail classes (student_train.losses)."""
     hint_weight: float = 0.0
-    """β: weight of MSE(projector(student features), stored teacher features)."""
+    """β: weight of the hint terms, each the mean squared error between a projected student
+    layer and the stored teacher layer it is paired with (``kd.hints``); 0: no hints."""
+    hints: tuple[str, ...] = ()
+    """Hint pairs ``"student_layer:teacher_layer"`` (one name: the same on both sides), e.g.
+    ``[pool2, features]``: the student's layer (still.layers) through a learned projector
+    (linear, or 1x1 conv for feature maps) to a teacher layer the store keeps
+    (``teacher.feature_layers``)."""
     online_teacher: str = ""
     """A teacher checkpoint forwarded every step instead of a store (online KD; for the
     bench's comparison only — the point of still is not to do this)."""
@@ -91,6 +102,12 @@ class TrainLoopConfig:
     and single-view stores, whose targets were computed on the un-augmented input). A
     multi-view store replays its own views: leave this unset, or set it to the store's
     ``store.augment`` (anything else is refused: the targets would not match the inputs)."""
+    freeze: tuple[str, ...] = ()
+    """Student parameters not to train: glob patterns of parameter names (``body.*``,
+    ``body.0.*``); each must match one (student_train.transfer)."""
+    lr_groups: tuple[str, ...] = ()
+    """Learning rate per parameter group: ``"pattern=factor"`` entries (``head.*=10``: the
+    head at 10 × train.lr); first match wins, unmatched parameters train at train.lr."""
     views: Literal["one", "all"] = "one"
     """Multi-view stores: ``one`` trains each epoch on one view per sample, drawn afresh
     every epoch (an epoch is as long as with one view); ``all`` on every view."""
@@ -231,6 +248,11 @@ class TrainConfig:
             if not ok:
                 raise StillError(message)
         self.train.augment.validate("train.augment")
+        from student_train.hints import parse_hints
+        from student_train.transfer import parse_lr_groups
+
+        parse_hints(self.kd.hints)
+        parse_lr_groups(self.train.lr_groups)
         from still.models import MODELS
 
         if self.student.family not in MODELS:

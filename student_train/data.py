@@ -11,7 +11,8 @@ dataset's id/features/label/split columns) into the arrays the loop consumes:
     t<i>_* the training columns of store i, fixed-width and still sparse
            (``teacher_infer.store.teacher_arrays``: k ids and log-probabilities per row
            for top-k, the padded draws for sampled, C logits only for dense stores)
-    f      float32 (n, d)              teacher hint features (stores with ``features`` only)
+    hint_<i> (n, prod(shape))          train split: stored teacher layer i (``Source.features``),
+                                       flattened, in the store's dtype (hint distillation)
     sample int64 (n,)                  train split: a key of the row's id (the worker sorts
                                        its rows by it, so memory ingest is deterministic;
                                        multi-view stores draw one view per sample with it)
@@ -78,7 +79,8 @@ class Source:
         input_shape: Shape of one model input.
         input_scale: Preprocessing: model input = raw × this.
         task: ``multiclass`` or ``multilabel``.
-        feature_dim: Width of stored teacher features (0: none).
+        features: The primary store's stored teacher layers
+            (``teacher_infer.store.StoredFeature``: layer, column, shape).
         num_rows: Rows in the (primary) input.
         columns: Names of the dataset's id, feature, label and split columns.
         split_rule: The dataset's split rule (unused for stores: they carry ``split``).
@@ -103,7 +105,7 @@ class Source:
     input_shape: tuple[int, ...]
     input_scale: float
     task: str = "multiclass"
-    feature_dim: int = 0
+    features: tuple[Any, ...] = ()
     num_rows: int = 0
     columns: tuple[str, str, str, str | None] = ("id", "input", "label", "split")
     split_rule: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -138,7 +140,7 @@ class Source:
             grid = 4 * (1 + len(spec.temperatures))
             n += {"dense": value * spec.num_classes, "topk": width * (4 + value) + grid,
                   "sampled": width * (4 + 2 + value) + grid}[spec.mode]
-        return n + 4 * self.feature_dim
+        return n + 4 * sum(math.prod(f.shape) for f in self.features)
 
     def read_columns(self, index: int) -> list[str]:
         """Columns to read from input ``index``."""
@@ -149,7 +151,7 @@ class Source:
         if index > 0:
             return ["id"] + teacher
         views = ["view", "augment"] if self.views > 1 else []
-        return ["id", "label", "split", *views, "input"] + teacher + (["features"] if self.feature_dim else [])
+        return ["id", "label", "split", *views, "input"] + teacher + [f.column for f in self.features]
 
 
 def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = False) -> Source:
@@ -210,17 +212,12 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = F
         if other.num_rows != first.num_rows:
             raise StillError(f"ensemble stores must cover the same rows: {first.uri!r} has {first.num_rows}, "
                              f"{other.uri!r} has {other.num_rows}")
-    feature_dim = 0
-    if first.manifest["storage"].get("feature_layer"):
-        feature_dim = int(first.manifest["storage"].get("feature_dim") or first.manifest.get("feature_dim") or 0)
-        if not feature_dim:
-            feature_dim = _probe_feature_dim(first)
     per_split = first.manifest.get("teacher_metrics", {}).get("per_split", {})
     return Source(
         kind="store", name=",".join(s.uri for s in stores),
         inputs=tuple((s.uri, tuple(resolve_path(u) for u in s.shard_uris())) for s in stores),
         num_classes=first.num_classes, class_names=tuple(first.class_names), input_shape=tuple(first.input_shape),
-        input_scale=first.input_scale, task=first.task, feature_dim=feature_dim, num_rows=first.num_rows,
+        input_scale=first.input_scale, task=first.task, features=first.features, num_rows=first.num_rows,
         manifests=tuple(s.manifest for s in stores), teachers=tuple(s.soft_labels for s in stores),
         max_support=tuple(s.max_support for s in stores), dataset=dataset,
         normalisation=Normalisation.of(first.manifest["preprocessing"]), shards=tuple(layouts[0]),
@@ -241,15 +238,12 @@ def resolve_path(uri: str) -> str:
     return resolve(uri).path
 
 
-def _probe_feature_dim(store: Any) -> int:
-    import pyarrow.parquet as pq
-
-    loc = store.location.join(store.manifest["shards"][0]["name"])
-    column = pq.read_table(loc.path, columns=["features"], filesystem=loc.arrow_fs())["features"]
-    return int(column.type.list_size) if hasattr(column.type, "list_size") else len(column[0].as_py())
-
-
 # --------------------------------------------------------------------------- conversion
+
+
+def hint_key(index: int) -> str:
+    """The training column of stored teacher layer ``index`` (``Source.features``)."""
+    return f"hint_{index}"
 
 
 def teacher_prefix(index: int) -> str:
@@ -266,7 +260,7 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
             prefixes (``t1_…``), and pass through.
         source: The resolved :class:`Source`.
     """
-    from still.datasets import column_matrix, decode_inputs, features_to_numpy, labels_to_numpy
+    from still.datasets import column_matrix, decode_inputs, labels_to_numpy
     from still.datasets.splits import id_keys
 
     if source.kind == "dataset":
@@ -292,8 +286,8 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
     for index in range(1, len(source.teachers)):
         prefix = teacher_prefix(index)
         out.update({name: _numpy(value) for name, value in batch.items() if name.startswith(prefix)})
-    if source.feature_dim:
-        out["f"] = features_to_numpy(batch["features"], (source.feature_dim,), 1.0)
+    for index, feature in enumerate(source.features):
+        out[hint_key(index)] = column_matrix(batch[feature.column])
     out["sample"] = id_keys(_numpy(batch["id"])).view(np.int64)
     if source.views > 1:
         out["aug"] = column_matrix(batch["augment"]).astype(np.int16, copy=False)
@@ -302,7 +296,12 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
 
 
 VIEW_COLUMNS = ("aug", "view", "sample")
-"""Training columns held-out splits drop (evaluation needs neither order nor views)."""
+"""Training columns of views and order (evaluation needs neither)."""
+
+
+def train_only(name: str) -> bool:
+    """True for training columns held-out splits drop: views, order and hint targets."""
+    return name in VIEW_COLUMNS or name.startswith("hint_")
 
 
 def one_view_mask(sample: np.ndarray, view: np.ndarray, views: int, seed: int) -> np.ndarray:
@@ -405,7 +404,7 @@ def select_split(arrays: Mapping[str, np.ndarray], codes: Sequence[int]) -> dict
     if held_out and "view" in arrays:
         keep &= arrays["view"] == 0
     return {k: np.ascontiguousarray(v[keep]) for k, v in arrays.items()
-            if k != "split" and not (held_out and k in VIEW_COLUMNS)}
+            if k != "split" and not (held_out and train_only(k))}
 
 
 def read_store_shard(source: Source, index: int, codes: Sequence[int] | None = None) -> pa.Table:
@@ -578,8 +577,10 @@ def _converted_shards_for_ray(batch: Any, source: Source, codes: tuple[int, ...]
             if one_view:
                 keep = one_view_mask(arrays["sample"], arrays["view"], source.views, seed)
                 arrays = {name: values[keep] for name, values in arrays.items()}
-            drop = VIEW_COLUMNS if SPLITS["train"] not in codes else ("view", "sample") if streamed else ()
-            yield arrow_table({name: values for name, values in arrays.items() if name not in drop})
+            held_out = SPLITS["train"] not in codes
+            drop = ("view", "sample") if streamed and not held_out else ()
+            yield arrow_table({name: values for name, values in arrays.items()
+                               if name not in drop and not (held_out and train_only(name))})
 
 
 def _member_columns(table: Any, source: Source, index: int) -> dict[str, np.ndarray]:
@@ -600,7 +601,7 @@ def _convert_for_ray(table: Any, source: Source, keep_split: bool = False) -> pa
 
 def _select_for_ray(table: pa.Table, codes: tuple[int, ...]) -> pa.Table:
     held_out = SPLITS["train"] not in codes
-    drop = ["split"] + [c for c in VIEW_COLUMNS if held_out and c in table.column_names]
+    drop = ["split"] + [c for c in table.column_names if held_out and train_only(c)]
     return _rows_of_splits(table, codes).drop_columns(drop)
 
 

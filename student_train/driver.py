@@ -34,9 +34,10 @@ from still.models import build_model, count_parameters
 from still.tracking import check_reachable, open_run, tracking_uri
 from student_train.config import TrainConfig
 from student_train.data import Source, load_split_arrays, ray_datasets, resolve_source
-from student_train.export import (latency_ms, load_init_state, log_mlflow_model, model_bytes, save_student,
-                                  student_from_state)
+from student_train.export import latency_ms, log_mlflow_model, model_bytes, save_student, student_from_state
+from student_train.hints import HintPair, plan_hints
 from student_train.loop import STATE_FILE, LocalSession, LoopSpec, local_device, run_loop, train_loop_per_worker
+from student_train.transfer import check_patterns, freeze, load_init_state
 
 DEFAULT_EXPERIMENT = "still-train"
 MEMORY_INGEST_LIMIT = 1 << 30  # bytes per worker below which `ingest: auto` reads its share into memory
@@ -102,6 +103,7 @@ class Job:
     model_args: dict[str, Any]
     init_state: dict[str, torch.Tensor] | None
     init_report: dict[str, Any] | None
+    hints: tuple[HintPair, ...]
     teacher_payload: Any
     output_dir: Path
     in_process: bool
@@ -160,6 +162,7 @@ def train_job(cfg: TrainConfig, *, run_name: str, options: JobOptions = JobOptio
         final, state = fit(job, tracker.address)
         student = student_from_state(state["net"], cfg.student.family, job.model_args)
         summary = summarise(job, student, final, list(state["history"]), export_student(job, student))
+        tracker.log_params(transfer_params(job))
         tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if _is_number(summary.get(k))},
                             step=int(final.get("epoch", cfg.train.epochs)))
         tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "summary.json")
@@ -186,7 +189,8 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
 
     Raises:
         StillError: Unreachable tracking, a bad store or dataset, classes the student
-            does not match, a hint without stored features, an init of another family,
+            does not match, hints the student or store cannot pair (``student_train.hints``),
+            an init of another family or shape, a freeze or lr-group pattern that matches nothing,
             a batch larger than the training split, a GPU this process cannot see.
     """
     in_process = cfg.scaling.in_process if options.in_process is None else options.in_process
@@ -196,9 +200,6 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
         source = options.shared.source
     else:
         source = resolve_source(cfg.store.uri, cfg.data, verify=cfg.train.verify_store)
-    if cfg.kd.hint_weight > 0 and not source.feature_dim:
-        raise StillError("kd.hint_weight > 0 needs a store with a features column "
-                         "(write one with still infer teacher.feature_layer=<layer>)")
     _warn_far_from_sample_temperature(cfg, source)
     check_augment(cfg, source)
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
@@ -213,18 +214,41 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
         raise StillError("scaling.use_gpu: training in process (scaling.num_workers=0), and this process sees no "
                          "CUDA device")
     model_args = student_model_args(cfg, source)
-    build_model(cfg.student.family, **dict(model_args))  # a family that cannot take these arguments fails here
+    student = build_model(cfg.student.family, **dict(model_args))  # a family that cannot take these arguments fails
+    hints = plan_hints(cfg.kd.hints, cfg.kd.hint_weight, student, source.input_shape, source.features, source.name)
+    check_patterns(student, cfg.train.freeze, cfg.train.lr_groups)
     init_state, init_report = None, None
     if cfg.student.init:
         init_state, init_report = load_init_state(cfg.student.init, cfg.student.family, model_args,
+                                                  source.class_names, cfg.student.init_head,
                                                   tracking_uri(cfg.tracking))
+        if init_report["reinitialized"] and not options.quiet:
+            print(f"still train: student.init: head re-initialised ({init_report['reason']}); "
+                  f"{len(init_report['loaded'])} tensors loaded", file=sys.stderr, flush=True)
     teacher_payload = _online_teacher(cfg, source) if cfg.kd.online_teacher else None
     output_dir = Path(cfg.train.output_dir or Path("runs") / run_name).resolve()
-    job = Job(cfg, run_name, options, source, model_args, init_state, init_report, teacher_payload, output_dir,
+    job = Job(cfg, run_name, options, source, model_args, init_state, init_report, hints, teacher_payload, output_dir,
               in_process, ingest)
     if not cfg.train.resume and (job.checkpoint_root / run_name).exists():
         shutil.rmtree(job.checkpoint_root / run_name)  # a fresh run of the same name: drop the old run's checkpoints
     return job
+
+
+def transfer_params(job: Job) -> dict[str, Any]:
+    """What the run's MLflow params record of transfer learning and hints, beyond the config."""
+    student = build_model(job.cfg.student.family, **dict(job.model_args))
+    frozen = freeze(student, job.cfg.train.freeze)
+    params: dict[str, Any] = {"frozen_params": len(frozen), "frozen_values": sum(
+        p.numel() for name, p in student.named_parameters() if name in frozen)}
+    report = job.init_report
+    if report:
+        params.update({"init.source": report["source"], "init.family": report["family"],
+                       "init.loaded_tensors": len(report["loaded"]),
+                       "init.reinitialized": ",".join(report["reinitialized"]) or "none",
+                       "init.reason": report["reason"] or "none"})
+    for pair in job.hints:
+        params["hint." + pair.metric[len("train_hint_"):]] = f"{pair.student_shape} -> {pair.teacher_shape}"
+    return params
 
 
 def check_augment(cfg: TrainConfig, source: Source) -> None:
@@ -347,7 +371,7 @@ def fit(job: Job, tracking: tuple[str, str] | None) -> tuple[dict[str, Any], dic
         tracking: The MLflow run's ``Tracker.address`` (rank 0 logs each epoch), or None.
     """
     spec = LoopSpec(cfg=job.cfg, source=job.source, model_args=job.model_args, init_state=job.init_state,
-                    teacher=job.teacher_payload, quiet=job.options.quiet, tracking=tracking if tracking else None)
+                    hints=job.hints, teacher=job.teacher_payload, quiet=job.options.quiet, tracking=tracking if tracking else None)
     if job.in_process:
         return _fit_in_process(job, spec)
     return _fit_ray(job, spec)

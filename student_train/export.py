@@ -1,7 +1,7 @@
-"""What a finished student becomes, and where a fine-tuned one starts from.
+"""What a finished student becomes.
 
 - ``student.pt``: a still checkpoint (``still.checkpoints``), loadable by ``still
-  infer`` as a teacher and by ``student.init``;
+  infer`` as a teacher and by ``student.init`` (``student_train.transfer``);
 - ``student.torchscript.pt``: TorchScript, for serving without still installed;
 - the MLflow model ``model`` of the run (``mlflow.pytorch.log_model``), optionally
   registered with an alias.
@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from still.checkpoints import save_checkpoint
-from still.errors import StillError
 from still.models import build_model
 
 
@@ -43,49 +42,6 @@ def save_student(model: nn.Module, family: str, model_args: Mapping[str, Any], m
     torch.jit.save(scripted, str(tmp))
     tmp.replace(script_path)
     return {"checkpoint": checkpoint, "torchscript": str(script_path)}
-
-
-def load_init_state(uri: str, family: str, model_args: Mapping[str, Any], tracking_uri: str = ""
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Loads initial weights for transfer learning: every tensor whose name and shape match.
-
-    Args:
-        uri: A still checkpoint, TorchScript file or MLflow model URI (``runs:/…``, ``models:/…``).
-        family: The student's family.
-        model_args: The student's constructor arguments.
-        tracking_uri: For MLflow URIs.
-
-    Returns:
-        The matching tensors and ``{"loaded": [...], "skipped": [...]}`` (skipped:
-        student tensors left at their fresh init, with the reason).
-
-    Raises:
-        StillError: The URI cannot be loaded or shares no tensor with the student.
-    """
-    from teacher_infer.teachers import is_mlflow_uri, load_teacher
-
-    if tracking_uri and is_mlflow_uri(uri):
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        source = load_teacher(uri).model.state_dict()
-    except StillError as exc:
-        raise StillError(f"student.init: {exc}") from None
-    target = build_model(family, **dict(model_args)).state_dict()
-    loaded, skipped, state = [], [], {}
-    for name, tensor in target.items():
-        if name not in source:
-            skipped.append(f"{name} (absent)")
-        elif tuple(source[name].shape) != tuple(tensor.shape):
-            skipped.append(f"{name} (shape {tuple(source[name].shape)} vs {tuple(tensor.shape)})")
-        else:
-            state[name] = source[name].detach().clone().to(tensor.dtype)
-            loaded.append(name)
-    if not loaded:
-        raise StillError(f"student.init {uri!r} shares no parameter (name and shape) with the "
-                         f"{family} student; check student.family/width/depth")
-    return state, {"loaded": loaded, "skipped": skipped}
 
 
 def log_mlflow_model(tracker: Any, model: nn.Module, input_shape: tuple[int, ...], register_name: str = "",

@@ -1,7 +1,8 @@
 """The per-worker training loop, written once for both ways of running it.
 
-``run_loop(spec, session)`` is the whole loop: build the student (plus a hint
-projector) on the session's device, restore the last checkpoint if there is one,
+``run_loop(spec, session)`` is the whole loop: build the student (plus a projector
+per hint pair, ``student_train.hints``; frozen parameters and learning-rate groups,
+``student_train.transfer``) on the session's device, restore the last checkpoint if there is one,
 then per epoch train on this worker's shard, evaluate on the validation split
 (rank 0), log the epoch to MLflow (rank 0, as it ends), report metrics and a
 checkpoint (model, optimizer, epoch, metrics history, config). The *session* hides
@@ -43,9 +44,11 @@ from still.models import build_model
 from still.ray_setup import quiet_worker_console
 from still.tracking import attach
 from student_train.config import TrainConfig
-from student_train.data import READ_CHUNK_ROWS, Source, one_view_mask, teacher_prefix
+from student_train.data import READ_CHUNK_ROWS, Source, hint_key, one_view_mask, teacher_prefix
 from student_train.evaluate import evaluate
-from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss
+from student_train.hints import HintedStudent, HintPair, hint_terms
+from student_train.losses import kd_loss, multilabel_kd_loss
+from student_train.transfer import freeze, parameter_groups
 from teacher_infer.targets import DenseTarget, target_from_columns
 
 STATE_FILE = "state.pt"
@@ -60,7 +63,9 @@ class LoopSpec:
         cfg: The resolved config.
         source: The data source.
         model_args: Constructor arguments of the student (``still.models``).
-        init_state: Weights to start from (already filtered to matching shapes), or None.
+        init_state: Weights to start from (``student_train.transfer.load_init_state``:
+            all but a re-initialised head), or None.
+        hints: The checked hint pairs (``student_train.hints.plan_hints``).
         teacher: An online teacher (``teacher_infer.teachers.TeacherPayload``), or None.
         ingest: ``memory`` or ``stream``.
         threads: torch intra-op threads per worker (0: leave torch's default).
@@ -74,6 +79,7 @@ class LoopSpec:
     source: Source
     model_args: dict[str, Any]
     init_state: dict[str, torch.Tensor] | None = None
+    hints: tuple[HintPair, ...] = ()
     teacher: Any = None
     ingest: str = "memory"
     threads: int = 0
@@ -85,22 +91,6 @@ class LoopSpec:
     def one_view_of(self) -> int:
         """K when each epoch trains on one view per sample of a multi-view store, else 0."""
         return self.source.views if self.source.views > 1 and self.cfg.train.views == "one" else 0
-
-
-class Net(nn.Module):
-    """The student plus an optional hint projector, so one DDP wrapper covers both."""
-
-    def __init__(self, student: nn.Module, projector: nn.Module | None) -> None:
-        super().__init__()
-        self.student = student
-        self.projector = projector
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits, projected features or None)."""
-        if self.projector is None:
-            return self.student(x), None
-        features = self.student.features(x)
-        return self.student.classify(features), self.projector(features)
 
 
 # --------------------------------------------------------------------------- feeders
@@ -466,7 +456,7 @@ def learning_rate(cfg: TrainConfig, progress: float) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    """The optimizer named by ``train.optimizer``."""
+    """The optimizer named by ``train.optimizer``, over parameters or parameter groups."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
@@ -475,17 +465,16 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def build_net(spec: LoopSpec) -> Net:
-    """The student (seeded, initialised from ``init_state``) and its hint projector, on the CPU."""
+def build_net(spec: LoopSpec) -> HintedStudent:
+    """The student (seeded, initialised from ``init_state``, ``train.freeze`` applied) and its
+    hint projectors, on the CPU."""
     cfg = spec.cfg
     torch.manual_seed(cfg.train.seed)
     student = build_model(cfg.student.family, **dict(spec.model_args))
     if spec.init_state:
-        student.load_state_dict(spec.init_state, strict=False)
-    projector = None
-    if cfg.kd.hint_weight > 0 and spec.source.feature_dim:
-        projector = nn.Linear(student.feature_dim, spec.source.feature_dim)
-    return Net(student, projector)
+        student.load_state_dict(spec.init_state, strict=False)  # strict but for a re-initialised head
+    freeze(student, cfg.train.freeze)
+    return HintedStudent(student, spec.hints)
 
 
 @dataclasses.dataclass
@@ -493,7 +482,7 @@ class Model:
     """The placed model, its optimizer and where a restored run left off.
 
     Attributes:
-        net: The unwrapped student + projector (what checkpoints hold).
+        net: The unwrapped student + projectors (what checkpoints hold).
         model: ``net`` as trained: on the session's device, DDP-wrapped under Ray Train.
         optimizer: Built after placement, its state restored after placement too (state
             loaded earlier stays on the CPU while the parameters move).
@@ -501,7 +490,7 @@ class Model:
         history: The metrics of those epochs.
     """
 
-    net: Net
+    net: HintedStudent
     model: nn.Module
     optimizer: torch.optim.Optimizer
     start_epoch: int
@@ -515,7 +504,7 @@ def place_model(spec: LoopSpec, session: Any) -> Model:
     if state is not None:
         net.load_state_dict(state["net"])
     model = session.prepare(net)
-    optimizer = make_optimizer(spec.cfg, net.parameters())
+    optimizer = make_optimizer(spec.cfg, parameter_groups(net.student, net.projectors, spec.cfg.train.lr_groups))
     if state is None:
         return Model(net, model, optimizer, 0, [])
     optimizer.load_state_dict(state["optimizer"])
@@ -552,36 +541,39 @@ def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, aug
     """One pass over this worker's training shard; returns the epoch's mean losses and its samples."""
     cfg, source = spec.cfg, spec.source
     loss_fn = multilabel_kd_loss if source.task == "multilabel" else kd_loss
-    T, lam, beta = cfg.kd.temperature, cfg.kd.weight, cfg.kd.hint_weight
+    T, lam, beta, pairs = cfg.kd.temperature, cfg.kd.weight, cfg.kd.hint_weight, spec.hints
     view_seed = cfg.train.seed * 1_000_003 + epoch  # the same on every rank: one view per sample overall
     rows = train.epoch_rows(view_seed)
     steps_per_epoch = max(1, math.ceil(rows / batch_size)) if rows else None
     placed.model.train()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(4 + len(pairs), dtype=torch.float64, device=device)
     zero = torch.zeros((), device=device)
     steps = samples = 0
+    base_lr = learning_rate(cfg, epoch / cfg.train.epochs)
     for batch in train.epoch(batch_size, generator, view_seed):
         within = min(steps, steps_per_epoch) / steps_per_epoch if steps_per_epoch else 0.0
         progress = (epoch + within) / cfg.train.epochs
+        base_lr = learning_rate(cfg, progress)
         for group in placed.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, progress)
+            group["lr"] = base_lr * group["lr_scale"]
         x, y = augmenter(batch, generator), batch["y"]
         batch = {**batch, "x": x}  # an online teacher sees the augmented input too
         logits, projected = placed.model(x)
         terms = loss_fn(logits, targets(batch) if targets.present else None, y, T, lam, cfg.kd.tail)
-        loss, hint = terms["loss"], zero
-        if projected is not None:
-            hint = hint_loss(projected, batch["f"])
-            loss = loss + beta * hint
+        hints = hint_terms(pairs, projected, batch, hint_key)
+        hint = torch.stack(hints).sum() if hints else zero
+        loss = terms["loss"] + beta * hint if hints else terms["loss"]
         placed.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         placed.optimizer.step()
-        sums += torch.stack([loss.detach(), terms["ce"].detach(), terms["kl"].detach(), hint.detach()]).double()
+        sums += torch.stack([loss.detach(), terms["ce"].detach(), terms["kl"].detach(), hint.detach(),
+                             *(term.detach() for term in hints)]).double()
         steps += 1
         samples += len(y)
     mean = (sums / max(1, steps)).tolist()
     return {"train_loss": mean[0], "train_ce": mean[1], "train_kl": mean[2], "train_hint": mean[3],
-            "samples": samples, "lr": placed.optimizer.param_groups[0]["lr"]}
+            **{pair.metric: value for pair, value in zip(pairs, mean[4:])},
+            "samples": samples, "lr": base_lr}
 
 
 def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:

@@ -169,7 +169,8 @@ def multilabel_kd_loss(
 
 
 def hint_loss(projected_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """FitNets-style hint (Romero et al., 2015): ``MSE(P·f_s, f_t)``, mean over elements."""
+    """One FitNets hint term (Romero et al., 2015): ``MSE(W·f_s, f_t)``, the mean over elements
+    (:mod:`student_train.hints` pairs the layers and documents the blend)."""
     return F.mse_loss(projected_student, teacher_features.to(projected_student.dtype))
 
 

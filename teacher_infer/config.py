@@ -23,14 +23,23 @@ class TeacherConfig:
     uri: str = ""
     """A still checkpoint, a TorchScript file, a ``torch.export`` file (``.pt2``), or an
     MLflow model URI (``runs:/<run>/<name>``, ``models:/<name>@<alias>``). Required."""
-    feature_layer: str = ""
-    """Optional hidden layer stored as ``features``: a submodule name (captured with a
-    forward hook during the one forward pass, e.g. ``body``) or a method name (e.g.
-    ``features``, called as ``model.features(x)``). Empty: no features column."""
+    feature_layers: tuple[str, ...] = ()
+    """Hidden layers stored for feature (hint) distillation, one ``features_<layer>``
+    column each (:mod:`still.layers`): a still family's named layer (``conv1``,
+    ``pool1``, ``conv2``, ``pool2``, ``features`` for ``cnn``; ``hidden1``…,
+    ``features`` for ``mlp``), any submodule name, or a TorchScript teacher's method
+    (``features``). Each is stored flattened, its shape in the manifest. Empty: none."""
 
     def __post_init__(self) -> None:
         if self.uri != self.uri.strip():
             raise StillError(f"teacher.uri must not have surrounding spaces, got {self.uri!r}")
+        from teacher_infer.store import feature_column
+
+        columns = [feature_column(name) for name in self.feature_layers]
+        for index, name in enumerate(self.feature_layers):
+            if not name or columns.index(columns[index]) != index:
+                raise StillError(f"teacher.feature_layers: {name!r} is empty or repeats another layer's column "
+                                 f"({columns[index]!r}); got {list(self.feature_layers)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ def finalize(*, config: Any, spec: Any, teacher: Any, store_dir: Location, key: 
     """Writes ``manifest.json`` (last, atomically) once every shard of the plan is in place.
 
     Args:
-        storage: The manifest's ``storage`` section (``teacher_infer.key.storage_fields``).
+        storage: The manifest's ``storage`` section (``teacher_infer.key.storage_fields``, plus
+            ``feature_shapes``: each stored layer's row shape, from the probe).
         settings: The resolved ``teacher_infer.key.Settings``.
         done: Shards a killed run left complete, by index (their footer stats).
         written: Shards this run wrote, by index (their records).

@@ -71,7 +71,7 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
     from teacher_infer.teachers import load_teacher
 
     teacher = load_teacher(config.teacher.uri)
-    input_dtype = _probe(config, spec, teacher, soft_labels, settings)
+    input_dtype, feature_shapes = _probe(config, spec, teacher, soft_labels, settings)
     check_capacity(config.infer, config.ray)
     plan = shard_plan.load_or_make_plan(spec, store_dir, key, config.infer.shard_rows, itemsize,
                                         lambda: cluster_cpus(config.ray))
@@ -93,7 +93,8 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
         written = _run(config, spec, soft_labels, settings, teacher, store_dir, key, todo, plan) if todo else {}
         infer_seconds = time.perf_counter() - infer_start
         manifest = finalize(config=config, spec=spec, teacher=teacher, store_dir=store_dir, key=key,
-                            key_doc=key_doc, storage=storage_fields(config, soft_labels, settings),
+                            key_doc=key_doc, storage={**storage_fields(config, soft_labels, settings),
+                                                      "feature_shapes": feature_shapes},
                             settings=settings, plan=plan, done=done, written=written, input_dtype=input_dtype,
                             infer_seconds=infer_seconds)
         rows_written = sum(r["rows"] for r in written.values())
@@ -159,14 +160,20 @@ def fidelity_metrics(fidelity: dict[str, dict[str, float]]) -> dict[str, float]:
 # --------------------------------------------------------------------------- probing and running
 
 
-def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelSpec, settings: Settings) -> str:
-    """Runs the teacher on a few rows on the driver: output size, feature layer, precision.
+def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelSpec,
+           settings: Settings) -> tuple[str, dict[str, list[int]]]:
+    """Runs the teacher on a few rows on the driver: output size, feature layers, precision.
 
     The precision is probed here only when the run is on CPUs (a driver without a GPU
     cannot try a GPU's kernels); on GPUs the first shard's forward pass checks it.
 
     Returns:
-        The raw input value type (recorded in the manifest).
+        The raw input value type, and the shape of one row of each feature layer
+        (both recorded in the manifest).
+
+    Raises:
+        StillError: The teacher fails on the inputs, outputs another class count, or
+            lacks a ``teacher.feature_layers`` layer (the message lists its layers).
     """
     from still.datasets import Normalisation
     from teacher_infer.predictor import TeacherPredictor
@@ -175,10 +182,10 @@ def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelS
     raw = read_shard(first, spec, 0).inputs
     on_cpu = config.infer.num_gpus == 0
     precision = settings.precision if on_cpu else "fp32"
-    predictor = TeacherPredictor(teacher, Normalisation.of(spec), feature_layer=config.teacher.feature_layer,
+    predictor = TeacherPredictor(teacher, Normalisation.of(spec), feature_layers=config.teacher.feature_layers,
                                  precision=precision)
     try:
-        logits, _ = predictor.forward(raw)
+        logits, features = predictor.forward(raw)
     except StillError:
         raise
     except Exception as exc:  # shape and dtype errors surface as RuntimeError from torch
@@ -196,7 +203,7 @@ def _probe(config: InferConfig, spec: Any, teacher: Any, soft_labels: SoftLabelS
         raise StillError(
             f"teacher {config.teacher.uri!r} outputs {logits.shape[1]} classes but dataset {spec.name!r} has {what}"
         )
-    return str(raw.dtype)
+    return str(raw.dtype), {name: list(value.shape[1:]) for name, value in features.items()}
 
 
 def _torch_error(exc: Exception) -> str:
@@ -213,7 +220,7 @@ def _run(config: InferConfig, spec: Any, soft_labels: SoftLabelSpec, settings: S
     write = WriteSettings(soft_labels=soft_labels, store_uri=store_dir.uri, include_inputs=settings.include_inputs,
                           write=not store_dir.uri.startswith("memory://"), seed=int(key, 16),
                           feature_dtype=soft_labels.dtype)
-    predictor_kwargs = {"feature_layer": config.teacher.feature_layer, "precision": settings.precision,
+    predictor_kwargs = {"feature_layers": config.teacher.feature_layers, "precision": settings.precision,
                         "batch_size": config.infer.batch_size, "torch_threads": config.infer.torch_threads,
                         "augment": config.store.augment}
     views = config.store.views

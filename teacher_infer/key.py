@@ -76,7 +76,7 @@ def storage_fields(config: InferConfig, soft_labels: SoftLabelSpec, settings: Se
     view: keys of single-view stores are what they were).
     """
     fields = {**soft_labels.manifest_fields(), "include_inputs": settings.include_inputs,
-              "feature_layer": config.teacher.feature_layer}
+              "feature_layers": list(config.teacher.feature_layers)}
     if config.store.views > 1:
         from still.augment import param_names
 

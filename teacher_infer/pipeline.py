@@ -59,6 +59,7 @@ from teacher_infer.shards import ShardRows, ViewSettings, WriteSettings, read_sh
 
 _PREDICTORS: dict[tuple, Any] = {}
 _RECORD_OBJECTS = ("data", "stats", "name", "sha256")
+FEATURE_PREFIX = "features:"  # the streaming plan's tensor column of each teacher layer
 
 
 def cluster_cpus(ray_config: Any) -> int:
@@ -253,8 +254,7 @@ class TeacherActor:
         logits, features = self.predictor.forward(inputs, batch["source_index"][0] if views else None,
                                                   batch["params"][0] if views else None)
         out = {"meta": batch["meta"], "logits": logits[None]}
-        if features is not None:
-            out["features"] = features[None]
+        out.update({FEATURE_PREFIX + name: value[None] for name, value in features.items()})
         if self.include_inputs:
             out["inputs"] = batch["inputs"]
         return out
@@ -263,7 +263,8 @@ class TeacherActor:
 def _write_stage(batch: dict[str, np.ndarray], *, settings: WriteSettings) -> dict[str, np.ndarray]:
     rows: ShardRows = pickle.loads(batch["meta"][0])
     rows.inputs = batch["inputs"][0] if "inputs" in batch else np.zeros((len(rows.splits), 0), np.uint8)
-    features = batch["features"][0] if "features" in batch else None
+    features = {name[len(FEATURE_PREFIX):]: value[0] for name, value in batch.items()
+                if name.startswith(FEATURE_PREFIX)}
     return _records([write_shard(rows, batch["logits"][0], features, settings)])
 
 

@@ -1,7 +1,7 @@
 """``TeacherPredictor``: the teacher's forward passes, and nothing else (no Ray imports).
 
     predictor = TeacherPredictor(teacher_payload, Normalisation((64,), 1 / 16), device="cuda", precision="bf16")
-    logits, features = predictor.forward(raw_uint8_rows)      # float32 (n, C), (n, d) or None
+    logits, features = predictor.forward(raw_uint8_rows)      # float32 (n, C), {layer: (n, *shape)}
     logits, _ = predictor.forward(raw, source_index, params)   # a multi-view shard: row i is view
                                                                # params[i] of raw[source_index[i]]
 
@@ -30,6 +30,7 @@ import torch
 from still.augment import AugmentConfig, apply_augment, background_of
 from still.datasets.inputs import Normalisation
 from still.errors import StillError
+from still.layers import LayerTap, named_layers
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,8 +41,10 @@ class TeacherPredictor:
     Args:
         teacher: A ``TeacherPayload`` (bytes, loaded here), a ``Teacher`` or a model.
         normalisation: How raw rows become model inputs.
-        feature_layer: Submodule (forward hook) or method name whose output is
-            returned as features; empty for none.
+        feature_layers: Layers whose outputs are returned as features
+            (:mod:`still.layers`: a family's named layer or a submodule, captured by a
+            forward hook in the one forward pass; or, for a TorchScript teacher, a
+            method such as ``features``, called as ``model.features(x)``).
         device: ``cpu`` or ``cuda`` (``cuda:N``).
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast on the device).
         batch_size: Rows per forward pass.
@@ -54,7 +57,7 @@ class TeacherPredictor:
         teacher: Any,
         normalisation: Normalisation,
         *,
-        feature_layer: str = "",
+        feature_layers: tuple[str, ...] = (),
         device: str = "cpu",
         precision: str = "fp32",
         batch_size: int = 4096,
@@ -80,29 +83,17 @@ class TeacherPredictor:
         self.batch_size = int(batch_size)
         self.augment = augment
         self.background = background_of(normalisation, self.device) if augment.enabled else None
-        self._captured: list[torch.Tensor] = []
-        self._feature_method = None
-        self._hooks: list[Any] = []
-        if feature_layer:
-            modules = dict(model.named_modules()) if hasattr(model, "named_modules") else {}
-            if feature_layer in modules and not isinstance(model, torch.jit.ScriptModule):
-                self._hooks.append(modules[feature_layer].register_forward_hook(self._capture))
-            elif callable(getattr(model, feature_layer, None)):
-                self._feature_method = getattr(model, feature_layer)
-            else:
-                raise StillError(
-                    f"teacher.feature_layer={feature_layer!r} is neither a submodule nor a method of the teacher "
-                    f"(submodules: {', '.join(n for n in modules if n) or 'none'})"
-                )
-
-    def _capture(self, _module: Any, _inputs: Any, output: Any) -> None:
-        self._captured.append(output)
+        self.feature_layers = tuple(feature_layers)
+        hookable = named_layers(model)
+        self._methods = {name: getattr(model, name) for name in self.feature_layers
+                         if name not in hookable and callable(getattr(model, name, None))}
+        hooked = [name for name in self.feature_layers if name not in self._methods]
+        self._tap = LayerTap(model, hooked, "teacher.feature_layers") if hooked else None
 
     def close(self) -> None:
         """Removes the forward hooks this predictor put on the model."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        if self._tap is not None:
+            self._tap.close()
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -119,8 +110,8 @@ class TeacherPredictor:
             params: For views: ``(len(source_index), P)`` augmentation parameters.
 
         Returns:
-            float32 logits ``(m, C)`` and features ``(m, d)`` (None without a feature layer),
-            one row per row of ``raw``, or per view.
+            float32 logits ``(m, C)`` and features ``{layer: (m, *shape)}`` (empty
+            without feature layers), one row per row of ``raw``, or per view.
 
         Raises:
             StillError: The rows cannot be reshaped to the input shape, or the teacher
@@ -145,7 +136,8 @@ class TeacherPredictor:
             index = torch.from_numpy(np.asarray(source_index, dtype=np.int64))
             view_params = torch.from_numpy(np.ascontiguousarray(params, dtype=np.int16))
         rows = len(index) if views else n
-        logits, feats = [], []
+        logits: list[torch.Tensor] = []
+        feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.feature_layers}
         with torch.inference_mode():
             for lo in range(0, rows, self.batch_size):
                 if views:
@@ -156,10 +148,10 @@ class TeacherPredictor:
                     x = self.normalisation.apply(host[lo:lo + self.batch_size].to(self.device, non_blocking=cuda))
                 out, feat = self._forward_batch(x)
                 logits.append(out)
-                if feat is not None:
-                    feats.append(feat)
+                for name, value in feat.items():
+                    feats[name].append(value)
             logits_np = torch.cat(logits).cpu().numpy() if logits else np.zeros((0, 0), np.float32)
-            feats_np = torch.cat(feats).cpu().numpy() if feats else None
+            feats_np = {name: torch.cat(values).cpu().numpy() for name, values in feats.items() if values}
         if logits_np.ndim != 2:
             raise StillError(f"teacher output has shape {tuple(logits_np.shape)}, expected (batch, num_classes)")
         bad = ~np.isfinite(logits_np).all(axis=1)
@@ -170,15 +162,13 @@ class TeacherPredictor:
                              f"infer.precision={self.precision}{hint}")
         return logits_np, feats_np
 
-    def _forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self._captured.clear()
+    def _forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self._autocast():
             out = self.model(x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            feats = self._feature_method(x) if self._feature_method is not None else (
-                self._captured[-1] if self._captured else None)
-        out = out.float()
-        if feats is not None:
-            feats = feats.float().reshape(x.shape[0], -1)
-        return out, feats
+            feats = dict(self._tap.outputs) if self._tap is not None else {}
+            feats.update({name: method(x) for name, method in self._methods.items()})
+        if self._tap is not None:
+            self._tap.outputs.clear()
+        return out.float(), {name: value.float() for name, value in feats.items()}

@@ -138,7 +138,7 @@ def read_shard(shard: dict[str, Any], spec: Any, measure_rows: int, views: ViewS
     )
 
 
-def write_shard(rows: ShardRows, logits: np.ndarray, features: np.ndarray | None,
+def write_shard(rows: ShardRows, logits: np.ndarray, features: dict[str, np.ndarray],
                 settings: WriteSettings) -> dict[str, Any]:
     """Compresses a shard's logits, measures it, and writes it atomically.
 
@@ -166,7 +166,7 @@ def write_shard(rows: ShardRows, logits: np.ndarray, features: np.ndarray | None
     table = st.build_table(
         rows.ids, rows.labels, rows.splits, outputs,
         inputs=rows.store_inputs() if settings.include_inputs else None,
-        features=features.astype(settings.feature_dtype, copy=False) if features is not None else None,
+        features={name: value.astype(settings.feature_dtype, copy=False) for name, value in features.items()},
         task=spec.task, views=rows.views, augment=rows.params,
     )
     support = outputs.get("sample_idx")

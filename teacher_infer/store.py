@@ -10,8 +10,9 @@ multi-label: fixed_size_list<int8>[C] multi-hot, nullable), ``split`` (int8: 0 t
 1 val, 2 test), ``input`` in self-contained stores only (fixed_size_list of the decoded
 raw input; model input = ``(input × input_scale − mean) / std`` shaped ``input_shape``;
 labels-only stores read it from their source, :func:`read_joined_shard`), then the teacher outputs of the storage
-mode (:mod:`teacher_infer.soft_labels` says what each holds and why), and optionally
-``features``. A directory without ``manifest.json`` is incomplete: no reader accepts it.
+mode (:mod:`teacher_infer.soft_labels` says what each holds and why), and one
+``features_<layer>`` column per stored teacher layer (``teacher.feature_layers``:
+fixed_size_list of the flattened output, its shape in ``storage.feature_shapes``). A directory without ``manifest.json`` is incomplete: no reader accepts it.
 
 Format v2 (this version) replaced v1's top-k columns, whose tail mass was derived by a
 cancellation that fp16 rounding decided: a v1 store is refused with a message to
@@ -59,6 +60,26 @@ PLAN_NAME = "_plan.json"
 STATS_METADATA_KEY = b"still.shard_stats"
 BASE_COLUMNS = ("id", "view", "label", "split")
 RERUN_HINT = "rerun still infer with the same settings to write it in this format"
+
+
+def feature_column(layer: str) -> str:
+    """The column that holds teacher layer ``layer``'s outputs: ``features_<layer>``, dots as ``_``."""
+    return "features_" + "".join(c if c.isalnum() or c == "_" else "_" for c in layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredFeature:
+    """One stored teacher layer.
+
+    Attributes:
+        layer: The layer name (``teacher.feature_layers``).
+        column: Its column (:func:`feature_column`).
+        shape: The shape of one row's output (``(C, H, W)`` for a feature map).
+    """
+
+    layer: str
+    column: str
+    shape: tuple[int, ...]
 
 
 def shard_name(index: int) -> str:
@@ -138,6 +159,14 @@ class Store:
     def augment(self) -> AugmentConfig:
         """The augmentation of views 1…K−1 (none for a single-view store)."""
         return AugmentConfig(**self.manifest["storage"].get("augment", {}))
+
+    @property
+    def features(self) -> tuple[StoredFeature, ...]:
+        """The stored teacher layers, in ``teacher.feature_layers`` order."""
+        storage = self.manifest["storage"]
+        shapes = storage.get("feature_shapes", {})
+        return tuple(StoredFeature(layer, feature_column(layer), tuple(shapes[layer]))
+                     for layer in storage.get("feature_layers", ()))
 
     @property
     def fidelity(self) -> dict[str, dict[str, float]]:
@@ -425,7 +454,7 @@ def build_table(
     splits: np.ndarray,
     outputs: Mapping[str, Any],
     inputs: pa.Array | np.ndarray | None = None,
-    features: np.ndarray | None = None,
+    features: Mapping[str, np.ndarray] | None = None,
     task: str = "multiclass",
     views: np.ndarray | None = None,
     augment: np.ndarray | None = None,
@@ -440,7 +469,8 @@ def build_table(
         outputs: :func:`teacher_infer.soft_labels.compress` output.
         inputs: Raw inputs: an Arrow fixed_size_list column (passed through as is)
             or a 2-D numpy array; None to leave them out.
-        features: (n, d) hidden-layer features, or None.
+        features: Teacher layer name → its ``(n, ...)`` outputs (flattened into
+            :func:`feature_column` columns, in this order), or None.
         task: ``multiclass`` or ``multilabel`` (the label column's type).
         views: int16 view of each row (None: all view 0).
         augment: int16 ``(n, P)`` augmentation parameters of each row's view (multi-view
@@ -467,8 +497,8 @@ def build_table(
             columns[name] = pa.array(values)
         else:
             columns[name] = _list_column(values)
-    if features is not None:
-        columns["features"] = _fixed_list(features)
+    for layer, values in (features or {}).items():
+        columns[feature_column(layer)] = _fixed_list(np.asarray(values).reshape(n, -1))
     return pa.table(columns)
 
 
@@ -531,8 +561,7 @@ def expected_schema_columns(manifest: Mapping[str, Any]) -> list[str]:
     if manifest["storage"].get("include_inputs", True):
         columns.append("input")
     columns += list(MODE_COLUMNS[manifest["storage"]["mode"]])
-    if manifest["storage"].get("feature_layer"):
-        columns.append("features")
+    columns += [feature_column(layer) for layer in manifest["storage"].get("feature_layers", ())]
     return columns
 
 
@@ -693,7 +722,8 @@ def _check_values(table: pa.Table, spec: SoftLabelSpec) -> list[str]:
     def flat(name: str) -> np.ndarray:
         return flat_values(table[name])
 
-    for name in ("logits", "topk_logit", "sample_logit", "logsumexp", "lognorm", "features", "tail_lognorm"):
+    features = [name for name in table.column_names if name.startswith("features_")]
+    for name in ("logits", "topk_logit", "sample_logit", "logsumexp", "lognorm", "tail_lognorm", *features):
         if name not in table.column_names:
             continue
         values = flat(name).astype(np.float32)
@@ -736,6 +766,7 @@ def inspect_store(uri: str) -> dict[str, Any]:
         "include_inputs": store.include_inputs,
         "views": store.views,
         **({"augment": store.augment.to_dict()} if store.views > 1 else {}),
+        "feature_layers": {f.layer: "x".join(map(str, f.shape)) for f in store.features},
         "num_classes": store.num_classes,
         "task": store.task,
         "input_shape": "x".join(map(str, store.input_shape)),

@@ -187,7 +187,7 @@ def write_small_store(directory: str | Path, mode: str = "topk", rows: int = 10,
     data = st.shard_bytes(table, {"metrics": stats, "fidelity": fidelity})
     loc = resolve(str(directory))
     loc.join(st.shard_name(0)).write_atomic(data)
-    storage = {**spec.manifest_fields(), "include_inputs": True, "feature_layer": ""}
+    storage = {**spec.manifest_fields(), "include_inputs": True, "feature_layers": []}
     if mode == "sampled":
         storage["max_support"] = int(np.diff(outputs["sample_idx"].offsets).max())
     st.write_manifest(loc, {

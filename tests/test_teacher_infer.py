@@ -34,7 +34,8 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
     root = tmp_path / "stores"
     cases = [
         (("store.mode=dense", "store.dtype=float32"), pa.float32(), ["logits"]),
-        (("store.mode=dense", "store.dtype=float16", "teacher.feature_layer=body"), pa.float16(), ["logits", "features"]),
+        (("store.mode=dense", "store.dtype=float16", "teacher.feature_layers=[body]"), pa.float16(),
+         ["logits", "features_body"]),
         (("store.mode=sampled", "store.samples=32", "store.sample_temperature=2"), pa.float16(),
          ["sample_idx", "sample_count", "sample_logit", "logsumexp", "lognorm"]),
         (("store.mode=topk", "store.k=3"), pa.float16(), ["topk_idx", "topk_logit", "logsumexp", "tail_lognorm"]),
@@ -154,7 +155,7 @@ def test_unlabelled_rows_stay_out_of_teacher_metrics(ray_cluster, teacher_ckpt, 
 def test_streaming_plan_and_precision(ray_cluster, teacher_ckpt, tmp_path):
     """The streaming plan (read tasks → actor pool → write tasks) writes the fused plan's
     store exactly; the precision enters the key and the manifest and changes the logits."""
-    overrides = ("store.mode=sampled", "store.samples=16", "teacher.feature_layer=body", "tracking.enabled=false")
+    overrides = ("store.mode=sampled", "store.samples=16", "teacher.feature_layers=[body]", "tracking.enabled=false")
     fused = infer_mod.run_infer(_config(teacher_ckpt, tmp_path / "fused", *overrides, "infer.plan=fused",
                                         "infer.shard_rows=500"))
     streaming = infer_mod.run_infer(_config(teacher_ckpt, tmp_path / "streaming", *overrides, "infer.plan=streaming",

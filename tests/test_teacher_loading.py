@@ -98,19 +98,23 @@ def test_predictor_on_numpy(teacher_ckpt):
     predictor = TeacherPredictor(teacher.payload(), norm, batch_size=7)  # 3 forward passes, uint8 rows in
     logits, feats = predictor.forward(raw)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    assert logits.dtype == np.float32 and feats is None
-    hooked = TeacherPredictor(teacher, norm, feature_layer="body")
+    assert logits.dtype == np.float32 and feats == {}
+    hooked = TeacherPredictor(teacher, norm, feature_layers=("body", "features"))
     _, feats = hooked.forward(raw)
-    assert feats.shape == (20, 64)
-    _, by_method = TeacherPredictor(teacher, norm, feature_layer="features").forward(raw)
-    np.testing.assert_allclose(by_method, feats, rtol=1e-5, atol=1e-5)
+    assert {name: value.shape for name, value in feats.items()} == {"body": (20, 64), "features": (20, 64)}
+    np.testing.assert_allclose(feats["features"], feats["body"], rtol=1e-5, atol=1e-5)  # the body ends in it
+    hooked.close()
+    scripted = torch.jit.script(teacher.model)  # no hooks on TorchScript: its features() method instead
+    _, by_method = TeacherPredictor(scripted, norm, feature_layers=("features",)).forward(raw)
+    np.testing.assert_allclose(by_method["features"], feats["body"], rtol=1e-5, atol=1e-5)
     # bf16 autocast: same argmax on a confident teacher, logits within bf16's 3 significant digits
     low, _ = TeacherPredictor(teacher, norm, precision="bf16").forward(raw)
     assert (low.argmax(1) == expected.argmax(1)).mean() >= 0.95
     np.testing.assert_allclose(low, expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
     assert not np.array_equal(low, logits)
-    with pytest.raises(StillError, match="feature_layer='nope'"):
-        TeacherPredictor(teacher, norm, feature_layer="nope")
+    with pytest.raises(StillError, match=r"teacher.feature_layers: MLP has no layer 'nope'; its layers: "
+                                         r"hidden1, features \(or any submodule name\)"):
+        TeacherPredictor(teacher, norm, feature_layers=("nope",))
 
 
 def test_normalisation_mean_std():

@@ -104,16 +104,17 @@ def test_ensemble_of_two_stores(digits_store, digits_teacher, ray_cluster, tmp_p
         assert "," in out["store_key"]
 
 
-def test_init_from_checkpoint_loads_matching_layers(digits_teacher, tmp_path):
+def test_init_from_checkpoint_loads_every_layer(digits_teacher, tmp_path):
     same = _cfg(tmp_path, "student.width=512", "student.depth=2", "student.dropout=0.3", f"student.init={digits_teacher}",
                 "scaling.num_workers=0", "train.epochs=1", "train.lr=0.0001")
     out = train_job(same, run_name="init-same", options=JobOptions(quiet=True))
-    assert out["init"]["skipped"] == [] and out["student_test_accuracy"] > 0.9
+    assert out["init"]["reinitialized"] == [] and len(out["init"]["loaded"]) == 6
+    assert out["student_test_accuracy"] > 0.9
     other = _cfg(tmp_path, "student.width=32", "student.depth=2", f"student.init={digits_teacher}",
                  "scaling.num_workers=0", "train.epochs=1")
-    partial = train_job(other, run_name="init-other", options=JobOptions(quiet=True))
-    assert partial["init"]["loaded"] == ["head.bias"]
-    assert any(item.startswith("body.1.weight (shape (512, 64) vs (32, 64))") for item in partial["init"]["skipped"])
+    with pytest.raises(StillError, match=r"does not fit the mlp student: body.1.weight is \(512, 64\) there, "
+                                         r"\(32, 64\) here"):
+        train_job(other, run_name="init-other", options=JobOptions(quiet=True))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -159,7 +160,7 @@ def test_bad_input_fails_before_training(case, digits_store, tmp_path):
         match = "student.num_classes=3 but the store"
     elif case == "hints":
         overrides.append("kd.hint_weight=0.5")
-        match = r"a store with a features column \(write one with still infer teacher.feature_layer=<layer>\)"
+        match = r"kd.hint_weight > 0 needs kd.hints"
     else:
         overrides += ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"]
         match = "unreachable"

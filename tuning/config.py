@@ -125,6 +125,8 @@ class SpaceSection:
     Integer bounds of a range sample integers."""
     lr: Any = None
     """train.lr; default: not swept."""
+    hint_weight: Any = None
+    """kd.hint_weight (β of the hint terms, with kd.hints; 0 turns them off); default: not swept."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -396,6 +396,7 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
             "weight": params.get("weight", base.kd.weight),
             "width": width,
             "lr": params.get("lr"),
+            "hint_weight": params.get("hint_weight"),
             "params": int(last.get("student_params") or _student_params(config, plan, width, size_cache)),
             "val_accuracy": _num(last.get("val_accuracy")),
             "val_nll": _num(last.get("val_nll")),
@@ -468,7 +469,8 @@ def finish_child_runs(parent: ParentRun, plan: SweepPlan, rows: list[dict[str, A
                 metrics = [Metric(key, float(value), now, int(epoch))
                            for epoch, record in zip(frame["epoch"], frame.to_dict("records"))
                            for key, value in record.items()
-                           if key in EPOCH_METRICS and _num(value) is not None and value == value]
+                           if (key in EPOCH_METRICS or key.startswith("train_hint_"))
+                           and _num(value) is not None and value == value]
                 for start in range(0, len(metrics), 500):
                     parent.client.log_batch(run.info.run_id, metrics=metrics[start:start + 500])
             parent.client.log_batch(run.info.run_id, tags=[RunTag(STOPPED_TAG, "true"),

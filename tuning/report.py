@@ -22,6 +22,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("weight", "λ", "{:.3g}"),
     ("width", "width", "{:.4g}"),
     ("lr", "lr", "{:.2g}"),
+    ("hint_weight", "β", "{:.3g}"),
     ("params", "params", "{:,}"),
     ("val_accuracy", "val acc", "{:.4f}"),
     ("test_accuracy", "test acc", "{:.4f}"),

@@ -11,7 +11,7 @@ the grid searcher) and returns plain :class:`Dimension` records; ``param_space``
 | ``random`` | ``tune.choice`` | ``tune.uniform`` / ``tune.randint`` | ``loguniform`` / ``lograndint`` |
 | ``optuna`` | ``tune.choice`` | the same (OptunaSearch converts them to Optuna distributions) | the same |
 
-Trial config keys are the space names (``temperature``, ``weight``, ``width``, ``lr``);
+Trial config keys are the space names (``temperature``, ``weight``, ``width``, ``lr``, ``hint_weight``);
 :data:`CONFIG_KEYS` maps them to the dotted TrainConfig keys.
 """
 
@@ -29,6 +29,7 @@ CONFIG_KEYS: dict[str, str] = {
     "weight": "kd.weight",
     "width": "student.width",
     "lr": "train.lr",
+    "hint_weight": "kd.hint_weight",
 }
 
 _DEFAULTS: dict[str, Any] = {
@@ -41,10 +42,12 @@ _DEFAULT_WIDTH = {"mlp": (32, 64, 128, 256), "cnn": (0.25, 0.5, 1.0)}
 def _in_domain(key: str, value: float) -> bool:
     if key == "weight":
         return 0.0 <= value <= 1.0
+    if key == "hint_weight":
+        return value >= 0
     return value > 0
 
 
-_DOMAIN_TEXT = {"temperature": "> 0", "weight": "in [0, 1]", "width": "> 0", "lr": "> 0"}
+_DOMAIN_TEXT = {"temperature": "> 0", "weight": "in [0, 1]", "width": "> 0", "lr": "> 0", "hint_weight": ">= 0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,7 @@ class Dimension:
     """One swept key, checked.
 
     Attributes:
-        key: ``temperature``, ``weight``, ``width`` or ``lr``.
+        key: ``temperature``, ``weight``, ``width``, ``lr`` or ``hint_weight``.
         values: The list of values, or None for a range.
         low: Range lower bound (inclusive).
         high: Range upper bound (inclusive for integers, exclusive-ish for floats).
