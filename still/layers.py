@@ -3,7 +3,7 @@
 Teachers (``teacher.feature_layers``: what a store keeps) and students (``kd.hints``:
 what is matched to it) name layers the same way:
 
-    names = layer_names(model)                       # ["conv1", "pool1", ..., "features", "body", "body.0", ...]
+    layers = named_layers(model)                     # {"conv1": ReLU, "pool1": MaxPool2d, ..., "body.0": Conv2d, ...}
     with LayerTap(model, ["conv2", "features"], what="teacher.feature_layers") as tap:
         logits = model(x)
         maps = tap.outputs                           # {"conv2": (n, 64, 14, 14), "features": (n, 128)}
@@ -23,19 +23,20 @@ from torch import nn
 from still.errors import StillError
 
 
+def _own_layers(model: Any) -> dict[str, nn.Module]:
+    """A still family's named layers (``model.layers()``); none for other models."""
+    if isinstance(model, torch.jit.ScriptModule) or not callable(getattr(model, "layers", None)):
+        return {}
+    return dict(model.layers())
+
+
 def named_layers(model: Any) -> dict[str, nn.Module]:
-    """The layers of ``model`` by name: the family's named layers first, then every submodule."""
-    layers: dict[str, nn.Module] = {}
-    if callable(getattr(model, "layers", None)) and not isinstance(model, torch.jit.ScriptModule):
-        layers.update(model.layers())
+    """The layers of ``model`` by name: the family's named layers first, then every submodule
+    (none for TorchScript, which takes no Python hooks)."""
+    layers = _own_layers(model)
     if isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule):
         layers.update({name: module for name, module in model.named_modules() if name and name not in layers})
     return layers
-
-
-def layer_names(model: Any) -> list[str]:
-    """The names :class:`LayerTap` accepts for ``model`` (the family's own layers first)."""
-    return list(named_layers(model))
 
 
 def resolve_layers(model: Any, names: Sequence[str], what: str) -> dict[str, nn.Module]:
@@ -47,14 +48,15 @@ def resolve_layers(model: Any, names: Sequence[str], what: str) -> dict[str, nn.
         what: The config key the names come from, for the error.
 
     Raises:
-        StillError: A name is not a layer of the model; the message lists the layers it has.
+        StillError: A name is not a layer of the model; the message lists the layers it
+            has (a family's own, or its first 40 submodules).
     """
     layers = named_layers(model)
     missing = [name for name in names if name not in layers]
     if missing:
-        family = [name for name in (model.layers() if callable(getattr(model, "layers", None)) else {})]
-        has = ", ".join(family or list(layers)[:40]) or "none (TorchScript and exported models have no hooks)"
-        more = " (or any submodule name)" if family else ""
+        own = list(_own_layers(model))
+        has = ", ".join(own or list(layers)[:40]) or "none (a TorchScript model takes no hooks)"
+        more = " (or any submodule name)" if own else ""
         raise StillError(f"{what}: {type(model).__name__} has no layer {missing[0]!r}; its layers: {has}{more}")
     return {name: layers[name] for name in names}
 
@@ -64,7 +66,7 @@ class LayerTap:
 
     Args:
         model: The model.
-        names: Layer names (:func:`layer_names`).
+        names: Layer names (:func:`named_layers`).
         what: The config key the names come from, for errors.
 
     Attributes:

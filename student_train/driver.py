@@ -159,10 +159,10 @@ def train_job(cfg: TrainConfig, *, run_name: str, options: JobOptions = JobOptio
     job = prepare_job(cfg, run_name, options)
     with open_run(cfg, cfg.tracking, default_experiment=DEFAULT_EXPERIMENT, run_name=run_name,
                   parent_run_id=options.parent_run_id, tags=_tags(job.source, cfg)) as tracker:
+        tracker.log_params(transfer_params(job))
         final, state = fit(job, tracker.address)
         student = student_from_state(state["net"], cfg.student.family, job.model_args)
         summary = summarise(job, student, final, list(state["history"]), export_student(job, student))
-        tracker.log_params(transfer_params(job))
         tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if _is_number(summary.get(k))},
                             step=int(final.get("epoch", cfg.train.epochs)))
         tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "summary.json")
@@ -371,7 +371,8 @@ def fit(job: Job, tracking: tuple[str, str] | None) -> tuple[dict[str, Any], dic
         tracking: The MLflow run's ``Tracker.address`` (rank 0 logs each epoch), or None.
     """
     spec = LoopSpec(cfg=job.cfg, source=job.source, model_args=job.model_args, init_state=job.init_state,
-                    hints=job.hints, teacher=job.teacher_payload, quiet=job.options.quiet, tracking=tracking if tracking else None)
+                    hints=job.hints, teacher=job.teacher_payload, quiet=job.options.quiet,
+                    tracking=tracking if tracking else None)
     if job.in_process:
         return _fit_in_process(job, spec)
     return _fit_ray(job, spec)

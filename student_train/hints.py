@@ -2,20 +2,13 @@
 
 ``kd.hints`` pairs a student layer with a teacher layer the store keeps
 (``teacher.feature_layers``), as ``"student_layer:teacher_layer"`` or one name for
-both. Each pair gets its own learned projector W from the student's layer to the
-teacher's shape, and adds the FitNets hint term (Romero et al. 2015, "FitNets: Hints
-for Thin Deep Nets")
-
-    hint_i = 1/N Σ ‖W_i·f_s,i − f_t,i‖²        (the mean over the batch's elements)
-
-to the distillation loss with weight β (``kd.hint_weight``), per DESIGN.md:
-
-    L = (1 − λ)·CE + λ·T²·KL + β·Σ_i hint_i
-
-FitNets writes the blend as α·L_feat + (1 − α)·L_out; that is (1 − α)·(L_out +
-β·L_feat) with β = α / (1 − α): the same minimiser, the gradient scaled by (1 − α).
-Each term is logged per epoch as ``train_hint_<student>`` (``train_hint_<student>_<teacher>``
-when the names differ), their sum as ``train_hint``.
+both. Each pair gets its own learned projector from the student's layer to the
+teacher's shape and one hint term, the mean squared error between the projected
+student layer and the stored teacher layer (:func:`hint_terms`), weighted by β
+(``kd.hint_weight``). The loss, its FitNets citation and how it relates to FitNets'
+α-blend are written down once, in the README ("Feature distillation and transfer
+learning"). Each term is logged per epoch as ``train_hint_<student>``
+(``train_hint_<student>_<teacher>`` when the names differ), their sum as ``train_hint``.
 
 The projector is a linear map between vectors (``(d_s,)`` → ``(d_t,)``) or a 1×1
 convolution between feature maps of the same height and width (``(C_s, H, W)`` →

@@ -31,7 +31,8 @@ from still.models import HEAD, build_model, family_of
 
 
 def load_init_state(uri: str, family: str, model_args: Mapping[str, Any], class_names: Sequence[str] = (),
-                    head_policy: str = "auto", tracking_uri: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    head_policy: str = "auto", tracking_uri: str = ""
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Loads the weights ``student.init`` names, checked against the student.
 
     Args:

@@ -12,7 +12,8 @@ raw input; model input = ``(input × input_scale − mean) / std`` shaped ``inpu
 labels-only stores read it from their source, :func:`read_joined_shard`), then the teacher outputs of the storage
 mode (:mod:`teacher_infer.soft_labels` says what each holds and why), and one
 ``features_<layer>`` column per stored teacher layer (``teacher.feature_layers``:
-fixed_size_list of the flattened output, its shape in ``storage.feature_shapes``). A directory without ``manifest.json`` is incomplete: no reader accepts it.
+fixed_size_list of the flattened output, its shape in ``storage.feature_shapes``).
+A directory without ``manifest.json`` is incomplete: no reader accepts it.
 
 Format v2 (this version) replaced v1's top-k columns, whose tail mass was derived by a
 cancellation that fp16 rounding decided: a v1 store is refused with a message to

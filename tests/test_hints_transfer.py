@@ -68,7 +68,8 @@ def test_cli_pipeline_distills_with_hints_on_two_layers(digits_28, tmp_path):
                 "train": {**train, "name": "hinted"}, "scaling": {"num_workers": 2}}},
             {"name": "sweep", "verb": "tune", "config": {
                 "store": {"uri": "${store.store}"}, "student": student, "kd": {"hints": ["pool2", "features"]},
-                "train": {"epochs": 1, "lr": 0.003}, "tune": {"name": "hint-sweep", "searcher": "grid"},
+                "train": {"epochs": 1, "lr": 0.003},
+                "tune": {"name": "hint-sweep", "searcher": "grid", "num_samples": 1},
                 "space": {"temperature": [4.0], "weight": [0.7], "width": [0.25], "hint_weight": [0.0, 0.1]}}},
         ],
         "summary": {"logits_errors": "logits.test_errors", "hinted_errors": "hinted.test_errors"},
@@ -101,7 +102,7 @@ def test_cli_pipeline_distills_with_hints_on_two_layers(digits_28, tmp_path):
     assert [m.step for m in history] == [1, 2, 3]
 
     trials = {row["hint_weight"]: row for row in out["sweep"]["trials"]}
-    assert set(trials) == {0.0, 0.1}
+    assert len(out["sweep"]["trials"]) == 2 and set(trials) == {0.0, 0.1}
     for weight, row in trials.items():
         child = mlflow.get_run(row["run_id"])
         assert float(child.data.params["kd.hint_weight"]) == weight
@@ -144,6 +145,21 @@ def test_plan_hints_names_the_layers_either_side_has():
         plan_hints(["pool2"], 1.0, student, SHAPE, [], "s")
     with pytest.raises(StillError, match="kd.hint_weight > 0 needs kd.hints"):
         plan_hints([], 1.0, student, SHAPE, stored, "s")
+
+
+def test_hinted_student_captures_its_layers_before_dropout():
+    from student_train.hints import HintPair, HintedStudent
+
+    student = build_model("cnn", input_shape=SHAPE, num_classes=10, width=0.25, dropout=0.5).train()
+    pairs = [HintPair("pool2", "pool2", 0, (16, 7, 7), (32, 7, 7)), HintPair("features", "f", 1, (32,), (64,))]
+    net = HintedStudent(student, pairs).train()
+    x = torch.randn(8, *SHAPE)
+    (logits_a, projected_a), (logits_b, projected_b) = net(x), net(x)
+    assert [p.shape for p in projected_a] == [(8, 32, 7, 7), (8, 64)]
+    assert not torch.equal(logits_a, logits_b)  # dropout acts before the head...
+    for a, b in zip(projected_a, projected_b):  # ...and not on the layers the hints match
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(projected_a[1], net.projectors[1](student.features(x)))
 
 
 def test_bad_hint_and_lr_group_entries_fail_at_config_time():

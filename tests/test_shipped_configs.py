@@ -21,7 +21,7 @@ RUN_LINE = re.compile(r"^# Run: still (infer|train|tune|run) ")
 
 def test_configs_are_shipped():
     names = {path.name for path in CONFIGS}
-    assert {"mnist.yaml", "fashion-mnist.yaml"} <= names
+    assert {"mnist.yaml", "fashion-mnist.yaml", "fashion-mnist-hints.yaml", "transfer.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -78,3 +78,36 @@ def test_misspelled_key_in_a_pipeline_stage_fails_before_any_stage_runs(tmp_path
     path.write_text(text)
     with pytest.raises(StillError, match=r"pipeline stage 'store': unknown config key 'store.dtpye'"):
         check_pipeline(parse_pipeline(str(path)))
+
+
+def _stages(name):
+    pipeline = parse_pipeline(str(Path(CONFIGS[0]).parent / name))
+    return pipeline, {stage.name: stage.config for stage in pipeline.stages}
+
+
+def test_hint_config_compares_a_hinted_student_with_a_logits_only_one():
+    pipeline, stages = _stages("fashion-mnist-hints.yaml")
+    assert stages["teacher"]["student"] == {"family": "cnn", "width": 1.0}
+    assert stages["store"]["teacher"]["feature_layers"] == ["pool2", "features"]
+    hinted, plain = stages["hinted"], stages["logits_only"]
+    assert hinted["student"] == plain["student"] and hinted["train"]["epochs"] == plain["train"]["epochs"]
+    assert hinted["student"]["width"] < stages["teacher"]["student"]["width"]
+    assert {k: v for k, v in hinted["kd"].items() if k not in ("hints", "hint_weight")} == plain["kd"]
+    assert hinted["kd"]["hints"] == ["pool2", "features"] and hinted["kd"]["hint_weight"] > 0
+    assert 0.0 in stages["sweep"]["space"]["hint_weight"] and len(stages["sweep"]["space"]["hint_weight"]) > 1
+
+
+def test_transfer_config_adapts_a_mnist_teacher_and_compares_with_scratch():
+    pipeline, stages = _stages("transfer.yaml")
+    assert stages["mnist_teacher"]["data"] == {"source": "builtin:mnist"}
+    assert stages["scratch"]["data"] == stages["head"]["data"] == {"source": "builtin:fashion-mnist"}
+    assert stages["head"]["student"]["init"] == "${mnist_teacher.checkpoint}"
+    assert stages["head"]["train"]["freeze"] == ["body.*"]
+    assert stages["fine_tuned"]["student"]["init"] == "${head.checkpoint}"
+    assert "freeze" not in stages["fine_tuned"]["train"]
+    assert stages["fine_tuned"]["train"]["lr_groups"] == ["head.*=10"]
+    epochs = {name: stages[name]["train"]["epochs"] for name in ("head", "fine_tuned", "scratch")}
+    assert epochs["scratch"] == epochs["head"] + epochs["fine_tuned"]
+    assert "init" not in stages["scratch"]["student"]
+    assert stages["store"]["teacher"]["uri"] == "${fine_tuned.checkpoint}"
+    assert stages["distilled"]["store"] == {"uri": "${store.store}"}
