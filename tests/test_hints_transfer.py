@@ -71,6 +71,10 @@ def test_cli_pipeline_distills_with_hints_on_two_layers(digits_28, tmp_path):
                 "train": {"epochs": 1, "lr": 0.003},
                 "tune": {"name": "hint-sweep", "searcher": "grid", "num_samples": 1},
                 "space": {"temperature": [4.0], "weight": [0.7], "width": [0.25], "hint_weight": [0.0, 0.1]}}},
+            {"name": "probe", "verb": "train", "config": {  # transfer from the teacher's MLflow model
+                "student": {"family": "cnn", "width": 0.5, "init": "${teacher.model_uri}"},
+                "train": {"epochs": 1, "lr": 0.003, "freeze": ["body.*"], "name": "probe"},
+                "scaling": {"num_workers": 0}}},
         ],
         "summary": {"logits_errors": "logits.test_errors", "hinted_errors": "hinted.test_errors"},
     }
@@ -100,6 +104,13 @@ def test_cli_pipeline_distills_with_hints_on_two_layers(digits_28, tmp_path):
     assert run.data.params["kd.hints"] == "['pool2', 'features']"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_hint_pool2")
     assert [m.step for m in history] == [1, 2, 3]
+
+    probe = out["probe"]
+    assert probe["init"]["source"] == out["teacher"]["model_uri"] and probe["init"]["reinitialized"] == []
+    assert probe["student_test_accuracy"] > 0.9  # the teacher's own backbone and head, head trained on
+    params = mlflow.get_run(probe["run_id"]).data.params
+    assert params["train.freeze"] == "['body.*']" and params["frozen_params"] == "6"
+    assert params["init.source"] == out["teacher"]["model_uri"] and params["init.reinitialized"] == "none"
 
     trials = {row["hint_weight"]: row for row in out["sweep"]["trials"]}
     assert len(out["sweep"]["trials"]) == 2 and set(trials) == {0.0, 0.1}
