@@ -85,6 +85,7 @@ def test_store_is_required():
         ("space.width={lo: 8, high: 9}", "space.width: unknown range key 'lo'"),
         ("space.temperature=[1, 1]", "space.temperature lists a value twice"),
         ("space.temperature=hot", "space.temperature must be a list of values or a range"),
+        ("space.hint_weight=[0, -0.1]", "space.hint_weight values must be >= 0, got -0.1"),
     ],
 )
 def test_bad_space(override, message):
@@ -118,6 +119,8 @@ def test_space_resolution_and_tune_objects():
     assert sp.num_trials(sp.resolve_space(_cfg().space, "grid", "mlp"), "grid", 2) == 2 * 4 * 3 * 4
     assert sp.resolve_space(_cfg("student.family=cnn").space, "random", "cnn")["width"].values == (0.25, 0.5, 1.0)
     assert sp.num_trials(dims, "optuna", 7) == 7
+    hinted = sp.resolve_space(_cfg("space.hint_weight=[0, 0.1]").space, "grid", "mlp")
+    assert hinted["hint_weight"].values == (0.0, 0.1) and sp.CONFIG_KEYS["hint_weight"] == "kd.hint_weight"
 
 
 def test_searchers_build():
