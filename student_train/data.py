@@ -11,7 +11,7 @@ dataset's id/features/label/split columns) into the arrays the loop consumes:
     t<i>_* the training columns of store i, fixed-width and still sparse
            (``teacher_infer.store.teacher_arrays``: k ids and log-probabilities per row
            for top-k, the padded draws for sampled, C logits only for dense stores)
-    hint_<i> (n, prod(shape))          train split: stored teacher layer i (``Source.features``),
+    hint_<layer> (n, prod(shape))      train split: a stored teacher layer (``Source.features``),
                                        flattened, in the store's dtype (hint distillation)
     sample int64 (n,)                  train split: a key of the row's id (the worker sorts
                                        its rows by it, so memory ingest is deterministic;
@@ -79,8 +79,9 @@ class Source:
         input_shape: Shape of one model input.
         input_scale: Preprocessing: model input = raw × this.
         task: ``multiclass`` or ``multilabel``.
-        features: The primary store's stored teacher layers
-            (``teacher_infer.store.StoredFeature``: layer, column, shape).
+        features: The primary store's stored teacher layers that training reads
+            (``teacher_infer.store.StoredFeature``: layer, column, shape; only those
+            ``kd.hints`` uses, ``student_train.hints.keep_hinted_layers``).
         num_rows: Rows in the (primary) input.
         columns: Names of the dataset's id, feature, label and split columns.
         split_rule: The dataset's split rule (unused for stores: they carry ``split``).
@@ -241,9 +242,9 @@ def resolve_path(uri: str) -> str:
 # --------------------------------------------------------------------------- conversion
 
 
-def hint_key(index: int) -> str:
-    """The training column of stored teacher layer ``index`` (``Source.features``)."""
-    return f"hint_{index}"
+def hint_key(layer: str) -> str:
+    """The training column of stored teacher layer ``layer`` (``Source.features``)."""
+    return f"hint_{layer}"
 
 
 def teacher_prefix(index: int) -> str:
@@ -286,8 +287,8 @@ def convert_batch(batch: Mapping[str, Any], source: Source) -> dict[str, np.ndar
     for index in range(1, len(source.teachers)):
         prefix = teacher_prefix(index)
         out.update({name: _numpy(value) for name, value in batch.items() if name.startswith(prefix)})
-    for index, feature in enumerate(source.features):
-        out[hint_key(index)] = column_matrix(batch[feature.column])
+    for feature in source.features:
+        out[hint_key(feature.layer)] = column_matrix(batch[feature.column])
     out["sample"] = id_keys(_numpy(batch["id"])).view(np.int64)
     if source.views > 1:
         out["aug"] = column_matrix(batch["augment"]).astype(np.int16, copy=False)

@@ -35,7 +35,7 @@ from still.tracking import check_reachable, open_run, tracking_uri
 from student_train.config import TrainConfig
 from student_train.data import Source, load_split_arrays, ray_datasets, resolve_source
 from student_train.export import latency_ms, log_mlflow_model, model_bytes, save_student, student_from_state
-from student_train.hints import HintPair, plan_hints
+from student_train.hints import HintPair, keep_hinted_layers, plan_hints
 from student_train.loop import STATE_FILE, LocalSession, LoopSpec, local_device, run_loop, train_loop_per_worker
 from student_train.transfer import check_patterns, freeze, load_init_state
 
@@ -216,6 +216,7 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
     model_args = student_model_args(cfg, source)
     student = build_model(cfg.student.family, **dict(model_args))  # a family that cannot take these arguments fails
     hints = plan_hints(cfg.kd.hints, cfg.kd.hint_weight, student, source.input_shape, source.features, source.name)
+    source = keep_hinted_layers(source, cfg.kd.hints if hints else ())
     check_patterns(student, cfg.train.freeze, cfg.train.lr_groups)
     init_state, init_report = None, None
     if cfg.student.init:

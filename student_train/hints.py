@@ -36,15 +36,13 @@ class HintPair:
 
     Attributes:
         student: The student's layer (:mod:`still.layers`).
-        teacher: The stored teacher layer.
-        feature: Its index in ``Source.features`` (the ``hint_<i>`` training column).
+        teacher: The stored teacher layer (its training column: ``data.hint_key(teacher)``).
         student_shape: One row's output shape of the student's layer.
         teacher_shape: One row's shape of the teacher's layer.
     """
 
     student: str
     teacher: str
-    feature: int
     student_shape: tuple[int, ...]
     teacher_shape: tuple[int, ...]
 
@@ -124,7 +122,7 @@ def plan_hints(hints: Sequence[str], hint_weight: float, student: nn.Module, inp
                          "(e.g. kd.hints=[pool2,features])")
     if not pairs or hint_weight == 0:
         return ()
-    by_layer = {feature.layer: index for index, feature in enumerate(stored)}
+    by_layer = {feature.layer: feature for feature in stored}
     if not by_layer:
         raise StillError(f"kd.hints needs a store with teacher layers; {store_name!r} has none "
                          "(write one with still infer teacher.feature_layers=[<layer>, ...])")
@@ -135,11 +133,27 @@ def plan_hints(hints: Sequence[str], hint_weight: float, student: nn.Module, inp
     shapes = layer_shapes(student, sorted({s for s, _ in pairs}), input_shape, "kd.hints")
     planned = []
     for student_layer, teacher in pairs:
-        feature = stored[by_layer[teacher]]
-        make_projector(shapes[student_layer], feature.shape, f"{student_layer}:{teacher}")
-        planned.append(HintPair(student_layer, teacher, by_layer[teacher], shapes[student_layer],
-                                tuple(feature.shape)))
+        shape = tuple(by_layer[teacher].shape)
+        make_projector(shapes[student_layer], shape, f"{student_layer}:{teacher}")
+        planned.append(HintPair(student_layer, teacher, shapes[student_layer], shape))
     return tuple(planned)
+
+
+def keep_hinted_layers(source: Any, hints: Sequence[str]) -> Any:
+    """``source`` without the stored teacher layers no hint uses, so their columns are never read.
+
+    A logits-only student of a store with feature maps reads (and holds) only what it
+    trains on. When a hint names a layer the store lacks, ``source`` is returned whole,
+    for :func:`plan_hints` to name the layers there are.
+
+    Args:
+        source: A ``student_train.data.Source``.
+        hints: The ``kd.hints`` in use (empty when β is 0).
+    """
+    wanted = {teacher for _, teacher in parse_hints(hints)}
+    if not wanted <= {feature.layer for feature in source.features}:
+        return source
+    return dataclasses.replace(source, features=tuple(f for f in source.features if f.layer in wanted))
 
 
 class HintedStudent(nn.Module):
@@ -177,11 +191,11 @@ def hint_terms(pairs: Sequence[HintPair], projected: Sequence[torch.Tensor], bat
     Args:
         pairs: The hint pairs.
         projected: The projected student layers (:class:`HintedStudent`).
-        batch: The batch (stored teacher layers under ``key_of(pair.feature)``).
+        batch: The batch (stored teacher layers under ``key_of(pair.teacher)``).
         key_of: ``student_train.data.hint_key``.
     """
     terms = []
     for pair, value in zip(pairs, projected):
-        terms.append(hint_loss(value.float(), batch[key_of(pair.feature)].reshape(value.shape)))
+        terms.append(hint_loss(value.float(), batch[key_of(pair.teacher)].reshape(value.shape)))
     return terms
 

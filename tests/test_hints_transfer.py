@@ -141,8 +141,7 @@ def test_plan_hints_names_the_layers_either_side_has():
     student = build_model("cnn", input_shape=SHAPE, num_classes=10, width=0.25)
     stored = _stored(pool2=(32, 7, 7), features=(64,))
     pairs = plan_hints(["pool2", "features"], 1.0, student, SHAPE, stored, "s")
-    assert [(p.student_shape, p.teacher_shape, p.feature) for p in pairs] == [
-        ((16, 7, 7), (32, 7, 7), 0), ((32,), (64,), 1)]
+    assert [(p.student_shape, p.teacher_shape) for p in pairs] == [((16, 7, 7), (32, 7, 7)), ((32,), (64,))]
     assert plan_hints(["pool2"], 0.0, student, SHAPE, stored, "s") == ()  # β = 0: a sweep's baseline
     with pytest.raises(StillError, match=r"kd.hints: CNN has no layer 'conv9'; its layers: conv1, pool1, conv2, "
                                          r"pool2, features \(or any submodule name\)"):
@@ -158,11 +157,23 @@ def test_plan_hints_names_the_layers_either_side_has():
         plan_hints([], 1.0, student, SHAPE, stored, "s")
 
 
+def test_a_student_reads_only_the_stored_layers_its_hints_use():
+    from student_train.data import Source
+    from student_train.hints import keep_hinted_layers
+
+    source = Source(kind="store", name="s", inputs=(), num_classes=10, class_names=(), input_shape=SHAPE,
+                    input_scale=1.0, features=tuple(_stored(pool2=(32, 7, 7), features=(64,))))
+    assert [f.layer for f in keep_hinted_layers(source, ["features"]).features] == ["features"]
+    assert keep_hinted_layers(source, []).features == ()  # logits only: no feature column is read
+    assert source.row_bytes() - keep_hinted_layers(source, []).row_bytes() == 4 * (32 * 7 * 7 + 64)
+    assert keep_hinted_layers(source, ["conv9"]) is source  # left whole, for plan_hints to list the layers
+
+
 def test_hinted_student_captures_its_layers_before_dropout():
     from student_train.hints import HintPair, HintedStudent
 
     student = build_model("cnn", input_shape=SHAPE, num_classes=10, width=0.25, dropout=0.5).train()
-    pairs = [HintPair("pool2", "pool2", 0, (16, 7, 7), (32, 7, 7)), HintPair("features", "f", 1, (32,), (64,))]
+    pairs = [HintPair("pool2", "pool2", (16, 7, 7), (32, 7, 7)), HintPair("features", "f", (32,), (64,))]
     net = HintedStudent(student, pairs).train()
     x = torch.randn(8, *SHAPE)
     (logits_a, projected_a), (logits_b, projected_b) = net(x), net(x)

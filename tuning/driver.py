@@ -102,8 +102,10 @@ def plan_sweep(config: TuneConfig) -> SweepPlan:
     output_dir = Path(config.output_dir).expanduser().resolve()
     store_uri, store_key = "", ""
     from student_train.data import resolve_source
+    from student_train.hints import keep_hinted_layers
 
     source = resolve_source(config.store.uri, config.data, verify=config.train.verify_store)
+    source = keep_hinted_layers(source, config.kd.hints)  # the trials share what they read
     input_shape, num_classes = tuple(source.input_shape), source.num_classes
     if config.store.uri:
         store_uri, store_key = config.store.uri[0], ",".join(m["key"] for m in source.manifests)
