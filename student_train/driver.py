@@ -205,6 +205,11 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
         raise StillError(f"student.num_classes={cfg.student.num_classes} but the "
                          f"{'store' if source.has_teacher else 'data'} {source.name!r} has {source.num_classes} classes")
+    model_args = student_model_args(cfg, source)
+    student = build_model(cfg.student.family, **dict(model_args))  # a family that cannot take these arguments fails
+    hints = plan_hints(cfg.kd.hints, cfg.kd.hint_weight, student, source.input_shape, source.features, source.name)
+    source = keep_hinted_layers(source, cfg.kd.hints if hints else ())  # before sizing: unread layers cost nothing
+    check_patterns(student, cfg.train.freeze, cfg.train.lr_groups)
     workers = 1 if in_process else cfg.scaling.max_workers
     shared_arrays = in_process and options.shared is not None and options.shared.arrays is not None
     ingest = "memory" if shared_arrays else choose_ingest(cfg, source, workers)
@@ -213,11 +218,6 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
     if in_process and cfg.scaling.gpus and not torch.cuda.is_available():
         raise StillError("scaling.use_gpu: training in process (scaling.num_workers=0), and this process sees no "
                          "CUDA device")
-    model_args = student_model_args(cfg, source)
-    student = build_model(cfg.student.family, **dict(model_args))  # a family that cannot take these arguments fails
-    hints = plan_hints(cfg.kd.hints, cfg.kd.hint_weight, student, source.input_shape, source.features, source.name)
-    source = keep_hinted_layers(source, cfg.kd.hints if hints else ())
-    check_patterns(student, cfg.train.freeze, cfg.train.lr_groups)
     init_state, init_report = None, None
     if cfg.student.init:
         init_state, init_report = load_init_state(cfg.student.init, cfg.student.family, model_args,
