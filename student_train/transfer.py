@@ -85,7 +85,9 @@ def load_init_state(uri: str, family: str, model_args: Mapping[str, Any], class_
     if mismatched:
         raise StillError(f"student.init {uri!r} does not fit the {family} student: {'; '.join(mismatched[:3])}"
                          f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}; "
-                         "make student.width/depth those of the checkpoint")
+                         + ("re-initialise the head with student.init_head=auto or reinit"
+                            if all(m.startswith(HEAD + ".") for m in mismatched)
+                            else "make student.width/depth those of the checkpoint"))
     state = {name: source[name].detach().clone().to(tensor.dtype) for name, tensor in target.items()
              if not (new_head and name in head)}
     report = {"source": uri, "family": init_family or family, "loaded": list(state),

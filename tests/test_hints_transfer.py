@@ -228,6 +228,9 @@ def test_init_reinitialises_a_head_of_other_classes_and_refuses_other_models(tmp
     assert kept["reinitialized"] == []
     _, three = load_init_state(str(tmp_path / "mnist.pt"), "cnn", {**args, "num_classes": 3}, garments[:3])
     assert three["reason"] == "the init has 10 classes, this student 3"
+    with pytest.raises(StillError, match=r"head.bias is \(10,\) there, \(3,\) here; re-initialise the head with "
+                                         r"student.init_head=auto or reinit"):
+        load_init_state(str(tmp_path / "mnist.pt"), "cnn", {**args, "num_classes": 3}, garments[:3], head_policy="keep")
 
     _checkpoint(tmp_path / "mlp.pt", "mlp", SHAPE, 10, digits, width=32, depth=1)
     with pytest.raises(StillError, match=r"student.init .*mlp.pt' is a mlp model; student.family=cnn"):
