@@ -65,7 +65,6 @@ class MLP(nn.Module):
         # the last hidden layer's dropout sits outside ``body``, so features are taken before it
         self.dropout = nn.Dropout(dropout) if dropout > 0 and depth > 0 else nn.Identity()
         self.head = nn.Linear(in_features, num_classes)
-        self.feature_dim = in_features
 
     def layers(self) -> dict[str, nn.Module]:
         """The named layers: ``hidden1``…``hidden{depth}`` and ``features`` (the last of them)."""
@@ -124,7 +123,6 @@ class CNN(nn.Module):
         self.body = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(hidden, num_classes)
-        self.feature_dim = hidden
 
     def layers(self) -> dict[str, nn.Module]:
         """The named layers: ``conv1``, ``pool1``, ``conv2`` (``conv3``… with depth), ``pool2``, ``features``."""

@@ -37,7 +37,7 @@ from student_train.data import Source, load_split_arrays, ray_datasets, resolve_
 from student_train.export import latency_ms, log_mlflow_model, model_bytes, save_student, student_from_state
 from student_train.hints import HintPair, keep_hinted_layers, plan_hints
 from student_train.loop import STATE_FILE, LocalSession, LoopSpec, local_device, run_loop, train_loop_per_worker
-from student_train.transfer import check_patterns, freeze, load_init_state
+from student_train.transfer import check_patterns, load_init_state
 
 DEFAULT_EXPERIMENT = "still-train"
 MEMORY_INGEST_LIMIT = 1 << 30  # bytes per worker below which `ingest: auto` reads its share into memory
@@ -104,6 +104,7 @@ class Job:
     init_state: dict[str, torch.Tensor] | None
     init_report: dict[str, Any] | None
     hints: tuple[HintPair, ...]
+    frozen: dict[str, int]
     teacher_payload: Any
     output_dir: Path
     in_process: bool
@@ -209,7 +210,7 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
     student = build_model(cfg.student.family, **dict(model_args))  # a family that cannot take these arguments fails
     hints = plan_hints(cfg.kd.hints, cfg.kd.hint_weight, student, source.input_shape, source.features, source.name)
     source = keep_hinted_layers(source, cfg.kd.hints if hints else ())  # before sizing: unread layers cost nothing
-    check_patterns(student, cfg.train.freeze, cfg.train.lr_groups)
+    frozen = check_patterns(student, cfg.train.freeze, cfg.train.lr_groups)
     workers = 1 if in_process else cfg.scaling.max_workers
     shared_arrays = in_process and options.shared is not None and options.shared.arrays is not None
     ingest = "memory" if shared_arrays else choose_ingest(cfg, source, workers)
@@ -228,8 +229,8 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
                   f"{len(init_report['loaded'])} tensors loaded", file=sys.stderr, flush=True)
     teacher_payload = _online_teacher(cfg, source) if cfg.kd.online_teacher else None
     output_dir = Path(cfg.train.output_dir or Path("runs") / run_name).resolve()
-    job = Job(cfg, run_name, options, source, model_args, init_state, init_report, hints, teacher_payload, output_dir,
-              in_process, ingest)
+    job = Job(cfg, run_name, options, source, model_args, init_state, init_report, hints, frozen, teacher_payload,
+              output_dir, in_process, ingest)
     if not cfg.train.resume and (job.checkpoint_root / run_name).exists():
         shutil.rmtree(job.checkpoint_root / run_name)  # a fresh run of the same name: drop the old run's checkpoints
     return job
@@ -237,10 +238,7 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
 
 def transfer_params(job: Job) -> dict[str, Any]:
     """What the run's MLflow params record of transfer learning and hints, beyond the config."""
-    student = build_model(job.cfg.student.family, **dict(job.model_args))
-    frozen = freeze(student, job.cfg.train.freeze)
-    params: dict[str, Any] = {"frozen_params": len(frozen), "frozen_values": sum(
-        p.numel() for name, p in student.named_parameters() if name in frozen)}
+    params: dict[str, Any] = {"frozen_params": len(job.frozen), "frozen_values": sum(job.frozen.values())}
     report = job.init_report
     if report:
         params.update({"init.source": report["source"], "init.family": report["family"],

@@ -141,29 +141,40 @@ def parse_lr_groups(entries: Sequence[str]) -> list[tuple[str, float]]:
     return groups
 
 
-def freeze(student: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Freezes the student's parameters that ``train.freeze`` matches; returns their names."""
+def frozen_names(student: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The student parameters ``train.freeze`` matches, sorted.
+
+    Raises:
+        StillError: A pattern matches no parameter.
+    """
     names = [name for name, _ in student.named_parameters()]
-    frozen = sorted({name for pattern in patterns for name in matching(names, pattern, "train.freeze")})
+    return sorted({name for pattern in patterns for name in matching(names, pattern, "train.freeze")})
+
+
+def freeze(student: nn.Module, patterns: Sequence[str]) -> None:
+    """Freezes the student's parameters that ``train.freeze`` matches."""
     parameters = dict(student.named_parameters())
-    for name in frozen:
+    for name in frozen_names(student, patterns):
         parameters[name].requires_grad_(False)
-    return frozen
 
 
-def check_patterns(student: nn.Module, freeze_patterns: Sequence[str], lr_groups: Sequence[str]) -> None:
+def check_patterns(student: nn.Module, freeze_patterns: Sequence[str], lr_groups: Sequence[str]) -> dict[str, int]:
     """Checks ``train.freeze`` and ``train.lr_groups`` against the student, on the driver.
+
+    Returns:
+        The parameters ``train.freeze`` freezes, with their sizes.
 
     Raises:
         StillError: A pattern matches no parameter, an lr group is malformed, or every
             parameter is frozen.
     """
-    names = [name for name, _ in student.named_parameters()]
-    frozen = {name for pattern in freeze_patterns for name in matching(names, pattern, "train.freeze")}
+    parameters = dict(student.named_parameters())
+    frozen = frozen_names(student, freeze_patterns)
     for pattern, _ in parse_lr_groups(lr_groups):
-        matching(names, pattern, "train.lr_groups")
-    if frozen and len(frozen) == len(names):
+        matching(list(parameters), pattern, "train.lr_groups")
+    if frozen and len(frozen) == len(parameters):
         raise StillError(f"train.freeze {list(freeze_patterns)} freezes every student parameter: nothing would train")
+    return {name: parameters[name].numel() for name in frozen}
 
 
 def parameter_groups(student: nn.Module, extra: nn.Module | None, lr_groups: Sequence[str]) -> list[dict[str, Any]]:
