@@ -103,8 +103,9 @@ def bare_loop(store: str, grid: dict, epochs: int) -> float:
 
     from still.config import load_config
     from student_train.config import TrainConfig
-    from student_train.data import load_split_arrays, resolve_source
+    from student_train.data import resolve_source
     from student_train.driver import student_model_args
+    from student_train.feed import load_split_arrays
     from student_train.loop import LocalSession, LoopSpec, run_loop
 
     times = []
@@ -120,7 +121,7 @@ def bare_loop(store: str, grid: dict, epochs: int) -> float:
             arrays = load_split_arrays(source)
             with tempfile.TemporaryDirectory() as tmp:
                 spec = LoopSpec(cfg=cfg, source=source, model_args=student_model_args(cfg, source), quiet=True)
-                run_loop(spec, LocalSession(arrays, tmp, torch.device("cpu")))
+                run_loop(spec, LocalSession(tmp, torch.device("cpu"), arrays=arrays))
             times.append(time.perf_counter() - started)
     return sum(times) / len(times)
 

@@ -55,8 +55,8 @@ def _key_for(resource: str) -> str:
     return f"scaling.resources_per_worker.{resource}"
 
 
-def misfit(nodes: Sequence[Mapping[str, float]], demand: Mapping[str, float], strategy: str, min_workers: int,
-           max_workers: int, *, streaming: bool) -> str | None:
+def misfit(nodes: Sequence[Mapping[str, float]], demand: Mapping[str, float], strategy: str,
+           min_workers: int) -> str | None:
     """Says why ``min_workers`` workers cannot start on these nodes, or None when they can.
 
     Args:
@@ -64,9 +64,6 @@ def misfit(nodes: Sequence[Mapping[str, float]], demand: Mapping[str, float], st
         demand: One worker's resources (:func:`worker_demand`).
         strategy: The placement strategy.
         min_workers: Workers that must fit (the lower bound of elastic training).
-        max_workers: Workers that may start; with ``streaming``, Ray Data's read
-            tasks need a CPU beside all of them.
-        streaming: Whether Ray Data streams the store into the workers while they train.
     """
     fit = workers_that_fit(nodes, demand, strategy)
     totals = {k: sum(node.get(k, 0.0) for node in nodes) for k in demand}
@@ -83,17 +80,6 @@ def misfit(nodes: Sequence[Mapping[str, float]], demand: Mapping[str, float], st
                     f"{len(nodes)} node(s) of the Ray cluster ({cluster}) that way; at most {fit} would")
         return (f"scaling: {min_workers} worker(s) of {{{ask}}} do not fit the Ray cluster ({len(nodes)} node(s), "
                 f"{cluster}): too few nodes carry all of it at once; at most {fit} would")
-    if streaming:
-        started = min(fit, max_workers)
-        spare = totals.get("CPU", 0.0) - started * demand.get("CPU", 0.0)
-        if spare < 1.0 - _EPS and totals.get("CPU", 0.0) - started * _MIN_WORKER_CPU < 1.0 - _EPS:
-            return (f"train.ingest=stream: the Ray cluster's {totals.get('CPU', 0.0):g} CPU(s) leave no whole CPU "
-                    f"for Ray Data to stream the store beside {started} worker(s); set train.ingest=memory, "
-                    "or give Ray more CPUs (ray.num_cpus)")
-        if spare < 1.0 - _EPS:
-            return (f"scaling.cpus_per_worker: {started} worker(s) × CPU={demand.get('CPU', 0.0):g} leave "
-                    f"{max(spare, 0.0):g} of the cluster's {totals.get('CPU', 0.0):g} CPUs for Ray Data to stream "
-                    "the store (it needs 1); lower it, or set train.ingest=memory")
     return None
 
 
@@ -104,8 +90,7 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
-def check_workers_fit(demand: Mapping[str, float], strategy: str, min_workers: int, max_workers: int, *,
-                      streaming: bool, embedded: bool) -> None:
+def check_workers_fit(demand: Mapping[str, float], strategy: str, min_workers: int, *, embedded: bool) -> None:
     """Fails fast when the training workers cannot be scheduled on the connected cluster.
 
     Raises:
@@ -113,7 +98,7 @@ def check_workers_fit(demand: Mapping[str, float], strategy: str, min_workers: i
             names the config key to change. A cluster joined by address gets a warning
             on stderr instead (an autoscaler may add the nodes).
     """
-    problem = misfit(alive_node_resources(), demand, strategy, min_workers, max_workers, streaming=streaming)
+    problem = misfit(alive_node_resources(), demand, strategy, min_workers)
     if problem is None:
         return
     if embedded:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,16 +32,23 @@ from still.errors import StillError, carried_still_error
 from still.models import build_model, count_parameters
 from still.tracking import check_reachable, open_run, tracking_uri
 from student_train.config import TrainConfig
-from student_train.data import Source, load_split_arrays, ray_datasets, resolve_source
+from student_train.data import Source, resolve_source
 from student_train.export import latency_ms, log_mlflow_model, model_bytes, save_student, student_from_state
+from student_train.feed import pool_rows
 from student_train.hints import HintPair, keep_hinted_layers, plan_hints
-from student_train.loop import STATE_FILE, LocalSession, LoopSpec, local_device, run_loop, train_loop_per_worker
+from student_train.loop import (
+    STATE_FILE,
+    LocalSession,
+    LoopSpec,
+    local_device,
+    run_loop,
+    train_loop_per_worker,
+)
+from student_train.rundir import claim_run_directory
 from student_train.transfer import check_patterns, load_init_state
 
 DEFAULT_EXPERIMENT = "still-train"
 MEMORY_INGEST_LIMIT = 1 << 30  # bytes per worker below which `ingest: auto` reads its share into memory
-SHUFFLE_BUFFER_BYTES = 128 << 20  # the most a streaming worker's automatic shuffle buffer holds
-INGEST_OBJECT_STORE_BYTES = 512 << 20  # the most object-store memory streamed ingest holds ahead of the workers
 _NAME_EXCLUDES = ("train.resume", "train.output_dir", "train.name", "tracking.", "ray.", "register.",
                   "scaling.", "train.max_failures", "train.ingest", "train.verify_store", "train.shuffle_buffer")
 
@@ -158,6 +164,12 @@ def train_job(cfg: TrainConfig, *, run_name: str, options: JobOptions = JobOptio
     """
     started = time.perf_counter()
     job = prepare_job(cfg, run_name, options)
+    with claim_run_directory(job.output_dir, job.checkpoint_root / run_name, resume=cfg.train.resume, name=run_name):
+        return _run_job(job, started)
+
+
+def _run_job(job: Job, started: float) -> dict[str, Any]:
+    cfg, run_name, options = job.cfg, job.run_name, job.options
     with open_run(cfg, cfg.tracking, default_experiment=DEFAULT_EXPERIMENT, run_name=run_name,
                   parent_run_id=options.parent_run_id, tags=_tags(job.source, cfg)) as tracker:
         tracker.log_params(transfer_params(job))
@@ -201,6 +213,7 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
         source = options.shared.source
     else:
         source = resolve_source(cfg.store.uri, cfg.data, verify=cfg.train.verify_store)
+    check_temperature_on_grid(cfg.kd.temperature, cfg.kd.weight, source)
     _warn_far_from_sample_temperature(cfg, source)
     check_augment(cfg, source)
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
@@ -229,11 +242,8 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
                   f"{len(init_report['loaded'])} tensors loaded", file=sys.stderr, flush=True)
     teacher_payload = _online_teacher(cfg, source) if cfg.kd.online_teacher else None
     output_dir = Path(cfg.train.output_dir or Path("runs") / run_name).resolve()
-    job = Job(cfg, run_name, options, source, model_args, init_state, init_report, hints, frozen, teacher_payload,
-              output_dir, in_process, ingest)
-    if not cfg.train.resume and (job.checkpoint_root / run_name).exists():
-        shutil.rmtree(job.checkpoint_root / run_name)  # a fresh run of the same name: drop the old run's checkpoints
-    return job
+    return Job(cfg, run_name, options, source, model_args, init_state, init_report, hints, frozen, teacher_payload,
+               output_dir, in_process, ingest)
 
 
 def transfer_params(job: Job) -> dict[str, Any]:
@@ -290,7 +300,7 @@ def _check_batch_fits(cfg: TrainConfig, source: Source, workers: int) -> None:
 def export_student(job: Job, student: torch.nn.Module) -> dict[str, str]:
     """Saves the student (still checkpoint + TorchScript) under the job's output directory."""
     source = job.source
-    meta = {"input_scale": source.input_scale, "class_names": list(source.class_names),
+    meta = {"input_scale": source.normalisation.scale, "class_names": list(source.class_names),
             "task": source.task, "run_name": job.run_name, "config": to_dict(job.cfg),
             "teacher_fingerprints": [m["teacher"]["fingerprint"] for m in source.manifests]}
     return save_student(student, job.cfg.student.family, job.model_args, meta, job.output_dir)
@@ -331,6 +341,24 @@ def _online_teacher(cfg: TrainConfig, source: Source) -> Any:
         raise StillError(f"kd.online_teacher {cfg.kd.online_teacher!r} has {out.shape[-1]} outputs, "
                          f"the data has {source.num_classes} classes")
     return teacher.payload()
+
+
+def check_temperature_on_grid(temperature: float, kd_weight: float, source: Source, key: str = "kd.temperature") -> None:
+    """Refuses a distillation temperature below a top-k or sampled store's grid (extrapolated there).
+
+    Raises:
+        StillError: Naming ``key``, the store and its grid (``teacher_infer.targets.check_temperature``).
+    """
+    from teacher_infer.targets import check_temperature
+
+    if kd_weight == 0:
+        return
+    for store, spec in zip(source.stores, source.teachers):
+        if spec.mode != "dense":
+            try:
+                check_temperature(temperature, spec.temperatures, key)
+            except StillError as exc:
+                raise StillError(f"{exc} (store {store.uri!r})") from None
 
 
 def _warn_far_from_sample_temperature(cfg: TrainConfig, source: Source) -> None:
@@ -384,42 +412,25 @@ def choose_ingest(cfg: TrainConfig, source: Source, workers: int) -> str:
     return "memory" if source.num_rows / max(1, workers) * source.row_bytes() < MEMORY_INGEST_LIMIT else "stream"
 
 
-def shuffle_buffer_rows(cfg: TrainConfig, source: Source, per_worker_batch: int) -> int:
-    """``train.shuffle_buffer``, with 0 resolved: four shards' rows, at least 16 batches, at most 128 MiB."""
-    if cfg.train.shuffle_buffer:
-        return cfg.train.shuffle_buffer
-    shard_rows = source.num_rows / max(1, len(source.shards) or 1)
-    cap = max(per_worker_batch, SHUFFLE_BUFFER_BYTES // max(1, source.row_bytes()))
-    return int(min(cap, max(16 * per_worker_batch, 4 * shard_rows)))
-
-
 def _fit_in_process(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     cfg = job.cfg
     if cfg.scaling.cpus_per_worker:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     shared = job.options.shared
     spec.ingest = job.ingest
-    if spec.ingest == "memory":
-        if shared is not None and shared.arrays is not None:
-            import ray
+    spec.pool_rows = pool_rows(cfg.train.shuffle_buffer, spec.source, cfg.train.batch_size)
+    arrays = None
+    if spec.ingest == "memory" and shared is not None and shared.arrays is not None:
+        import ray
 
-            splits: Mapping[str, Any] = ray.get(shared.arrays)
-        else:
-            splits = load_split_arrays(spec.source, include_val=cfg.train.include_val)
-    else:
-        from still.ray_setup import init_ray
-
-        init_ray(cfg.ray)
-        spec.shuffle_buffer = shuffle_buffer_rows(cfg, spec.source, cfg.train.batch_size)
-        splits = ray_datasets(spec.source, materialize=False, include_val=cfg.train.include_val, shuffle=True,
-                              one_view=spec.one_view_of > 0)
+        arrays = ray.get(shared.arrays)
     on_report = None
     if job.options.report_to_tune:
         import ray.tune
 
         on_report = ray.tune.report
-    session = LocalSession(splits, str(job.checkpoint_root / job.run_name), local_device(cfg.scaling.gpus > 0),
-                           on_report=on_report)
+    session = LocalSession(str(job.checkpoint_root / job.run_name), local_device(cfg.scaling.gpus > 0),
+                           on_report=on_report, arrays=arrays)
     final = run_loop(spec, session)
     state = session.restore()
     if state is None:
@@ -431,8 +442,7 @@ def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from still.ray_setup import (connected_to_embedded_cluster, ingest_options, init_ray, train_datasets_console,
-                                 train_logging_config)
+    from still.ray_setup import connected_to_embedded_cluster, init_ray, train_logging_config
     from student_train.capacity import check_workers_fit, worker_demand
 
     cfg = job.cfg
@@ -442,17 +452,12 @@ def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     init_ray(cfg.ray)
     workers = cfg.scaling.max_workers
     spec.ingest = job.ingest
-    streaming = spec.ingest == "stream"
-    cpus = cfg.scaling.cpus_per_worker or _auto_cpus(workers, streaming=streaming)
+    cpus = cfg.scaling.cpus_per_worker or _auto_cpus(workers)
     demand = worker_demand(cpus, cfg.scaling.gpus, cfg.scaling.resources_per_worker)
-    check_workers_fit(demand, cfg.scaling.placement_strategy, cfg.scaling.num_workers[0], workers,
-                      streaming=streaming, embedded=connected_to_embedded_cluster())
+    check_workers_fit(demand, cfg.scaling.placement_strategy, cfg.scaling.num_workers[0],
+                      embedded=connected_to_embedded_cluster())
     spec.threads = max(1, int(cpus))
-    spec.shuffle_buffer = shuffle_buffer_rows(cfg, spec.source, max(1, cfg.train.batch_size // workers))
-    datasets = train_datasets_console(ray_datasets(spec.source, materialize=not streaming,
-                                                   include_val=cfg.train.include_val, shuffle=streaming,
-                                                   one_view=streaming and spec.one_view_of > 0),
-                                      cfg.ray.verbose)
+    spec.pool_rows = pool_rows(cfg.train.shuffle_buffer, spec.source, max(1, cfg.train.batch_size // workers))
     callbacks = []
     if job.options.report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -473,9 +478,6 @@ def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
             callbacks=callbacks,
             logging_config=train_logging_config(cfg.ray.verbose),
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
-                                            execution_options=ingest_options(INGEST_OBJECT_STORE_BYTES)),
     )
     try:
         result = trainer.fit()
@@ -500,16 +502,15 @@ def _failure_reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _auto_cpus(workers: int, *, streaming: bool) -> float:
-    """1 CPU per worker when the cluster has them (and one spare for Ray Data when
-    streaming); else an equal fraction, so the job never waits for CPUs (RAY-NOTES.md)."""
+def _auto_cpus(workers: int) -> float:
+    """1 CPU per worker when the cluster has them, else an equal fraction, so the job never
+    waits for CPUs (RAY-NOTES.md). Workers read their data themselves: no CPU is kept aside."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    spare = 1.0 if streaming else 0.0
-    if total - spare >= workers:
+    if total >= workers:
         return 1.0
-    return max(0.1, math.floor((max(total - spare, 0.5) / workers) * 10) / 10)
+    return max(0.1, math.floor((max(total, 0.5) / workers) * 10) / 10)
 
 
 # --------------------------------------------------------------------------- summary

@@ -8,14 +8,16 @@ then per epoch train on this worker's shard, evaluate on the validation split
 checkpoint (model, optimizer, epoch, metrics history, config). The *session* hides
 where it runs:
 
-- :class:`RaySession` inside a Ray Train V2 worker (``train_loop_per_worker``): data
-  from ``ray.train.get_dataset_shard``, device and DDP from ``ray.train.torch``,
-  reports and checkpoints through ``ray.train.report`` (so ``FailureConfig`` restarts
-  and ``train.resume`` continue from the last epoch).
+- :class:`RaySession` inside a Ray Train V2 worker (``train_loop_per_worker``): rank,
+  device and DDP from ``ray.train.torch``, reports and checkpoints through
+  ``ray.train.report`` (so ``FailureConfig`` restarts and ``train.resume`` continue
+  from the last epoch).
 - :class:`LocalSession` in the calling process (``scaling.num_workers=0``, and
-  Tune trials that want no TorchTrainer start-up): in-memory arrays (or Ray Data
-  iterators for a store too large for memory), a checkpoint file, a Python callback
-  per report.
+  Tune trials that want no TorchTrainer start-up): a checkpoint file, a Python
+  callback per report, and a sweep's shared arrays where it has them.
+
+Either way the worker's data is a :class:`student_train.feed.Feed`, which reads the
+rank's rows itself (``student_train.reader``).
 
 One device per worker holds everything: the model, every batch (moved with
 ``non_blocking`` from pinned memory on CUDA), the loss sums, the evaluation and the
@@ -30,29 +32,27 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from still.augment import apply_augment, background_of, random_params
-from still.errors import StillError, carried_still_error
 from still.models import build_model
 from still.ray_setup import quiet_worker_console
 from still.tracking import attach
 from student_train.config import TrainConfig
-from student_train.data import READ_CHUNK_ROWS, Source, hint_key, one_view_mask, teacher_prefix
+from student_train.data import Source, hint_key, teacher_prefix
 from student_train.evaluate import evaluate
+from student_train.feed import AUGMENT, TORCH_RNG, Feed, FeedSettings, derive_seed
 from student_train.hints import HintedStudent, HintPair, hint_terms
 from student_train.losses import kd_loss, multilabel_kd_loss
 from student_train.transfer import freeze, parameter_groups
 from teacher_infer.targets import DenseTarget, target_from_columns
 
 STATE_FILE = "state.pt"
-EVAL_BATCH = 4096
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ class LoopSpec:
         quiet: No per-epoch progress line.
         tracking: ``Tracker.address`` of the job's MLflow run (rank 0 logs every epoch
             to it as the epoch ends), or None.
-        shuffle_buffer: Rows in a streaming worker's shuffle buffer.
+        pool_rows: Rows in a streaming worker's shuffle pool (``student_train.feed.pool_rows``).
     """
 
     cfg: TrainConfig
@@ -85,211 +85,24 @@ class LoopSpec:
     threads: int = 0
     quiet: bool = False
     tracking: tuple[str, str] | None = None
-    shuffle_buffer: int = 0
+    pool_rows: int = 0
 
     @property
-    def one_view_of(self) -> int:
-        """K when each epoch trains on one view per sample of a multi-view store, else 0."""
-        return self.source.views if self.source.views > 1 and self.cfg.train.views == "one" else 0
+    def temperature(self) -> float:
+        """The T teacher columns are bound at: ``kd.temperature``, or, where no KL is computed (λ = 0),
+        the nearest temperature a store's grid holds (only the teacher's class is read then)."""
+        t = self.cfg.kd.temperature
+        if self.cfg.kd.weight > 0:
+            return t
+        floors = [min(spec.temperatures) for spec in self.source.teachers if spec.temperatures]
+        return max([t, *floors])
 
-
-# --------------------------------------------------------------------------- feeders
-
-
-def device_batch(batch: Mapping[str, Any], device: torch.device, source: Source) -> dict[str, torch.Tensor]:
-    """A batch on ``device``, its raw ``x`` normalised into the model input there."""
-    out = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
-    out["x"] = source.normalisation.apply(out["x"])
-    return out
-
-
-def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    with warnings.catch_warnings():
-        # Arrays shared through Ray's object store are read-only; training never writes to them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-
-
-class MemoryFeeder:
-    """A split held as tensors on the training device; shuffled batches by index.
-
-    The raw inputs are moved to the device and normalised there once, when the feeder
-    is built (``memory`` ingest is for splits of at most ``MEMORY_INGEST_LIMIT`` bytes,
-    counted at 4 bytes a value), so a batch costs an index, not a copy or a conversion.
-
-    Args:
-        arrays: The split's training arrays.
-        device: The training device.
-        source: The source (its normalisation).
-        one_view_of: K to train each epoch on one view per sample of a multi-view
-            store (:func:`student_train.data.one_view_mask`); 0: every row.
-    """
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], device: torch.device, source: Source,
-                 one_view_of: int = 0) -> None:
-        self.device = device
-        arrays = dict(arrays)
-        views = {name: arrays.pop(name) for name in ("view", "sample") if name in arrays}
-        if "sample" in views:  # rows reach a Ray Train worker in varying order: sorted, a seed reproduces a run
-            order = np.lexsort([views[name] for name in ("view", "sample") if name in views])
-            arrays = {name: values[order] for name, values in arrays.items()}
-            views = {name: values[order] for name, values in views.items()}
-        self.one_view_of = one_view_of if "view" in views else 0
-        self.views = views
-        self._drawn: tuple[int, np.ndarray] | None = None
-        self.tensors = device_batch(_tensors(arrays), device, source)
-        self.rows = len(self.tensors["y"])
-
-    def epoch_rows(self, view_seed: int) -> int:
-        """Rows one epoch trains on (one per sample of a multi-view store with ``one_view_of``)."""
-        return len(self._selected(view_seed)) if self.one_view_of else self.rows
-
-    def _selected(self, view_seed: int) -> np.ndarray:
-        # epoch_rows and epoch ask for the same epoch's draw: hashed once
-        if self._drawn is None or self._drawn[0] != view_seed:
-            mask = one_view_mask(self.views["sample"], self.views["view"], self.one_view_of, view_seed)
-            self._drawn = (view_seed, np.flatnonzero(mask))
-        return self._drawn[1]
-
-    def epoch(self, batch_size: int, generator: torch.Generator,
-              view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields shuffled batches covering every row (or every sample's drawn view) once."""
-        if self.one_view_of:
-            rows = torch.from_numpy(self._selected(view_seed))
-            order = rows[torch.randperm(len(rows), generator=generator)].to(self.device)
-        else:
-            order = torch.randperm(self.rows, generator=generator).to(self.device)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            yield {k: v.index_select(0, index) for k, v in self.tensors.items()}
-
-    def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields all rows in order, in large batches (evaluation)."""
-        for start in range(0, self.rows, EVAL_BATCH):
-            yield {k: v[start : start + EVAL_BATCH] for k, v in self.tensors.items()}
-
-
-class ShuffleBuffer:
-    """Mixes a stream of batches through a pool of rows held on the training device.
-
-    The first ``capacity`` rows fill the pool; after that every incoming batch is
-    swapped for as many rows taken from the pool at random (slots visited in a fresh
-    random permutation per cycle, so no slot is taken twice in a cycle), and at the end
-    the pool drains in random order. Each batch costs one gather and one scatter per
-    column, whatever the pool's size (Ray Data's local shuffle buffer re-concatenates
-    its buffer instead).
-
-    Args:
-        capacity: Rows in the pool.
-        generator: The CPU generator of the epoch (the same mixing on any device).
-    """
-
-    def __init__(self, capacity: int, generator: torch.Generator) -> None:
-        self.capacity = max(1, capacity)
-        self.generator = generator
-
-    def _slots(self, n: int, device: torch.device) -> Iterator[torch.Tensor]:
-        while True:
-            order = torch.randperm(self.capacity, generator=self.generator).to(device)
-            for start in range(0, self.capacity - n + 1, n):
-                yield order[start : start + n]
-
-    def mix(self, chunks: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields the rows of ``chunks``, mixed: chunks of the incoming sizes, then the pool."""
-        pool: dict[str, torch.Tensor] = {}
-        filled = 0
-        slots: dict[int, Iterator[torch.Tensor]] = {}
-        for chunk in chunks:
-            n = len(next(iter(chunk.values())))
-            if not pool:
-                pool = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device)
-                        for k, v in chunk.items()}
-            if filled < self.capacity:
-                take = min(self.capacity - filled, n)
-                for k, v in chunk.items():
-                    pool[k][filled : filled + take] = v[:take]
-                filled += take
-                chunk, n = {k: v[take:] for k, v in chunk.items()}, n - take
-                if n == 0:
-                    continue
-            if n not in slots:
-                slots[n] = self._slots(n, next(iter(pool.values())).device)
-            index = next(slots[n])
-            out = {k: pool[k].index_select(0, index) for k in pool}
-            for k, v in chunk.items():
-                pool[k].index_copy_(0, index, v)
-            yield out
-        if filled:
-            order = torch.randperm(filled, generator=self.generator).to(next(iter(pool.values())).device)
-            yield {k: v[:filled].index_select(0, order) for k, v in pool.items()}
-
-
-class StreamFeeder:
-    """A Ray Data iterator read every epoch (data larger than memory).
-
-    Args:
-        iterator: A ``DataIterator`` (a Train worker's shard, or a dataset's iterator).
-        device: Where batches go (pinned host memory first on CUDA).
-        source: The source (its normalisation).
-        shuffle_buffer: Rows mixed on the device (:class:`ShuffleBuffer`); the shards
-            themselves come in a new random order every epoch
-            (``data.ray_datasets(shuffle=True)``).
-    """
-
-    def __init__(self, iterator: Any, device: torch.device, source: Source, shuffle_buffer: int) -> None:
-        self.iterator = iterator
-        self.device = device
-        self.source = source
-        self.shuffle_buffer = shuffle_buffer
-
-    def _batches(self, batch_size: int | None, prefetch_batches: int) -> Iterator[dict[str, torch.Tensor]]:
-        cuda = self.device.type == "cuda"
-        try:
-            yield from self.iterator.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch_batches,
-                                                        device=self.device, pin_memory=cuda)
-        except StillError:
-            raise
-        except Exception as exc:  # a read task's StillError (a shard gone bad) arrives wrapped by Ray Data
-            carried = carried_still_error(exc)
-            if carried is None:
-                raise
-            raise carried from None
-
-    def epoch_rows(self, view_seed: int) -> int | None:
-        """Rows an epoch trains on: unknown ahead of a stream."""
-        return None
-
-    def epoch(self, batch_size: int, generator: torch.Generator,
-              view_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields batches streamed from the shard, mixed on the device.
-
-        Rows come from Ray Data a block at a time (the read tasks cut blocks of
-        ``data.READ_CHUNK_ROWS`` rows: one conversion to tensors per block, no
-        re-batching in Ray) and are cut into batches here. A multi-view store's read
-        tasks have already drawn the epoch's views (``view_seed`` is for memory ingest).
-        """
-        chunks = self._batches(None, prefetch_batches=2)
-        if self.shuffle_buffer:
-            chunks = ShuffleBuffer(max(self.shuffle_buffer, READ_CHUNK_ROWS), generator).mix(chunks)
-        for chunk in chunks:
-            rows = len(next(iter(chunk.values())))
-            for start in range(0, rows, batch_size):
-                yield device_batch({k: v[start : start + batch_size] for k, v in chunk.items()}, self.device,
-                                   self.source)
-
-    def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields all rows, in large batches."""
-        for batch in self._batches(EVAL_BATCH, prefetch_batches=2):
-            yield device_batch(batch, self.device, self.source)
-
-
-def read_shard(shard: Any) -> dict[str, np.ndarray]:
-    """Reads a whole Ray Data shard into numpy arrays (the ``memory`` ingest)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=8192, batch_format="numpy", prefetch_batches=2):
-        for key, value in batch.items():
-            parts.setdefault(key, []).append(np.asarray(value))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    def feed_settings(self, world: int) -> FeedSettings:
+        """How each of ``world`` workers is fed."""
+        train = self.cfg.train
+        return FeedSettings(ingest=self.ingest, batch_size=max(1, train.batch_size // max(1, world)),
+                            temperature=self.temperature, seed=train.seed, views=train.views,
+                            include_val=train.include_val, pool_rows=self.pool_rows)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -313,30 +126,23 @@ class LocalSession:
     """Runs the loop in this process.
 
     Args:
-        splits: ``{"train"|"val"|"test": arrays}`` from ``data.load_split_arrays``, or
-            ``{split: ray.data.Dataset}`` to stream (a store too large for memory).
         checkpoint_dir: Where ``state.pt`` is kept (the latest epoch only).
         device: Where the model and batches live (:func:`local_device`).
         on_report: Called with each epoch's metrics (e.g. ``ray.tune.report``).
+        arrays: ``{split: arrays}`` already in memory (a sweep's shared arrays), or None.
     """
 
     rank = 0
     world_size = 1
 
-    def __init__(self, splits: Mapping[str, Any], checkpoint_dir: str, device: torch.device,
-                 on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.splits = splits
+    def __init__(self, checkpoint_dir: str, device: torch.device,
+                 on_report: Callable[[dict[str, Any]], None] | None = None,
+                 arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = device
         self.on_report = on_report
+        self.arrays = arrays
         self.last_metrics: dict[str, Any] = {}
-
-    def feeder(self, split: str, spec: LoopSpec) -> MemoryFeeder | StreamFeeder:
-        """The split as tensors, or streamed."""
-        data = self.splits[split]
-        if isinstance(data, Mapping):
-            return MemoryFeeder(data, self.device, spec.source, spec.one_view_of if split == "train" else 0)
-        return StreamFeeder(data.iterator(), self.device, spec.source, spec.shuffle_buffer)
 
     def restore(self) -> dict[str, Any] | None:
         """The last saved state, if any."""
@@ -362,25 +168,16 @@ class LocalSession:
 class RaySession:
     """Runs the loop inside a Ray Train worker."""
 
-    def __init__(self, ingest: str) -> None:
+    arrays = None
+
+    def __init__(self) -> None:
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.ingest = ingest
         self.device = ray.train.torch.get_device()
-
-    def feeder(self, split: str, spec: LoopSpec) -> MemoryFeeder | StreamFeeder:
-        """This worker's shard of ``split`` (train is split across workers; val and test are not)."""
-        import ray.train
-
-        shard = ray.train.get_dataset_shard(split)
-        if self.ingest == "memory":
-            return MemoryFeeder(read_shard(shard), self.device, spec.source,
-                                spec.one_view_of if split == "train" else 0)
-        return StreamFeeder(shard, self.device, spec.source, spec.shuffle_buffer)
 
     def restore(self) -> dict[str, Any] | None:
         """The state of the latest reported checkpoint (after a restart or on resume)."""
@@ -416,7 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     quiet_worker_console(spec.cfg.ray.verbose)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    run_loop(spec, RaySession(spec.ingest))
+    run_loop(spec, RaySession())
 
 
 # --------------------------------------------------------------------------- the loop
@@ -516,6 +313,7 @@ class Targets:
 
     def __init__(self, spec: LoopSpec, device: torch.device) -> None:
         self.source = spec.source
+        self.temperature = spec.temperature
         self.teacher = spec.teacher.load() if spec.teacher is not None else None
         if isinstance(self.teacher, nn.Module):  # TorchScript modules are Modules too
             self.teacher = self.teacher.to(device)
@@ -531,29 +329,26 @@ class Targets:
                 return [DenseTarget(self.teacher(batch["x"]), self.source.task)]
         if not self.source.has_teacher:
             return None
-        device = batch["x"].device
-        return [target_from_columns(batch, spec, prefix=teacher_prefix(i), device=device)
+        return [target_from_columns(batch, spec, prefix=teacher_prefix(i), device=batch["x"].device,
+                                    temperature=self.temperature if spec.mode != "dense" else None)
                 for i, spec in enumerate(self.source.teachers)]
 
 
-def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, augmenter: Augmenter,
-                generator: torch.Generator, epoch: int, batch_size: int, device: torch.device) -> dict[str, float]:
-    """One pass over this worker's training shard; returns the epoch's mean losses and its samples."""
+def train_epoch(spec: LoopSpec, placed: Model, feed: Feed, targets: Targets, augmenter: Augmenter,
+                generator: torch.Generator, epoch: int, device: torch.device) -> dict[str, Any]:
+    """One epoch of this worker's training batches (``feed.steps`` of them, as on every rank);
+    returns the epoch's mean losses and its samples."""
     cfg, source = spec.cfg, spec.source
     loss_fn = multilabel_kd_loss if source.task == "multilabel" else kd_loss
     T, lam, beta, pairs = cfg.kd.temperature, cfg.kd.weight, cfg.kd.hint_weight, spec.hints
-    view_seed = cfg.train.seed * 1_000_003 + epoch  # the same on every rank: one view per sample overall
-    rows = train.epoch_rows(view_seed)
-    steps_per_epoch = max(1, math.ceil(rows / batch_size)) if rows else None
     placed.model.train()
     sums = torch.zeros(4 + len(pairs), dtype=torch.float64, device=device)
     zero = torch.zeros((), device=device)
+    kl_computed = False
     steps = samples = 0
     base_lr = learning_rate(cfg, epoch / cfg.train.epochs)
-    for batch in train.epoch(batch_size, generator, view_seed):
-        within = min(steps, steps_per_epoch) / steps_per_epoch if steps_per_epoch else 0.0
-        progress = (epoch + within) / cfg.train.epochs
-        base_lr = learning_rate(cfg, progress)
+    for batch in feed.epoch(epoch):
+        base_lr = learning_rate(cfg, (epoch + steps / feed.steps) / cfg.train.epochs)
         for group in placed.optimizer.param_groups:
             group["lr"] = base_lr * group["lr_scale"]
         x, y = augmenter(batch, generator), batch["y"]
@@ -566,18 +361,24 @@ def train_epoch(spec: LoopSpec, placed: Model, train: Any, targets: Targets, aug
         placed.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         placed.optimizer.step()
-        sums += torch.stack([loss.detach(), terms["ce"].detach(), terms["kl"].detach(), hint.detach(),
-                             *(term.detach() for term in hints)]).double()
+        kl = terms["kl"]
+        kl_computed = kl is not None
+        sums += torch.stack([loss.detach(), terms["ce"].detach(), zero if kl is None else kl.detach(),
+                             hint.detach(), *(term.detach() for term in hints)]).double()
         steps += 1
         samples += len(y)
     mean = (sums / max(1, steps)).tolist()
-    return {"train_loss": mean[0], "train_ce": mean[1], "train_kl": mean[2], "train_hint": mean[3],
-            **{pair.metric: value for pair, value in zip(pairs, mean[4:])},
-            "samples": samples, "lr": base_lr}
+    return {"train_loss": mean[0], "train_ce": mean[1], "train_kl": mean[2] if kl_computed else None,
+            "train_hint": mean[3], **{pair.metric: value for pair, value in zip(pairs, mean[4:])},
+            "samples": samples, "steps": steps, "lr": base_lr}
 
 
 def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     """Trains for ``train.epochs`` (continuing from the session's last checkpoint).
+
+    Every epoch starts from seeds of (``train.seed``, epoch, rank) alone: the batch
+    order, the mixing, the view draw, the augmentation and torch's own generator (dropout),
+    so a resumed run continues exactly as the uninterrupted one would have.
 
     Returns:
         The last reported metrics (the final epoch's carry the test metrics).
@@ -589,14 +390,8 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     augmenter = Augmenter(spec, session.device)
     tracker = attach(spec.tracking) if session.rank == 0 else attach(None)
     multilabel = source.task == "multilabel"
-    per_worker_batch = max(1, cfg.train.batch_size // max(1, session.world_size))
-    train = session.feeder("train", spec)
-    held_out: dict[str, Any] = {}
-
-    def eval_split(split: str) -> dict[str, Any]:
-        if split not in held_out:
-            held_out[split] = session.feeder(split, spec)
-        return evaluate(placed.net.student, held_out[split].ordered(), multilabel=multilabel, teacher_of=targets)
+    feed = Feed(source, spec.feed_settings(session.world_size), session.rank, session.world_size, session.device,
+                session.arrays)
 
     def state_now(epoch: int) -> dict[str, Any]:
         return {
@@ -605,12 +400,16 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
             "model_args": dict(spec.model_args),
         }
 
+    def test_metrics() -> dict[str, Any]:
+        return _test_metrics(evaluate(placed.net.student, feed.test(), multilabel=multilabel, teacher_of=targets))
+
     metrics: dict[str, Any] = {}
+    seed = cfg.train.seed
     for epoch in range(placed.start_epoch, cfg.train.epochs):
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 101 + session.rank)
+        torch.manual_seed(derive_seed(seed, epoch, session.rank, TORCH_RNG))
+        generator = torch.Generator().manual_seed(derive_seed(seed, epoch, session.rank, AUGMENT))
         started = time.perf_counter()
-        losses = train_epoch(spec, placed, train, targets, augmenter, generator, epoch, per_worker_batch,
-                             session.device)
+        losses = train_epoch(spec, placed, feed, targets, augmenter, generator, epoch, session.device)
         seconds = time.perf_counter() - started
         samples = losses.pop("samples")
         metrics = {
@@ -619,9 +418,10 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
             "world_size": session.world_size, "resumed_from": resumed_from,
         }
         if session.rank == 0:
-            metrics.update(_val_metrics(eval_split("val"), multilabel))
+            val = evaluate(placed.net.student, feed.val(), multilabel=multilabel, teacher_of=targets)
+            metrics.update(_val_metrics(val, multilabel), val_rows=feed.val_rows)
             if epoch + 1 == cfg.train.epochs:
-                metrics.update(_test_metrics(eval_split("test")))
+                metrics.update(test_metrics())
             history.append(dict(metrics))
             tracker.log_metrics(loggable(metrics), step=epoch + 1)
         session.report(metrics, state_now(epoch + 1) if session.rank == 0 else None)
@@ -631,7 +431,7 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
         metrics = dict(history[-1]) if history else {"epoch": placed.start_epoch}
         metrics["resumed_from"] = resumed_from
         if session.rank == 0:
-            metrics.update(_test_metrics(eval_split("test")))
+            metrics.update(test_metrics())
         session.report(metrics, None)
     return metrics
 

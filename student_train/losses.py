@@ -31,7 +31,18 @@ columns; the KL is computed without a dense teacher array where the mode allows:
 - ``sampled``: ``Σ_drawn p̂_i(log p̂_i − log q_i)`` with p̂ an unbiased estimate of
   softmax(t/T) on the drawn classes (Anshumann et al., 2025; the Horvitz–Thompson
   weights of ``teacher_infer.targets.SampledTarget``): its gradient is, in
-  expectation over the draws, the full KL's gradient.
+  expectation over the draws, the full KL's gradient (exactly so at the store's grid
+  temperatures, where the estimate's normaliser is stored).
+
+Each KL is one ``torch.autograd.Function`` that computes its value and its gradient
+with respect to the student's logits in a few passes over ``(n, C)``, from the target
+bound at T where rows are made (``teacher_infer.targets.at_temperature``): with
+``z = s/T`` and ``q = softmax(z)``, the gradient of a KL whose target is ``p̃`` is
+``(W·q − p̃)/T`` (W = Σ p̃, 1 but for sampled estimates). For a top-k row ``p̃`` is p
+on the top-k and, on the tail, ``p_tail·r`` (``bucket``, r the student's own tail
+distribution) or ``p_tail/(C − k)`` (``uniform``); the student's tail is summed from its
+own maximum, so a confident student's tail mass never underflows into an infinite loss.
+No teacher-side tensor receives a gradient, and at λ = 0 no KL is computed at all.
 
 Ensembles of stores average the members' probabilities at T (the mixture is rebuilt
 densely on the device). Rows whose label is missing (< 0) are left out of the hard term.
@@ -45,7 +56,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from teacher_infer.targets import DenseTarget, SampledTarget, TeacherTarget, TopKTarget
+from teacher_infer.targets import DenseTarget, SampledAtT, SampledTarget, TeacherTarget, TopKAtT, TopKTarget
 
 TAILS = ("uniform", "bucket")
 Teacher = torch.Tensor | TeacherTarget | Sequence[TeacherTarget] | None
@@ -58,7 +69,7 @@ def kd_loss(
     temperature: float,
     kd_weight: float,
     tail: str = "bucket",
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | None]:
     """Hinton et al. (2015) distillation loss for single-label classification.
 
     ``L = (1 − λ)·CE(y, s) + λ·T²·KL(softmax(t/T) ‖ softmax(s/T))``, with
@@ -67,7 +78,8 @@ def kd_loss(
     Args:
         student_logits: ``(n, C)`` raw student logits.
         teacher: ``(n, C)`` raw teacher logits, a target of a store
-            (:mod:`teacher_infer.targets`), a list of targets (an ensemble), or None: plain CE.
+            (:mod:`teacher_infer.targets`, at any T or bound at ``temperature``), a
+            list of targets (an ensemble), or None: plain CE.
         labels: ``(n,)`` int64 class ids; negative means unlabelled.
         temperature: T > 0.
         kd_weight: λ in [0, 1].
@@ -75,15 +87,12 @@ def kd_loss(
 
     Returns:
         ``{"loss", "ce", "kl"}``: the total and the two unweighted terms (``kl`` is
-        the plain KL at temperature T, before the T² factor).
+        the plain KL at temperature T, before the T² factor; None when not computed:
+        no teacher, or λ = 0).
     """
-    ce = _masked_ce(student_logits, labels)
-    if teacher is None:
-        return {"loss": ce, "ce": ce, "kl": ce.new_zeros(())}
-    if kd_weight == 0.0:  # plain CE; the KL is still worth logging
-        with torch.no_grad():
-            kl = soft_kl(student_logits, teacher, temperature, tail)
-        return {"loss": ce, "ce": ce, "kl": kl}
+    ce = masked_cross_entropy(student_logits, labels)
+    if teacher is None or kd_weight == 0.0:
+        return {"loss": ce, "ce": ce, "kl": None}
     kl = soft_kl(student_logits, teacher, temperature, tail)
     loss = (1.0 - kd_weight) * ce + kd_weight * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
@@ -100,17 +109,139 @@ def soft_kl(student_logits: torch.Tensor, teacher: Teacher, temperature: float, 
     """
     if tail not in TAILS:
         raise ValueError(f"kd.tail must be one of {', '.join(TAILS)}; got {tail!r}")
-    if isinstance(teacher, torch.Tensor):
-        teacher = DenseTarget(teacher)
     if isinstance(teacher, (list, tuple)):
         if len(teacher) > 1:
-            return _dense_kl(_mixture_log_probs(teacher, temperature), student_logits, temperature)
+            return _DenseKL.apply(student_logits, _mixture_log_probs(teacher, temperature), temperature)
         teacher = teacher[0]
-    if isinstance(teacher, TopKTarget):
-        return _topk_kl(student_logits, teacher, temperature, tail)
-    if isinstance(teacher, SampledTarget):
-        return _sampled_kl(student_logits, teacher, temperature)
-    return _dense_kl(teacher.dense_log_probs(temperature), student_logits, temperature)
+    if isinstance(teacher, torch.Tensor):
+        teacher = DenseTarget(teacher)
+    if isinstance(teacher, (TopKTarget, SampledTarget)):
+        teacher = teacher.at(temperature)
+    if isinstance(teacher, TopKAtT):
+        _same_temperature(teacher.temperature, temperature)
+        return _TopKKL.apply(student_logits, teacher.idx, teacher.log_p, teacher.log_tail, temperature,
+                             tail == "uniform")
+    if isinstance(teacher, SampledAtT):
+        _same_temperature(teacher.temperature, temperature)
+        return _SampledKL.apply(student_logits, teacher.idx, teacher.log_w, temperature)
+    with torch.no_grad():
+        log_p = teacher.dense_log_probs(temperature)
+    return _DenseKL.apply(student_logits, log_p, temperature)
+
+
+def _same_temperature(bound: float, asked: float) -> None:
+    if not math.isclose(bound, asked, rel_tol=1e-9):
+        raise ValueError(f"teacher target bound at T = {bound:g}, loss asked for T = {asked:g}")
+
+
+def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled rows (label ≥ 0); 0 when none is, without a host sync."""
+    labels = labels.long()
+    total = F.cross_entropy(student_logits, labels.clamp_min(-1), ignore_index=-1, reduction="sum")
+    return total / (labels >= 0).sum().clamp_min(1)
+
+
+class _TopKKL(torch.autograd.Function):
+    """KL of a top-k target at T over k + 1 bins (bucket) or with its tail spread evenly (uniform)."""
+
+    @staticmethod
+    def forward(ctx, logits, idx, log_p, log_tail, temperature, uniform):  # noqa: D102
+        z = _scaled(logits, temperature)
+        n, classes = z.shape
+        tail_classes = classes - idx.shape[1]
+        log_p, log_tail = log_p.to(z.dtype), log_tail.to(z.dtype)
+        p_top, p_tail = log_p.exp(), log_tail.exp()
+        z_top = z.gather(1, idx)
+        if tail_classes == 0:
+            lse = torch.logsumexp(z_top, dim=1)
+            r = q_tail = None
+            kl = (p_top * (log_p - z_top + lse[:, None])).sum(dim=1)
+        else:
+            # the student's tail from its own maximum: its distribution r and log-mass, exact however small
+            masked = z.scatter(1, idx, -math.inf)
+            peak = masked.amax(dim=1, keepdim=True)
+            r = (masked - peak).exp_()
+            total = r.sum(dim=1, keepdim=True)
+            r.div_(total)
+            lse_tail = peak[:, 0] + total[:, 0].log()
+            lse = torch.logaddexp(torch.logsumexp(z_top, dim=1), lse_tail)
+            log_q_tail = lse_tail - lse
+            q_tail = log_q_tail.exp()
+            kl = (p_top * (log_p - z_top + lse[:, None])).sum(dim=1)
+            if uniform:  # Σ_tail u(log u − log q_j) = p_tail·(log u + lse − mean_tail z)
+                tail_mean = (z.sum(dim=1) - z_top.sum(dim=1)) / tail_classes
+                term = p_tail * (log_tail - math.log(tail_classes) + lse - tail_mean)
+            else:
+                term = p_tail * (log_tail - log_q_tail)
+            kl = kl + torch.where(p_tail > 0, term, torch.zeros_like(term))
+        q_top = (z_top - lse[:, None]).exp()
+        ctx.save_for_backward(idx, p_top, p_tail, q_top, r, q_tail)
+        ctx.temperature, ctx.uniform, ctx.tail_classes, ctx.shape = temperature, uniform, tail_classes, (n, classes)
+        ctx.dtype = logits.dtype
+        return kl.mean()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        idx, p_top, p_tail, q_top, r, q_tail = ctx.saved_tensors
+        n, classes = ctx.shape
+        if r is None:
+            out = torch.zeros(n, classes, dtype=p_top.dtype, device=p_top.device)
+        elif ctx.uniform:
+            out = r * q_tail[:, None] - (p_tail / ctx.tail_classes)[:, None]
+        else:
+            out = r * (q_tail - p_tail)[:, None]
+        out.scatter_(1, idx, q_top - p_top)
+        out.mul_(grad / (n * ctx.temperature))
+        return out.to(ctx.dtype), None, None, None, None, None
+
+
+class _SampledKL(torch.autograd.Function):
+    """KL of a sampled target's Horvitz–Thompson estimate at T (its gradient unbiased on the grid)."""
+
+    @staticmethod
+    def forward(ctx, logits, idx, log_w, temperature):  # noqa: D102
+        z = _scaled(logits, temperature)
+        log_q = torch.log_softmax(z, dim=1)
+        log_w = log_w.to(z.dtype)
+        w = log_w.exp()
+        kl = torch.where(w > 0, w * (log_w - log_q.gather(1, idx)), torch.zeros_like(w)).sum(dim=1)
+        ctx.save_for_backward(idx, w, log_q)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        return kl.mean()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        idx, w, log_q = ctx.saved_tensors
+        out = log_q.exp().mul_(w.sum(dim=1, keepdim=True)).scatter_add_(1, idx, -w)
+        out.mul_(grad / (len(out) * ctx.temperature))
+        return out.to(ctx.dtype), None, None, None
+
+
+class _DenseKL(torch.autograd.Function):
+    """KL of a dense target given as log-probabilities at T."""
+
+    @staticmethod
+    def forward(ctx, logits, log_p, temperature):  # noqa: D102
+        z = _scaled(logits, temperature)
+        log_q = torch.log_softmax(z, dim=1)
+        log_p = log_p.to(z.dtype)
+        p = log_p.exp()
+        kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1)
+        ctx.save_for_backward(p, log_q)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        return kl.mean()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        p, log_q = ctx.saved_tensors
+        out = log_q.exp().sub_(p).mul_(grad / (len(p) * ctx.temperature))
+        return out.to(ctx.dtype), None, None
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``s / T`` in at least float32 (bf16/fp16 logits of autocast are promoted), detached."""
+    z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 else z
 
 
 def multilabel_kd_loss(
@@ -120,7 +251,7 @@ def multilabel_kd_loss(
     temperature: float,
     kd_weight: float,
     tail: str = "bucket",
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | None]:
     """Distillation for multi-label tasks: per-class sigmoid targets, BCE at temperature T.
 
     ``L = (1 − λ)·BCE(y, σ(s)) + λ·T²·mean_c KL(Bern(σ(t_c/T)) ‖ Bern(σ(s_c/T)))``; the
@@ -143,27 +274,16 @@ def multilabel_kd_loss(
     """
     labels = labels.to(student_logits.dtype)
     labelled = (labels >= 0).all(dim=1)
-    if labelled.any():
-        ce = F.binary_cross_entropy_with_logits(student_logits[labelled], labels[labelled])
-    else:
-        ce = student_logits.sum() * 0.0
-    if teacher is None:
-        return {"loss": ce, "ce": ce, "kl": ce.new_zeros(())}
-    teacher_logits = multilabel_teacher_logits(teacher, temperature)
-
-    def binary_kl() -> torch.Tensor:
-        t = teacher_logits.to(student_logits.dtype) / temperature
-        s = student_logits / temperature
+    per_row = F.binary_cross_entropy_with_logits(student_logits, labels.clamp_min(0), reduction="none").mean(dim=1)
+    ce = (per_row * labelled).sum() / labelled.sum().clamp_min(1)
+    if teacher is None or kd_weight == 0.0:
+        return {"loss": ce, "ce": ce, "kl": None}
+    with torch.no_grad():
+        t = multilabel_teacher_logits(teacher, temperature).to(student_logits.dtype) / temperature
         p = torch.sigmoid(t)
-        # KL(Bern(p) ‖ Bern(q)) = p(log p − log q) + (1−p)(log(1−p) − log(1−q)), in log-sigmoid form.
-        kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-        return kl.mean()
-
-    if kd_weight == 0.0:
-        with torch.no_grad():
-            kl = binary_kl()
-        return {"loss": ce, "ce": ce, "kl": kl}
-    kl = binary_kl()
+    s = student_logits / temperature
+    # KL(Bern(p) ‖ Bern(q)) = p(log p − log q) + (1−p)(log(1−p) − log(1−q)), in log-sigmoid form.
+    kl = (p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))).mean()
     loss = (1.0 - kd_weight) * ce + kd_weight * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
 
@@ -172,15 +292,6 @@ def hint_loss(projected_student: torch.Tensor, teacher_features: torch.Tensor) -
     """One FitNets hint term (Romero et al., 2015): ``MSE(W·f_s, f_t)``, the mean over elements
     (:mod:`student_train.hints` pairs the layers and documents the blend)."""
     return F.mse_loss(projected_student, teacher_features.to(projected_student.dtype))
-
-
-def _masked_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    labelled = labels >= 0
-    if bool(labelled.all()):
-        return F.cross_entropy(student_logits, labels)
-    if not bool(labelled.any()):
-        return student_logits.sum() * 0.0
-    return F.cross_entropy(student_logits[labelled], labels[labelled])
 
 
 def multilabel_teacher_logits(teacher: torch.Tensor | DenseTarget | Sequence[DenseTarget],
@@ -195,56 +306,20 @@ def multilabel_teacher_logits(teacher: torch.Tensor | DenseTarget | Sequence[Den
 
 
 def teacher_top1(teacher: torch.Tensor | TeacherTarget | Sequence[TeacherTarget]) -> torch.Tensor:
-    """The teacher's class per row (an ensemble's: the argmax of its mean probabilities at T = 1)."""
+    """The teacher's class per row (an ensemble's: the argmax of its mean probabilities)."""
     if isinstance(teacher, torch.Tensor):
         return teacher.argmax(dim=1)
     if isinstance(teacher, (list, tuple)):
         if len(teacher) > 1:
-            return _mixture_log_probs(teacher, 1.0).argmax(dim=1)
+            return _mixture_log_probs(teacher, None).argmax(dim=1)
         teacher = teacher[0]
     return teacher.top1()
 
 
-def _mixture_log_probs(targets: Sequence[TeacherTarget], temperature: float) -> torch.Tensor:
-    stacked = torch.stack([t.dense_log_probs(temperature) for t in targets])
-    return torch.logsumexp(stacked, dim=0) - math.log(len(targets))
-
-
-def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``p·(log p − log q)`` elementwise, 0 where p = 0 (also when log_q = −inf there)."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-
-
-def _dense_kl(log_p: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    log_q = F.log_softmax(student_logits / temperature, dim=1)
-    return _plogp_ratio(log_p.to(log_q.dtype), log_q).sum(dim=1).mean()
-
-
-def _topk_kl(student_logits: torch.Tensor, target: TopKTarget, temperature: float, tail: str) -> torch.Tensor:
-    scaled = student_logits / temperature
-    log_norm = torch.logsumexp(scaled, dim=1)
-    scaled_top = scaled.gather(1, target.idx)
-    log_p_top, log_p_tail = (part.to(scaled.dtype) for part in target.parts(temperature))
-    p_top = log_p_top.exp()
-    # Σ_top p_i(log p_i − log q_i) with log q_i = s_i/T − log_norm; every top-k p_i is > 0
-    kl = (p_top * (log_p_top - scaled_top)).sum(dim=1) + p_top.sum(dim=1) * log_norm
-    if target.tail_classes == 0:
-        return kl.mean()
-    p_tail = log_p_tail.exp()
-    if tail == "bucket":
-        log_q_tail = torch.logsumexp(scaled.scatter(1, target.idx, -math.inf), dim=1) - log_norm
-        kl = kl + torch.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
-    else:
-        # Σ_tail u(log u − log q_j) with u = p_tail/(C − k) and log q_j = s_j/T − log_norm
-        # = p_tail·(log u + log_norm − mean_tail(s/T)), summing no log-probabilities.
-        tail_mean = (scaled.sum(dim=1) - scaled_top.sum(dim=1)) / target.tail_classes
-        log_u = log_p_tail - math.log(target.tail_classes)
-        kl = kl + p_tail * (log_u + log_norm - tail_mean)
-    return kl.mean()
-
-
-def _sampled_kl(student_logits: torch.Tensor, target: SampledTarget, temperature: float) -> torch.Tensor:
-    log_q = F.log_softmax(student_logits / temperature, dim=1)
-    log_w = target.log_weights(temperature).to(log_q.dtype)
-    return _plogp_ratio(log_w, log_q.gather(1, target.idx)).sum(dim=1).mean()
+def _mixture_log_probs(targets: Sequence[TeacherTarget], temperature: float | None) -> torch.Tensor:
+    """log of the members' mean probabilities at T (bound members at their own T; None: T = 1 or bound)."""
+    with torch.no_grad():
+        stacked = torch.stack([
+            t.dense_log_probs() if isinstance(t, (TopKAtT, SampledAtT)) else t.dense_log_probs(temperature or 1.0)
+            for t in targets])
+        return torch.logsumexp(stacked, dim=0) - math.log(len(targets))

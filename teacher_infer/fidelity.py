@@ -97,7 +97,8 @@ def _drawn_mask(target: SampledTarget) -> torch.Tensor:
 
 def _exact_on_draws(target: SampledTarget, drawn: torch.Tensor, temperature: float) -> torch.Tensor:
     """What a sampled row knows exactly: softmax(t/T) on its drawn classes, the rest spread evenly."""
-    norm = lognorm_at(target.norm, target.temperatures, temperature, math.log(target.num_classes))
+    norm = torch.from_numpy(lognorm_at(target.norm.numpy(), target.spec.temperatures, temperature,
+                                       math.log(target.num_classes)))
     on_draws = target.log_p / temperature - norm[:, None]
     exact = torch.zeros_like(drawn).scatter_add(1, target.idx, torch.where(target.drawn(), on_draws.exp(), 0.0))
     rest = (1.0 - exact.sum(dim=1)).clamp_min(1e-30)  # rounding can leave nothing for classes of tiny mass

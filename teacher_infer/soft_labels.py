@@ -195,10 +195,18 @@ def compress(logits: np.ndarray, spec: SoftLabelSpec, rng: np.random.Generator |
     Returns:
         Column name → values: numpy arrays, or :class:`Ragged` for the ``sampled``
         list columns (the module docstring lists them).
+
+    Raises:
+        StillError: Logits of another shape, or NaN/inf logits (naming the first such
+            row): no mode can store them faithfully, and ``still infer`` refuses them too.
     """
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim != 2 or logits.shape[1] != spec.num_classes:
         raise StillError(f"teacher logits of shape {logits.shape}, expected (n, {spec.num_classes})")
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise StillError(f"teacher logits hold NaN/inf in {int(bad.sum())} of {len(logits)} rows (first: row "
+                         f"{int(np.flatnonzero(bad)[0])}); soft labels need finite logits")
     if spec.mode == "dense":
         return {"logits": logits.astype(spec.dtype)}
     shifted = logits - logits.max(axis=1, keepdims=True)

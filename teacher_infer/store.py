@@ -9,7 +9,7 @@ Columns (docs/internals.md): ``id``, ``view`` (int16, 0), ``label`` (int64, null
 multi-label: fixed_size_list<int8>[C] multi-hot, nullable), ``split`` (int8: 0 train,
 1 val, 2 test), ``input`` in self-contained stores only (fixed_size_list of the decoded
 raw input; model input = ``(input × input_scale − mean) / std`` shaped ``input_shape``;
-labels-only stores read it from their source, :func:`read_joined_shard`), then the teacher outputs of the storage
+labels-only stores read it from their source, :func:`read_shard_rows`), then the teacher outputs of the storage
 mode (:mod:`teacher_infer.soft_labels` says what each holds and why), and one
 ``features_<layer>`` column per stored teacher layer (``teacher.feature_layers``:
 fixed_size_list of the flattened output, its shape in ``storage.feature_shapes``).
@@ -29,19 +29,21 @@ Reader API used by training and tuning::
     layouts = check_shards(store)             # every open: sizes, footer schemas, split codes
     verify_store(uri) -> {"ok": bool, "problems": [...]}   # on demand: every byte
     dataset = source_dataset(store)           # labels-only: the source, fingerprint-checked
-    table = read_joined_shard(store, 0, columns, dataset)   # a shard with its inputs
+    table = read_shard_rows(store, 0, rows, columns, dataset)  # rows of a shard, with their inputs
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
+import math
 import posixpath
 import sys
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +63,8 @@ PLAN_NAME = "_plan.json"
 STATS_METADATA_KEY = b"still.shard_stats"
 BASE_COLUMNS = ("id", "view", "label", "split")
 RERUN_HINT = "rerun still infer with the same settings to write it in this format"
+ROW_GROUP_ROWS = 65_536  # a shard's row groups hold at most this many rows…
+ROW_GROUP_BYTES = 32 << 20  # …and about this many bytes in memory
 
 
 def feature_column(layer: str) -> str:
@@ -262,58 +266,114 @@ def source_dataset(store: Store) -> Any:
     return spec
 
 
-def read_joined_shard(store: Store, index: int, columns: Sequence[str], dataset: Any) -> pa.Table:
-    """Reads shard ``index`` of a store, with its ``input`` column read from the source when labels-only.
+def read_shard_columns(store: Store, index: int, columns: Sequence[str]) -> pa.Table:
+    """Whole columns of shard ``index``: small ones (``id``, ``split``, ``view``) to plan reads with.
+
+    Raises:
+        StillError: The shard cannot be read (named, with the store; run ``still store verify``).
+    """
+    loc = store.location.join(store.manifest["shards"][index]["name"])
+    with _shard_errors(store, index):
+        return pq.read_table(loc.path, columns=list(columns), filesystem=loc.arrow_fs())
+
+
+def read_shard_rows(store: Store, index: int, positions: np.ndarray, columns: Sequence[str],
+                    dataset: Any) -> pa.Table:
+    """Rows ``positions`` of shard ``index`` (ascending), with their inputs when ``input`` is asked for.
+
+    Reads only the row groups that hold those rows, one at a time. A labels-only store's
+    ``input`` comes from its source (:func:`source_dataset`): each store row is a source
+    row of the shard's ``source_rows`` (multi-view stores are view-major in a shard: row
+    ``v·n + j`` is view v of the shard's source row j), and only the range of source rows
+    the asked rows span is read. The source rows' ids must be the store rows' ids.
 
     Args:
         store: The store.
         index: Position of the shard in the manifest.
+        positions: Ascending row positions within the shard.
         columns: Store columns to read (``input`` included or not).
         dataset: :func:`source_dataset` of a labels-only store (None for a self-contained one).
 
     Raises:
-        StillError: The source rows' ids are not the shard's (the source was rewritten
-            in another order without changing its fingerprint: it never is, but checked).
+        StillError: The shard cannot be read (named, with the store; run ``still store verify``), or
+            its rows are not the source rows it records (the source changed in place).
     """
     shard = store.manifest["shards"][index]
     loc = store.location.join(shard["name"])
+    positions = np.asarray(positions, dtype=np.int64)
+    join = "input" in columns and not store.include_inputs
     wanted = [c for c in columns if c != "input" or store.include_inputs]
-    table = pq.read_table(loc.path, columns=wanted, filesystem=loc.arrow_fs())
-    if "input" not in columns or store.include_inputs:
-        return table
+    if join and "id" not in wanted:
+        wanted.append("id")
+    with _shard_errors(store, index):
+        with loc.fs.open(loc.path, "rb") as handle:
+            table = _take_rows(pq.ParquetFile(handle), positions, wanted)
+        if not join:
+            return table.select(list(columns))
+        return table.append_column("input", _source_inputs(store, shard, positions, table["id"], dataset)
+                                   ).select(list(columns))
+
+
+def _source_inputs(store: Store, shard: Mapping[str, Any], positions: np.ndarray, ids: Any,
+                   dataset: Any) -> pa.FixedSizeListArray:
+    """The decoded inputs of a labels-only shard's rows ``positions``, read from the source rows they are."""
     from still.datasets import decode_inputs, read_rows
 
+    width = math.prod(store.input_shape)
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if not len(positions):
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(0, np.uint8)), width)
+    source_positions = positions % (int(shard["rows"]) // store.views)
+    first, last = int(source_positions.min()), int(source_positions.max()) + 1
     fs, paths = dataset.arrow_files()
-    source = read_rows(fs, paths, shard["source_rows"], [dataset.id_column, dataset.feature_column])
-    ids = table["id"] if "id" in table.column_names else pq.read_table(loc.path, columns=["id"],
-                                                                        filesystem=loc.arrow_fs())["id"]
+    source = read_rows(fs, paths, _slice_pieces(shard["source_rows"], first, last),
+                       [dataset.id_column, dataset.feature_column]).take(pa.array(source_positions - first))
     source_ids = source[dataset.id_column].combine_chunks()
-    ids = ids.combine_chunks()
-    if store.views == 1:
-        if not source_ids.cast(ids.type).equals(ids):
-            raise StillError(f"store {store.uri!r}: shard {shard['name']}'s rows are not rows "
-                             f"{shard['source_rows']} of {dataset.name!r} (the ids differ)")
-        positions = None
-    else:
-        positions = _positions(ids, source_ids.cast(ids.type), f"store {store.uri!r}: shard {shard['name']}")
+    if not source_ids.cast(ids.type).equals(ids):
+        raise StillError(f"store {store.uri!r}: shard {shard['name']}'s rows are not rows "
+                         f"{shard['source_rows']} of {dataset.name!r} (the ids differ)")
     raw = decode_inputs(source[dataset.feature_column], dataset, source_ids)
     flat = raw.reshape(len(raw), -1)
-    if positions is not None:
-        flat = flat[positions]
-    inputs = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-    return table.append_column("input", inputs).select(list(columns))
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
 
 
-def _positions(ids: pa.Array, source_ids: pa.Array, where: str) -> np.ndarray:
-    """The position in ``source_ids`` of each of ``ids`` (a multi-view shard's rows in its source rows)."""
-    wanted = ids.to_numpy(zero_copy_only=False)
-    have = source_ids.to_numpy(zero_copy_only=False)
-    order = np.argsort(have, kind="stable")
-    found = np.clip(np.searchsorted(have[order], wanted), 0, max(0, len(have) - 1))
-    positions = order[found] if len(have) else np.zeros(len(wanted), dtype=np.int64)
-    if len(wanted) and (not len(have) or not np.array_equal(have[positions], wanted)):
-        raise StillError(f"{where}: some rows' ids are not among the source rows it was written from")
-    return positions
+def _take_rows(pfile: pq.ParquetFile, positions: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows ``positions`` (ascending) of a Parquet file, reading one row group at a time."""
+    meta = pfile.metadata
+    parts, start = [], 0
+    for group in range(meta.num_row_groups):
+        stop = start + meta.row_group(group).num_rows
+        lo, hi = np.searchsorted(positions, [start, stop])
+        if hi > lo:
+            rows = pfile.read_row_group(group, columns=columns, use_threads=False)
+            parts.append(rows.take(pa.array(positions[lo:hi] - start)))
+        start = stop
+    return pa.concat_tables(parts) if parts else pfile.schema_arrow.empty_table().select(columns)
+
+
+def _slice_pieces(pieces: Sequence[Sequence[int]], start: int, stop: int) -> list[list[int]]:
+    """Rows ``start`` to ``stop`` of the concatenation of ``[file, first, last]`` row pieces, as pieces."""
+    out, offset = [], 0
+    for file_index, first, last in pieces:
+        length = int(last) - int(first)
+        lo, hi = max(start - offset, 0), min(stop - offset, length)
+        if hi > lo:
+            out.append([int(file_index), int(first) + lo, int(first) + hi])
+        offset += length
+    return out
+
+
+@contextlib.contextmanager
+def _shard_errors(store: Store, index: int) -> Iterator[None]:
+    """Turns a shard's read errors (a truncated or rewritten file) into a StillError naming it."""
+    name = store.manifest["shards"][index]["name"]
+    try:
+        yield
+    except StillError:
+        raise
+    except Exception as exc:  # a corrupt shard raises several Arrow and OS error types
+        raise StillError(f"store {store.uri!r}: shard {name} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc)[:120]}); run still store verify {store.uri}") from None
 
 
 def open_store(uri: str) -> Store:
@@ -511,10 +571,14 @@ def shard_bytes(table: pa.Table, stats: Mapping[str, Any]) -> bytes:
     without recomputing anything.
     """
     sink = io.BytesIO()
+    # Row groups are what training reads at a time (student_train.reader): bounded in rows and bytes, so
+    # a reader's memory and its time to a first batch do not grow with the shard.
+    row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+    group_rows = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes))
     # In the file's key-value metadata only (schema metadata would be written twice, once more inside
     # the serialised Arrow schema), zlib-compressed: on small shards these bytes are much of the file.
     with pq.ParquetWriter(sink, table.schema, compression="zstd", compression_level=1) as writer:
-        writer.write_table(table, row_group_size=max(1, table.num_rows))
+        writer.write_table(table, row_group_size=group_rows)
         writer.add_key_value_metadata({STATS_METADATA_KEY: zlib.compress(json.dumps(stats).encode(), 9)})
     return sink.getvalue()
 

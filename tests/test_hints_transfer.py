@@ -8,6 +8,8 @@ patterns that match nothing, an init of another family or width.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import mlflow
@@ -157,12 +159,20 @@ def test_plan_hints_names_the_layers_either_side_has():
         plan_hints([], 1.0, student, SHAPE, stored, "s")
 
 
+@dataclasses.dataclass(frozen=True)
+class _FakeDataset:
+    """What Source.row_bytes reads of a dataset: its shape, classes and task."""
+
+    input_shape: tuple = SHAPE
+    num_classes: int = 10
+    task: str = "multiclass"
+
+
 def test_a_student_reads_only_the_stored_layers_its_hints_use():
     from student_train.data import Source
     from student_train.hints import keep_hinted_layers
 
-    source = Source(kind="store", name="s", inputs=(), num_classes=10, class_names=(), input_shape=SHAPE,
-                    input_scale=1.0, features=tuple(_stored(pool2=(32, 7, 7), features=(64,))))
+    source = Source(dataset=_FakeDataset(), features=tuple(_stored(pool2=(32, 7, 7), features=(64,))))
     assert [f.layer for f in keep_hinted_layers(source, ["features"]).features] == ["features"]
     assert keep_hinted_layers(source, []).features == ()  # logits only: no feature column is read
     assert source.row_bytes() - keep_hinted_layers(source, []).row_bytes() == 4 * (32 * 7 * 7 + 64)

@@ -20,7 +20,8 @@ from still.config import DataConfig, load_config
 from still.datasets import load_arrays, resolve_dataset
 from still.errors import StillError
 from student_train.config import TrainConfig
-from student_train.data import load_split_arrays, resolve_source
+from student_train.data import resolve_source
+from student_train.feed import load_split_arrays
 from student_train.driver import JobOptions, train_job
 from teacher_infer import store as st
 from teacher_infer.config import InferConfig

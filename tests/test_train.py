@@ -87,6 +87,74 @@ def test_resume_continues_a_stopped_run(digits_store, tmp_path):
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
 
 
+def _killed_after_first_checkpoint(command: list[str], cwd: Path, state: Path, timeout: float = 240) -> None:
+    """Runs ``command`` and ``kill -9``s it as soon as ``state`` (its first epoch's checkpoint) exists."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    deadline = time.time() + timeout
+    try:
+        while not state.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("ingest", ["memory", "stream"])
+def test_the_same_seed_gives_the_same_losses_again_and_after_a_kill_and_resume(digits_store, tmp_path, ingest):
+    """Losses, not accuracy: two runs of one config and seed agree to the last bit, and so does a run
+    killed with SIGKILL after an epoch and resumed (data order, view draws, dropout all from the seed)."""
+    common = [f"store.uri={digits_store}", "scaling.num_workers=0", f"train.ingest={ingest}", "train.epochs=12",
+              "train.batch_size=8", "student.dropout=0.3", "kd.temperature=3", "kd.weight=0.6", "train.seed=4",
+              "train.shuffle_buffer=300", "train.lr_schedule=cosine"]
+    runs = [train_job(_cfg(tmp_path / name, *common, f"train.name={name}"), run_name=name,
+                      options=JobOptions(quiet=True, log_model=False)) for name in ("a", "b")]
+    out = tmp_path / "cut" / "out"
+    command = [sys.executable, "-m", "still.cli", "train", *common, "student.width=32", "student.depth=1",
+               "train.lr=0.003", "scaling.cpus_per_worker=1", "tracking.enabled=false", f"train.output_dir={out}",
+               "train.name=cut"]
+    _killed_after_first_checkpoint(command, tmp_path, out / "ray" / "cut" / "state.pt")
+    resumed = train_job(_cfg(tmp_path / "cut", *common, "train.name=cut", "train.resume=true"), run_name="cut",
+                        options=JobOptions(quiet=True, log_model=False))
+    assert 1 <= resumed["resumed_from"] < 12, resumed["resumed_from"]  # killed mid-run, resumed from its checkpoint
+
+    def losses(run):
+        return [(h["train_loss"], h["train_ce"], h["train_kl"], h["val_nll"]) for h in run["history"]]
+
+    assert losses(runs[0]) == losses(runs[1]) == losses(resumed)
+    assert runs[0]["test_nll"] == runs[1]["test_nll"] == resumed["test_nll"]
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_of_the_same_name_is_refused_and_the_first_keeps_its_files(digits_store, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "still.cli", "train", f"store.uri={digits_store}", "scaling.num_workers=0",
+         "train.epochs=15", "train.batch_size=8", "tracking.enabled=false", f"train.output_dir={out}",
+         "train.name=same", "--json"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    try:
+        state = out / "ray" / "same" / "state.pt"
+        deadline = time.time() + 120
+        while not state.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert state.exists(), "the first run wrote no checkpoint"
+        with pytest.raises(StillError, match=rf"run 'same' is already running in {out} \(pid {first.pid}\).*"
+                                             r"give this run its own train.name"):
+            train_job(_cfg(tmp_path, f"store.uri={digits_store}", "scaling.num_workers=0", "train.name=same"),
+                      run_name="same", options=JobOptions(quiet=True))
+        assert state.exists()  # nothing of the first run was removed
+        stdout, stderr = first.communicate(timeout=400)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 15 and Path(summary["checkpoint"]).exists()
+
+
 def test_ensemble_of_two_stores(digits_store, digits_teacher, ray_cluster, tmp_path):
     from teacher_infer.config import InferConfig
     from teacher_infer.infer import run_infer
@@ -129,7 +197,8 @@ def _incomplete_store(tmp_path, digits_store):
     return broken
 
 
-@pytest.mark.parametrize("case", ["incomplete", "corrupt", "flipped", "classes", "hints", "unreachable"])
+@pytest.mark.parametrize("case", ["incomplete", "corrupt", "flipped", "classes", "hints", "below-grid",
+                                  "unreachable"])
 def test_bad_input_fails_before_training(case, digits_store, tmp_path):
     import shutil
 
@@ -161,6 +230,10 @@ def test_bad_input_fails_before_training(case, digits_store, tmp_path):
     elif case == "hints":
         overrides.append("kd.hint_weight=0.5")
         match = r"kd.hint_weight > 0 needs kd.hints"
+    elif case == "below-grid":  # a top-k store knows its tail on the grid 1, 2, 4, 8: T = 0.5 would be extrapolated
+        overrides += ["kd.temperature=0.5", "kd.weight=0.5"]
+        match = (r"kd.temperature=0.5 is below the store's temperature grid \[1.0, 2.0, 4.0, 8.0\].*"
+                 r"store.temperatures=\[0.5, 1, 2, 4, 8\]")
     else:
         overrides += ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"]
         match = "unreachable"

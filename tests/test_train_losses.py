@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss
+from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss, soft_kl
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "losses" / "kd_golden.json").read_text())
 CASES = GOLDEN["cases"]
@@ -28,8 +28,13 @@ def test_kd_loss_matches_numpy_golden_values(case):
     s, t = _tensors()
     y = torch.tensor(GOLDEN["labels"])
     out = kd_loss(s, t, y, case["temperature"], case["kd_weight"])
-    for key in ("loss", "ce", "kl"):
+    for key in ("loss", "ce"):
         assert out[key].item() == pytest.approx(case[key], rel=1e-9, abs=1e-12), key
+    assert soft_kl(s, t, case["temperature"]).item() == pytest.approx(case["kl"], rel=1e-9, abs=1e-12)
+    if case["kd_weight"] == 0:
+        assert out["kl"] is None  # λ = 0: no KL computed at all
+    else:
+        assert out["kl"].item() == pytest.approx(case["kl"], rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c['temperature']}-lam{c['kd_weight']}")
@@ -39,7 +44,8 @@ def test_multilabel_loss_matches_numpy_golden_values(case):
     out = multilabel_kd_loss(s, t, y, case["temperature"], case["kd_weight"])
     assert out["loss"].item() == pytest.approx(case["ml_loss"], rel=1e-9, abs=1e-12)
     assert out["ce"].item() == pytest.approx(case["ml_ce"], rel=1e-9)
-    assert out["kl"].item() == pytest.approx(case["ml_kl"], rel=1e-9, abs=1e-12)
+    if case["kd_weight"] > 0:
+        assert out["kl"].item() == pytest.approx(case["ml_kl"], rel=1e-9, abs=1e-12)
 
 
 def test_hand_computed_two_class_case():
@@ -75,11 +81,78 @@ def test_zero_weight_is_plain_cross_entropy():
     assert kd_loss(s, None, y, 3.0, 0.5)["loss"].item() == pytest.approx(F.cross_entropy(s, y).item())
 
 
-def test_gradients_flow_only_to_the_student():
-    s = torch.randn(4, 3, requires_grad=True)
-    t = torch.randn(4, 3, requires_grad=True)
-    kd_loss(s, t.detach(), torch.tensor([0, 1, 2, 0]), 2.0, 0.5)["loss"].backward()
-    assert s.grad is not None and t.grad is None
+@pytest.mark.parametrize("mode", ["dense", "topk", "sampled"])
+def test_gradients_flow_only_to_the_student(mode):
+    """The teacher side is handed in as it comes (requiring grad): the loss itself must not let gradients reach it."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t = (3 * torch.randn(6, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    teacher = t if mode == "dense" else _store_target(t, mode, temperature=None, requires_grad=True)
+    kd_loss(s, teacher, torch.tensor([0, 1, 2, -1, 4, 5]), 2.0, 0.5)["loss"].backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+    leaves = [t] if mode == "dense" else [v for v in vars(teacher).values() if isinstance(v, torch.Tensor)]
+    assert all(leaf.grad is None for leaf in leaves)
+
+
+def _store_target(logits, mode, temperature, requires_grad=False, k=3):
+    """A top-k or sampled store's target of ``logits`` (T-independent, or bound at ``temperature``)."""
+    from teacher_infer.soft_labels import SoftLabelSpec, compress
+    from teacher_infer.targets import at_temperature, prepare, target_from_columns
+
+    spec = SoftLabelSpec.create(mode, logits.shape[1], k=k, samples=64, dtype="float32")
+    columns = prepare(compress(logits.detach().numpy(), spec, np.random.default_rng(0)), spec)
+    if temperature is not None:
+        columns = at_temperature(columns, spec, temperature)
+    target = target_from_columns(columns, spec, dtype=torch.float64, temperature=temperature)
+    for name, value in vars(target).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and requires_grad:
+            value.requires_grad_()
+    return target
+
+
+@pytest.mark.parametrize("mode,tail", [("topk", "bucket"), ("topk", "uniform"), ("sampled", "bucket")])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_fused_kl_matches_autograd_of_its_formula(mode, tail, temperature):
+    """Value and gradient of the fused KL against autograd through the written-out formula, on a confident
+    teacher (peaks of 8-16 over noise), many classes, k < C, T ≠ 1 and unlabelled rows."""
+    g = torch.Generator().manual_seed(5)
+    n, classes = 32, 200
+    t = 1.5 * torch.randn(n, classes, generator=g, dtype=torch.float64)
+    t[torch.arange(n), torch.randint(0, classes, (n,), generator=g)] += 8 + 8 * torch.rand(n, generator=g, dtype=torch.float64)
+    target = _store_target(t, mode, temperature, k=10)
+    s = (2 * torch.randn(n, classes, generator=g, dtype=torch.float64)).requires_grad_()
+    kl = soft_kl(s, target, temperature, tail)
+    kl.backward()
+    s2 = s.detach().clone().requires_grad_()
+    log_q = torch.log_softmax(s2 / temperature, dim=1)
+    if mode == "sampled":
+        w = target.log_w.exp()
+        reference = (w * (target.log_w.clamp_min(-1e300) - log_q.gather(1, target.idx))).sum(1).mean()
+    else:
+        p_top, p_tail = target.log_p.exp(), target.log_tail.exp()
+        reference = (p_top * (target.log_p - log_q.gather(1, target.idx))).sum(1)
+        tail_log_q = log_q.scatter(1, target.idx, -math.inf)
+        if tail == "bucket":
+            reference = reference + p_tail * (target.log_tail - torch.logsumexp(tail_log_q, 1))
+        else:
+            u = p_tail / (classes - 10)
+            reference = reference + (u[:, None] * (u.log()[:, None] - log_q)).scatter(1, target.idx, 0.0).sum(1)
+        reference = reference.mean()
+    reference.backward()
+    assert kl.item() == pytest.approx(reference.item(), rel=1e-9)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-7, atol=1e-12)
+
+
+def test_a_confident_student_gets_a_finite_loss_and_gradient():
+    """A student 300 nats sure of one class: its tail mass underflows float32's exp, the loss must not."""
+    g = torch.Generator().manual_seed(6)
+    target = _store_target(4 * torch.randn(4, 50, generator=g, dtype=torch.float64), "topk", 1.0)
+    s = torch.zeros(4, 50)
+    s[:, 0] = 300.0
+    s.requires_grad_()
+    out = kd_loss(s, target, torch.tensor([0, 1, -1, 3]), 1.0, 0.9)
+    out["loss"].backward()
+    assert math.isfinite(out["loss"].item()) and torch.isfinite(s.grad).all()
 
 
 def test_unlabelled_rows_are_left_out_of_the_hard_term():

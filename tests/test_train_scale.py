@@ -48,20 +48,28 @@ def _digits_parquet(path: Path, *, sort_by_label: bool) -> Path:
     return path
 
 
-def test_the_shuffle_buffer_yields_every_row_once_and_mixes_a_sorted_stream():
-    import torch
+def test_the_shuffle_pool_yields_every_row_once_and_mixes_a_sorted_stream():
+    from student_train.reader import ShufflePool, exact_batches
 
-    from student_train.loop import ShuffleBuffer
-
-    labels = torch.arange(10).repeat_interleave(1000)  # 10 classes, sorted: the worst order
-    chunks = ({"y": labels[i:i + 500], "x": torch.arange(i, i + 500)[:, None].expand(-1, 3)}
-              for i in range(0, 10_000, 500))
-    out = list(ShuffleBuffer(3000, torch.Generator().manual_seed(0)).mix(chunks))
-    x = torch.cat([c["x"] for c in out])
+    labels = np.arange(10).repeat(1000)  # 10 classes, sorted: the worst order
+    chunks = [{"y": labels[i:i + 500], "x": np.arange(i, i + 500)[:, None].repeat(3, 1)} for i in range(0, 10_000, 500)]
+    out = list(ShufflePool(3000, np.random.default_rng(0)).mix(chunks))
+    x = np.concatenate([c["x"] for c in out])
     assert sorted(x[:, 0].tolist()) == list(range(10_000))  # every row once
-    assert torch.equal(torch.cat([c["y"] for c in out]), labels[x[:, 0]])  # columns stay together
+    assert np.array_equal(np.concatenate([c["y"] for c in out]), labels[x[:, 0]])  # columns stay together
     # once the pool holds three classes' rows, every chunk out mixes at least three classes
-    assert all(len(c["y"].unique()) >= 3 for c in out[6:])
+    assert all(len(np.unique(c["y"])) >= 3 for c in out[6:])
+    # a chunk many times the pool, and a pool of one row: still every row once, nothing stalls
+    big = {"y": labels, "x": np.arange(10_000)[:, None]}
+    for capacity in (1, 64):
+        mixed = np.concatenate([c["x"][:, 0] for c in ShufflePool(capacity, np.random.default_rng(1)).mix([big])])
+        assert sorted(mixed.tolist()) == list(range(10_000))
+    # cut into exact batches whatever the chunk sizes; a stream that runs short repeats its first rows
+    batches = list(exact_batches(iter(chunks), [777] * 12 + [676]))
+    assert [len(b["y"]) for b in batches] == [777] * 12 + [676]
+    assert np.array_equal(np.concatenate([b["x"][:, 0] for b in batches]), np.arange(10_000))
+    short = list(exact_batches(iter(chunks[:2]), [600, 600]))
+    assert np.array_equal(short[1]["x"][:, 0], np.r_[600:1000, 0:200])
 
 
 @pytest.mark.timeout(600)

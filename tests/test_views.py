@@ -18,11 +18,11 @@ import torch
 from _teacher_fixtures import mnist_digits, still_cli, train_pixel_teacher
 from still.augment import AugmentConfig, apply_augment, param_names, random_params, view_params
 from still.config import DataConfig, load_config
-from still.datasets import Normalisation
 from still.errors import StillError
 from student_train.config import TrainConfig
-from student_train.data import Source, load_split_arrays, one_view_mask, resolve_source
-from student_train.loop import Augmenter, LoopSpec, MemoryFeeder
+from student_train.data import one_view_mask, resolve_source
+from student_train.feed import load_split_arrays
+from student_train.loop import Augmenter, LoopSpec
 from teacher_infer import store as st
 from teacher_infer.config import InferConfig
 from teacher_infer.infer import run_infer
@@ -101,27 +101,52 @@ def test_one_view_per_sample_whatever_the_sharding():
     assert not np.array_equal(mask, one_view_mask(samples, views, 4, seed=12))  # a new draw per epoch
 
 
-def test_memory_feeder_trains_one_view_or_all_in_a_reproducible_order():
-    rng = np.random.default_rng(0)
-    rows = rng.permutation(300 * 3)  # 300 samples × 3 views, in the order a Ray Data shard might deliver them
-    sample, view = (rows // 3).astype(np.int64) * 7919, (rows % 3).astype(np.int16)
-    arrays = {"x": rows.astype(np.float32)[:, None], "y": np.zeros(len(rows), np.int64), "aug": view[:, None],
-              "view": view, "sample": sample}
-    source = Source(kind="store", name="s", inputs=(), num_classes=2, class_names=(), input_shape=(1,),
-                    input_scale=1.0, normalisation=Normalisation((1,)), views=3)
+@pytest.fixture(scope="module")
+def labels_only_views(digits_28, tmp_path_factory):
+    """A labels-only store of the digits with 4 views each (jitter, crop, flip)."""
+    data, teacher_uri = digits_28
+    root = tmp_path_factory.mktemp("view-stores")
+    return _infer(data, teacher_uri, root, "store.include_inputs=false", f"store.views={VIEWS}", *AUGMENT)["store"]
 
-    def epoch(feeder, order_seed, view_seed):
-        batches = feeder.epoch(64, torch.Generator().manual_seed(order_seed), view_seed)
-        return torch.cat([b["x"][:, 0] for b in batches]).long().numpy()
 
-    one = MemoryFeeder(arrays, torch.device("cpu"), source, one_view_of=3)
-    seen = epoch(one, 0, 5)
-    assert one.epoch_rows(5) == len(seen) == 300 and sorted(seen // 3) == list(range(300))  # each sample once
-    assert not np.array_equal(np.sort(seen), np.sort(epoch(one, 0, 6)))  # another epoch, other views
-    shuffled = {k: v[::-1].copy() for k, v in arrays.items()}  # the same rows delivered in another order
-    assert np.array_equal(seen, epoch(MemoryFeeder(shuffled, torch.device("cpu"), source, one_view_of=3), 0, 5))
-    every = MemoryFeeder(arrays, torch.device("cpu"), source)  # train.views=all
-    assert sorted(epoch(every, 0, 5)) == list(range(900))
+@pytest.mark.parametrize("ingest", ["memory", "stream"])
+def test_ranks_take_equal_steps_and_train_each_sample_once_per_epoch(labels_only_views, ingest):
+    """Two ranks of one multi-view store, one view per sample: the same number of steps each, every
+    training sample once over both (a batch of an odd size, a pool far smaller than a unit), the same
+    batches again for the same seed and epoch, other views in the next epoch."""
+    from student_train.feed import Feed, FeedSettings
+
+    source = resolve_source([labels_only_views], DataConfig())
+    train_samples = source.split_rows["train"] // VIEWS
+    settings = FeedSettings(ingest=ingest, batch_size=37, temperature=4.0, seed=3, views="one", pool_rows=50)
+
+    def epoch(rank, number):
+        batches = list(Feed(source, settings, rank, 2, torch.device("cpu")).epoch(number))
+        return batches, np.concatenate([b["x"].numpy().reshape(len(b["x"]), -1) for b in batches])
+
+    (first, x0), (second, x1) = epoch(0, 0), epoch(1, 0)
+    steps = Feed(source, settings, 0, 2, torch.device("cpu")).steps
+    assert len(first) == len(second) == steps == -(-(train_samples // 2 + train_samples % 2) // 37)
+    both = np.concatenate([x0, x1])
+    assert len(np.unique(both, axis=0)) == train_samples  # each sample once (a rank short of a row repeats one)
+    assert len(both) - train_samples <= 37
+    again, x_again = epoch(0, 0)
+    assert np.array_equal(x0, x_again) and all(torch.equal(a["aug"], b["aug"]) for a, b in zip(first, again))
+    later, _ = epoch(0, 1)
+    assert not torch.equal(torch.cat([b["aug"] for b in first]), torch.cat([b["aug"] for b in later]))
+
+
+def test_epoch_plans_split_items_evenly_and_agree_on_steps():
+    from student_train.reader import batch_sizes, share, share_items, steps_per_epoch
+
+    counts = [5, 0, 7, 3]
+    pieces = [share(counts, [2, 0, 3, 1], 3, rank) for rank in range(3)]
+    assert [sum(p.stop - p.start for p in ps) for ps in pieces] == share_items(counts, 3) == [5, 5, 5]
+    assert [(p.unit, p.start, p.stop) for p in pieces[0]] == [(2, 0, 5)]  # units visited in the order given
+    covered = sorted((p.unit, i) for ps in pieces for p in ps for i in range(p.start, p.stop))
+    assert covered == sorted((u, i) for u, n in enumerate(counts) for i in range(n))  # every item once
+    assert steps_per_epoch([5, 6], 2) == 3 and batch_sizes(5, 3, 2) == [2, 2, 1] and batch_sizes(4, 3, 2) == [2, 2, 1]
+    assert batch_sizes(6, 3, 2) == [2, 2, 2]
 
 
 # --------------------------------------------------------------------------- the replay is exact
@@ -163,19 +188,20 @@ def test_replayed_views_reproduce_the_stored_teacher_outputs(ray_cluster, digits
     assert np.array_equal(np.sort(ids[views == 2]), np.sort(ids[views == 0]))  # every sample, every view
 
     # The student's path: the store read for training (labels-only: inputs joined from the source),
-    # rows sorted by the memory feeder, each row's view replayed by the training loop's Augmenter.
+    # each row's view replayed by the training loop's Augmenter.
     source = resolve_source([store.uri], DataConfig())
-    feeder = MemoryFeeder(load_split_arrays(source, splits=("train",))["train"], torch.device("cpu"), source)
+    arrays = load_split_arrays(source)["train"]
     spec = LoopSpec(cfg=TrainConfig(), source=source, model_args={})
-    rows = np.flatnonzero(feeder.views["view"] > 0)[:: 7][:300]
-    batch = {name: values[torch.from_numpy(rows)] for name, values in feeder.tensors.items()}
+    rows = np.flatnonzero(arrays["view"] > 0)[:: 7][:300]
+    batch = {"x": source.normalisation.apply(torch.from_numpy(arrays["x"][rows])),
+             "aug": torch.from_numpy(arrays["aug"][rows])}
     teacher = load_teacher(str(teacher_uri)).model
     with torch.no_grad():
         replayed = torch.log_softmax(teacher(Augmenter(spec, torch.device("cpu"))(batch, torch.Generator())), 1)
         unaugmented = torch.log_softmax(teacher(batch["x"]), 1)
 
     position = {(int(i), int(v)): n for n, (i, v) in enumerate(zip(ids, views))}
-    at = [position[(int(s), int(v))] for s, v in zip(feeder.views["sample"][rows], feeder.views["view"][rows])]
+    at = [position[(int(s), int(v))] for s, v in zip(arrays["sample"][rows], arrays["view"][rows])]
     classes, stored = _stored_log_probs(table.take(pa.array(at)), mode)
     replay_error = np.abs(np.take_along_axis(replayed.numpy(), classes, 1) - stored)
     assert replay_error.max() < 0.05, replay_error.max()  # fp16 storage of the logits

@@ -106,6 +106,7 @@ def plan_sweep(config: TuneConfig) -> SweepPlan:
 
     source = resolve_source(config.store.uri, config.data, verify=config.train.verify_store)
     source = keep_hinted_layers(source, config.kd.hints)  # the trials share what they read
+    _check_temperatures(config, dims, source)
     input_shape, num_classes = tuple(source.input_shape), source.num_classes
     if config.store.uri:
         store_uri, store_key = config.store.uri[0], ",".join(m["key"] for m in source.manifests)
@@ -238,6 +239,19 @@ class ParentRun:
 # ------------------------------------------------------------------ Tuner
 
 
+def _check_temperatures(config: TuneConfig, dims: Sequence[Dimension], source: Any) -> None:
+    """Refuses a sweep whose lowest temperature lies below the store's grid (before any trial)."""
+    from student_train.driver import check_temperature_on_grid
+
+    swept = {d.key: d for d in dims}
+    temperature = swept.get("temperature")
+    lowest = (min(temperature.values) if temperature.values is not None else temperature.low) if temperature \
+        else config.kd.temperature
+    weight = swept.get("weight")
+    heaviest = (max(weight.values) if weight.values is not None else weight.high) if weight else config.kd.weight
+    check_temperature_on_grid(lowest, heaviest, source, "space.temperature" if temperature else "kd.temperature")
+
+
 def trial_base(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> dict[str, Any]:
     """The base TrainConfig of every trial, as a dict, made independent of the driver's
     process: absolute store/teacher paths (trials run in their own folders), and the
@@ -262,8 +276,8 @@ def shared_data(config: TuneConfig, plan: SweepPlan) -> Any:
     reads them zero-copy instead of loading the store again); a larger store is streamed."""
     import ray
 
-    from student_train.data import load_split_arrays
     from student_train.driver import SharedData, choose_ingest
+    from student_train.feed import load_split_arrays
 
     base = config.base_train_config()
     if config.tune.trial_mode != "in_process" or choose_ingest(base, plan.source, 1) != "memory":
