@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_mnist_fast_pipeline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     result = subprocess.run(
-        [sys.executable, "-m", "still.cli", "run", str(REPO / "configs/mnist.yaml"), "--fast", "--json"],
+        [sys.executable, "-m", "still_cli", "run", str(REPO / "configs/mnist.yaml"), "--fast", "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=580,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -171,7 +171,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 
 @pytest.mark.timeout(180)
 def test_cli_json_contract(ray_cluster, digits_store, tmp_path, capsys):
-    from still.cli import main
+    from still_cli.main import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = main(["tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'cli'}", f"tracking.uri={uri}",
@@ -189,7 +189,7 @@ def test_trainer_trials_that_cannot_be_scheduled_fail_the_sweep_fast(digits_stor
     # A TorchTrainer inside each trial asks for a GPU that the embedded cluster lacks: each
     # trial fails at once, naming the key (Ray Train would wait forever), and so does the sweep.
     proc = subprocess.run(
-        [sys.executable, "-m", "still.cli", "tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'sw'}",
+        [sys.executable, "-m", "still_cli", "tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'sw'}",
          "tracking.enabled=false", "tune.trial_mode=trainer", "scaling.use_gpu=true", "ray.num_cpus=2",
          "tune.num_samples=2", "tune.scheduler=none", "train.epochs=1", "space.width=[8]", "tune.name=gpu"],
         cwd=tmp_path, capture_output=True, text=True, timeout=150,

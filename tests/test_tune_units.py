@@ -164,7 +164,7 @@ def test_plan_refuses_to_overwrite_a_sweep(tmp_path):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    from still.cli import main
+    from still_cli.main import main
 
     good = _tiny_store(tmp_path / "store")
     code = main(["tune", f"store.uri={good}", "space.temperature={low: 4, high: 2}", "--retrain-best"])
@@ -174,7 +174,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_cli_retrain_best_flag_sets_the_key():
-    from still.cli import build_parser
+    from still_cli.main import build_parser
 
     args = build_parser().parse_args(["tune", "store.uri=x", "--retrain-best", "--json"])
     assert args.retrain_best and args.json
