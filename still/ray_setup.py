@@ -49,6 +49,12 @@ _QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 _QUIET_LEVEL = logging.WARNING
+# What every process of an embedded cluster gets, quiet or not. Its one node is this
+# machine, which no cloud provider reclaims: Ray Train's PreemptionWatcher actor (one per
+# training run) has nothing to watch, and creating it logged a core-worker error on the
+# console ("... has constructor arguments in the object store and max_restarts > 0",
+# ray-project/ray#53727).
+_EMBEDDED_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class _DropNotice(logging.Filter):
@@ -73,17 +79,18 @@ _NOTICES = {
 }
 
 
+def _unset(variables: Mapping[str, str]) -> dict[str, str]:
+    """``variables`` less those already set in this process: they are the user's choice,
+    and on a Ray Jobs driver the job's own ``runtime_env`` carries them (``ray.init``
+    refuses a second value for a key the job sets)."""
+    return {key: value for key, value in variables.items() if key not in os.environ}
+
+
 def console_env(verbose: bool) -> dict[str, str]:
     """Environment variables that keep Ray's INFO chatter off the console in every Ray
-    process of the job; empty when ``verbose``.
-
-    Variables already set in this process are left out: they are the user's choice,
-    and on a Ray Jobs driver the job's own ``runtime_env`` carries them (``ray.init``
-    refuses a second value for a key the job sets).
-    """
-    if verbose:
-        return {}
-    return {key: value for key, value in _QUIET_ENV.items() if key not in os.environ}
+    process of the job; empty when ``verbose``. Variables already set in this process
+    are left out."""
+    return {} if verbose else _unset(_QUIET_ENV)
 
 
 def apply_console_settings(verbose: bool) -> None:
@@ -182,7 +189,7 @@ def ingest_options(object_store_bytes: int | None = None) -> Any:
                                      verbose_progress=current.verbose_progress)
 
 
-def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
+def init_ray(config: RayConfig | None = None, *, address: str = "", dashboard: bool = True) -> str:
     """Starts or joins Ray once per process and returns how it was reached.
 
     Order of precedence: ``address`` (the CLI's ``--address``), ``ray.address`` in the
@@ -193,6 +200,11 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
     Args:
         config: The verb's ``ray`` section.
         address: An explicit address that wins over everything else.
+        dashboard: Whether an embedded cluster runs Ray's dashboard (on 127.0.0.1).
+            Ray Train's ``PlacementGroupCleaner`` (every ``TorchTrainer``) asks it,
+            through Ray's State API, whether the Train controller is still alive, and
+            fails or warns when it cannot; Ray Data alone needs none, and an embedded
+            cluster without it starts with fewer processes.
 
     Returns:
         The address in use, or ``"local"`` for an embedded cluster.
@@ -208,6 +220,8 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
     # this console (log_to_driver): the epoch lines and workers' errors are printed there.
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     env = console_env(config.verbose)
+    if not target:
+        env.update(_unset(_EMBEDDED_CLUSTER_ENV))
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if target:
@@ -215,13 +229,11 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
         return target
     if config.num_cpus:
         kwargs["num_cpus"] = config.num_cpus
-    # The dashboard is what cleans up a finished trial's placement group in Tune
-    # (RAY-NOTES.md); keep it, bound to loopback only.
     # address="local": start our own; a bare ray.init() would join the newest Ray instance
     # it finds on this machine (another user's or another test run's).
     os.environ[EMBEDDED_ENV] = "1"
     try:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs)
     finally:
         # The cluster's processes have it; this one checks the address instead, so that
         # it does not claim the next cluster it may join.

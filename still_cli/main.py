@@ -217,12 +217,21 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
 
             print(format_config(config, as_json=args.json))
             return None
-        return VERBS[args.verb].run(config)
+        verb = VERBS[args.verb]
+        if verb.uses_ray(config):
+            from still_cli.startup import start_ray_while_importing
+
+            start_ray_while_importing(config.ray, verb.load, dashboard=verb.dashboard)
+        summary = verb.run(config)
+        if verb.report is not None:
+            print(verb.report(summary), flush=True)
+        return summary
     return _HANDLERS[args.verb](args)
 
 
-# Verbs that print their own table: without --json the CLI adds only where the results are.
-_SUMMARY_KEYS = {"train": ("checkpoint", "torchscript", "run_id", "model_uri", "tracking_lost")}
+# Verbs that print a table of their results: without --json the CLI adds only where the results
+# are (train), or nothing (run: the pipeline's closing table is its summary).
+_SUMMARY_KEYS = {"train": ("checkpoint", "torchscript", "run_id", "model_uri", "tracking_lost"), "run": ()}
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool, verb: str) -> None:

@@ -272,11 +272,14 @@ def pipeline_from_args(args: Any) -> Pipeline:
 
 def run_pipeline_cli(args: Any) -> dict[str, Any]:
     """The ``still run`` verb: parse, run, print the table, return the JSON summary."""
-    from still.ray_setup import init_ray
     from still.tracking import open_run, tracking_uri
+    from still_cli.startup import start_ray_while_importing
 
     pipeline = pipeline_from_args(args)
-    init_ray(pipeline.ray)
+    check_pipeline(pipeline)
+    # One Ray instance for every stage (each stage's init_ray joins it), started while the
+    # first stage's verb imports.
+    start_ray_while_importing(pipeline.ray, VERBS[pipeline.stages[0].verb].load, dashboard=True)
     outcome = run_pipeline(pipeline)
     uri = tracking_uri(pipeline.tracking)
     report = format_report(pipeline, outcome, uri, fast=args.fast)

@@ -2,8 +2,8 @@
 
 ``still VERB`` and a ``still run`` stage of that verb both go through :data:`VERBS`.
 The config classes are small dataclass modules imported here; the stage that runs a
-verb (torch, Ray, MLflow) is imported only when the verb runs, so ``still --help`` and
-``--print-config`` stay fast and never import Ray.
+verb (torch, Ray, MLflow) is imported by :attr:`Verb.load`, when the verb runs, so
+``still --help`` and ``--print-config`` stay fast and never import Ray.
 """
 
 from __future__ import annotations
@@ -16,26 +16,41 @@ from student_train.config import TrainConfig
 from teacher_infer.config import InferConfig
 from tuning.config import TuneConfig
 
-
-def run_infer(config: InferConfig) -> dict[str, Any]:
-    """Runs ``still infer`` (:func:`teacher_infer.infer.run_infer`)."""
-    from teacher_infer.infer import run_infer as run
-
-    return run(config)
+Runner = Callable[[Any], dict[str, Any]]
 
 
-def run_train(config: TrainConfig) -> dict[str, Any]:
-    """Runs ``still train`` (:func:`student_train.driver.run_train`)."""
-    from student_train.driver import run_train as run
+def _load_infer() -> Runner:
+    from teacher_infer.infer import run_infer
 
-    return run(config)
+    return run_infer
 
 
-def run_tune(config: TuneConfig) -> dict[str, Any]:
-    """Runs ``still tune`` (:func:`tuning.driver.run_tune`)."""
-    from tuning.driver import run_tune as run
+def _load_train() -> Runner:
+    from student_train.driver import run_train
 
-    return run(config)
+    return run_train
+
+
+def _load_tune() -> Runner:
+    from tuning.driver import run_tune
+
+    return run_tune
+
+
+def train_table(summary: dict[str, Any]) -> str:
+    """The student-vs-teacher table of a ``still train`` summary (:func:`student_train.driver.format_table`)."""
+    from student_train.driver import format_table
+
+    return format_table(summary)
+
+
+def _always(config: Any) -> bool:
+    return True
+
+
+def _train_uses_ray(config: TrainConfig) -> bool:
+    # Ray Train workers; a student trained in this process (num_workers=0) from memory uses no Ray.
+    return config.scaling.max_workers > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +61,26 @@ class Verb:
     """``infer``, ``train`` or ``tune``."""
     config_class: type
     """The frozen root config dataclass of the verb."""
-    run: Callable[[Any], dict[str, Any]]
-    """Runs the verb on a resolved config and returns its summary."""
+    load: Callable[[], Runner]
+    """Imports the stage and returns the function that runs the verb on a resolved config
+    and returns its summary."""
+    dashboard: bool
+    """Whether the embedded Ray cluster it starts runs Ray's dashboard (see
+    :func:`still.ray_setup.init_ray`): Ray Train and Tune ask it about their actors."""
+    uses_ray: Callable[[Any], bool]
+    """Whether a run with this config starts Ray (the CLI starts it while the stage imports)."""
+    report: Callable[[dict[str, Any]], str] | None = None
+    """What ``still VERB`` prints of the summary before the summary itself (a ``still run``
+    stage prints none: the pipeline's closing table has its figures)."""
+
+    def run(self, config: Any) -> dict[str, Any]:
+        """Runs the verb on a resolved config and returns its summary."""
+        return self.load()(config)
 
 
 VERBS: dict[str, Verb] = {
     verb.name: verb
-    for verb in (Verb("infer", InferConfig, run_infer), Verb("train", TrainConfig, run_train),
-                 Verb("tune", TuneConfig, run_tune))
+    for verb in (Verb("infer", InferConfig, _load_infer, dashboard=False, uses_ray=_always),
+                 Verb("train", TrainConfig, _load_train, dashboard=True, uses_ray=_train_uses_ray, report=train_table),
+                 Verb("tune", TuneConfig, _load_tune, dashboard=True, uses_ray=_always))
 }

@@ -72,7 +72,7 @@ def cluster_cpus(ray_config: Any) -> int:
 
     # Sized from the cluster, not this machine: a laptop submitting to 64 CPUs with
     # --address must plan for 64.
-    init_ray(ray_config)
+    init_ray(ray_config, dashboard=False)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -93,7 +93,7 @@ def check_capacity(run: Any, ray_config: Any) -> None:
 
     from still.ray_setup import init_ray
 
-    init_ray(ray_config)
+    init_ray(ray_config, dashboard=False)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     most_gpus = max((node["Resources"].get("GPU", 0.0) for node in nodes), default=0.0)
     most_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=0.0)
@@ -134,7 +134,7 @@ def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any,
 
     from still.ray_setup import init_ray
 
-    init_ray(ray_config)
+    init_ray(ray_config, dashboard=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() or ctx.enable_progress_bars
     device = "cuda" if run.num_gpus > 0 else "cpu"
