@@ -99,7 +99,7 @@ def apply_console_settings(verbose: bool) -> None:
     Quiet: no Ray Data progress bars and no "Starting execution" lines (the current
     ``DataContext``, which every dataset created afterwards copies), the ``ray.data``
     loggers at WARNING, and the notices of ``_NOTICES`` dropped. :func:`init_ray` calls
-    it, before it starts or joins Ray and also when Ray is already up.
+    it once Ray is up (and the notices part before it starts Ray, which logs one).
     """
     import ray.data
 
@@ -112,9 +112,13 @@ def apply_console_settings(verbose: bool) -> None:
     # takes everything, its console handler INFO and above).
     level: int | str = (os.environ.get("RAY_DATA_LOG_LEVEL") or logging.DEBUG) if verbose else _QUIET_LEVEL
     logging.getLogger("ray.data").setLevel(level)
+    _drop_notices(not verbose)
+
+
+def _drop_notices(drop: bool) -> None:
     for name, notice in _NOTICES.items():
         logging.getLogger(name).removeFilter(notice)
-        if not verbose:
+        if drop:
             logging.getLogger(name).addFilter(notice)
 
 
@@ -213,9 +217,12 @@ def init_ray(config: RayConfig | None = None, *, address: str = "", dashboard: b
 
     config = config or RayConfig()
     target = address or config.address or os.environ.get("RAY_ADDRESS", "")
-    apply_console_settings(config.verbose)
     if ray.is_initialized():
+        apply_console_settings(config.verbose)
         return target or "local"
+    # Before ray.init, which logs one of them; the rest (importing Ray Data, 1-2 s) after,
+    # so that Ray's processes start first (the CLI imports the stage meanwhile).
+    _drop_notices(not config.verbose)
     # Ray's own loggers in this process: warnings and errors. Worker output still reaches
     # this console (log_to_driver): the epoch lines and workers' errors are printed there.
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -226,6 +233,7 @@ def init_ray(config: RayConfig | None = None, *, address: str = "", dashboard: b
         kwargs["runtime_env"] = {"env_vars": env}
     if target:
         ray.init(address=target, **kwargs)
+        apply_console_settings(config.verbose)
         return target
     if config.num_cpus:
         kwargs["num_cpus"] = config.num_cpus
@@ -240,6 +248,7 @@ def init_ray(config: RayConfig | None = None, *, address: str = "", dashboard: b
         os.environ.pop(EMBEDDED_ENV, None)
     global _embedded_gcs_address
     _embedded_gcs_address = ray.get_runtime_context().gcs_address
+    apply_console_settings(config.verbose)
     return "local"
 
 

@@ -218,10 +218,6 @@ def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
             print(format_config(config, as_json=args.json))
             return None
         verb = VERBS[args.verb]
-        if verb.uses_ray(config):
-            from still_cli.startup import start_ray_while_importing
-
-            start_ray_while_importing(config.ray, verb.load, dashboard=verb.dashboard)
         summary = verb.run(config)
         if verb.report is not None:
             print(verb.report(summary), flush=True)

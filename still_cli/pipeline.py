@@ -160,11 +160,10 @@ def _fill_references(value: Any, results: dict[str, dict], where: str) -> Any:
     return value
 
 
-def check_pipeline(pipeline: Pipeline) -> None:
+def check_pipeline(pipeline: Pipeline) -> list[Any]:
     """Builds every stage's config with references stubbed out, so a typo in the last
-    stage fails before the first one spends minutes."""
-    for stage in pipeline.stages:
-        _build_stage_config(stage, _stub_references(stage.config))
+    stage fails before the first one spends minutes; returns those configs."""
+    return [_build_stage_config(stage, _stub_references(stage.config)) for stage in pipeline.stages]
 
 
 def _build_stage_config(stage: Stage, block: dict) -> Any:
@@ -276,10 +275,11 @@ def run_pipeline_cli(args: Any) -> dict[str, Any]:
     from still_cli.startup import start_ray_while_importing
 
     pipeline = pipeline_from_args(args)
-    check_pipeline(pipeline)
+    configs = check_pipeline(pipeline)
     # One Ray instance for every stage (each stage's init_ray joins it), started while the
     # first stage's verb imports.
-    start_ray_while_importing(pipeline.ray, VERBS[pipeline.stages[0].verb].load, dashboard=True)
+    dashboard = any(VERBS[stage.verb].dashboard(config) for stage, config in zip(pipeline.stages, configs))
+    start_ray_while_importing(pipeline.ray, VERBS[pipeline.stages[0].verb].load, dashboard=dashboard)
     outcome = run_pipeline(pipeline)
     uri = tracking_uri(pipeline.tracking)
     report = format_report(pipeline, outcome, uri, fast=args.fast)

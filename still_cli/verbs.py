@@ -44,13 +44,19 @@ def train_table(summary: dict[str, Any]) -> str:
     return format_table(summary)
 
 
-def _always(config: Any) -> bool:
-    return True
+def _never(config: Any) -> bool:
+    return False
 
 
-def _train_uses_ray(config: TrainConfig) -> bool:
-    # Ray Train workers; a student trained in this process (num_workers=0) from memory uses no Ray.
-    return config.scaling.max_workers > 0
+def _train_uses_ray_train(config: TrainConfig) -> bool:
+    # A TorchTrainer's workers; a student trained in this process (num_workers=0) has none.
+    return not config.scaling.in_process
+
+
+def _tune_trains_with_ray_train(config: TuneConfig) -> bool:
+    # Measured (Ray 2.60, 2 CPUs): in-process trials run one after another without the
+    # dashboard; trials that each build a TorchTrainer want it (its placement-group cleaner).
+    return config.tune.trial_mode == "trainer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +70,11 @@ class Verb:
     load: Callable[[], Runner]
     """Imports the stage and returns the function that runs the verb on a resolved config
     and returns its summary."""
-    dashboard: bool
-    """Whether the embedded Ray cluster it starts runs Ray's dashboard (see
-    :func:`still.ray_setup.init_ray`): Ray Train and Tune ask it about their actors."""
-    uses_ray: Callable[[Any], bool]
-    """Whether a run with this config starts Ray (the CLI starts it while the stage imports)."""
+    dashboard: Callable[[Any], bool]
+    """Whether a run with this config wants Ray's dashboard on the embedded cluster a
+    ``still run`` pipeline starts for its stages (see :func:`still.ray_setup.init_ray`):
+    Ray Train's ``TorchTrainer`` asks it about its controller; Ray Data and in-process
+    Tune trials need none."""
     report: Callable[[dict[str, Any]], str] | None = None
     """What ``still VERB`` prints of the summary before the summary itself (a ``still run``
     stage prints none: the pipeline's closing table has its figures)."""
@@ -80,7 +86,7 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     verb.name: verb
-    for verb in (Verb("infer", InferConfig, _load_infer, dashboard=False, uses_ray=_always),
-                 Verb("train", TrainConfig, _load_train, dashboard=True, uses_ray=_train_uses_ray, report=train_table),
-                 Verb("tune", TuneConfig, _load_tune, dashboard=True, uses_ray=_always))
+    for verb in (Verb("infer", InferConfig, _load_infer, dashboard=_never),
+                 Verb("train", TrainConfig, _load_train, dashboard=_train_uses_ray_train, report=train_table),
+                 Verb("tune", TuneConfig, _load_tune, dashboard=_tune_trains_with_ray_train))
 }

@@ -217,3 +217,15 @@ def test_run_verbose_and_address_reach_the_pipeline(tmp_path):
     pipeline = pipeline_from_args(args)
     assert (pipeline.ray.verbose, pipeline.ray.address) == (True, "ray://h:1")
     assert pipeline_from_args(build_parser().parse_args(["run", str(tmp_path / "p.yaml")])).ray.verbose is False
+
+
+def test_which_stages_want_rays_dashboard():
+    """Ray Train's TorchTrainer wants the dashboard; Ray Data and in-process trials do not."""
+    def config(*argv):
+        return resolve_config(build_parser().parse_args(list(argv)))
+
+    assert not VERBS["infer"].dashboard(config("infer"))
+    assert VERBS["train"].dashboard(config("train"))
+    assert not VERBS["train"].dashboard(config("train", "scaling.num_workers=0"))
+    assert not VERBS["tune"].dashboard(config("tune", "store.uri=s"))
+    assert VERBS["tune"].dashboard(config("tune", "store.uri=s", "tune.trial_mode=trainer"))

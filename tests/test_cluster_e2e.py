@@ -200,7 +200,7 @@ def test_submitted_infer_then_train_pipeline_uses_both_nodes(cluster, env, tmp_p
     train_workers = [a for a in state["actors"] if a["class"] == "RayTrainWorker"]
     assert len(train_workers) == 2, state["actors"]
     assert {a["node"] for a in train_workers} == alive  # one on the head, one on the worker node
-    infer_tasks = [t for t in state["tasks"] if "_fused_stage" in t["name"] and t["state"] == "FINISHED"]
+    infer_tasks = [t for t in state["tasks"] if "_fused_shard" in t["name"] and t["state"] == "FINISHED"]
     print("infer tasks:", [(t["name"], t["node"][:8]) for t in infer_tasks])
     print("all tasks:", sorted({(t["name"], t["node"][:8] if t["node"] else None) for t in state["tasks"]}))
     assert infer_tasks, state["tasks"]
