@@ -38,7 +38,7 @@ def _load_tune() -> Runner:
 
 
 def train_table(summary: dict[str, Any]) -> str:
-    """The student-vs-teacher table of a ``still train`` summary (:func:`student_train.driver.format_table`)."""
+    """The student-vs-teacher table of a ``still train`` summary (``student_train.driver.format_table``)."""
     from student_train.driver import format_table
 
     return format_table(summary)

@@ -8,10 +8,10 @@ Reads top to bottom: resolve the data → resolve the ``auto`` settings and chec
 storage settings against the data (:mod:`teacher_infer.key`) → fingerprint the teacher
 → cache key → return the existing store if complete (no Ray, no forward pass) → load
 the teacher and probe a few rows on the driver (output size, feature layer, precision):
-every bad input fails by here, before Ray starts → Ray, its workers importing the shard
-code meanwhile → the deterministic shard plan and what a killed run left
-(:mod:`teacher_infer.plan`) → run the missing shards on Ray (:mod:`teacher_infer.pipeline`:
-the fused or the streaming plan; each shard read, inferred, compressed and written by
+every bad input fails by here, before Ray starts → the deterministic shard plan and what
+a killed run left (:mod:`teacher_infer.plan`) → run the missing shards on Ray
+(:mod:`teacher_infer.pipeline`: the fused or the streaming plan; each shard read,
+inferred, compressed and written by
 :mod:`teacher_infer.shards`) → manifest, last and atomically
 (:mod:`teacher_infer.finalize`) → MLflow run.
 """
@@ -31,7 +31,7 @@ from teacher_infer import store as st
 from teacher_infer.config import InferConfig
 from teacher_infer.finalize import finalize
 from teacher_infer.key import Settings, cache_key, resolve_settings, storage_fields, storage_spec
-from teacher_infer.pipeline import check_capacity, cluster_cpus, measure_rows_per_shard, run_shards, start_workers
+from teacher_infer.pipeline import check_capacity, cluster_cpus, measure_rows_per_shard, run_shards
 from teacher_infer.shards import ViewSettings, WriteSettings, read_shard
 from teacher_infer.soft_labels import SoftLabelSpec
 
@@ -73,7 +73,6 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
 
     teacher = load_teacher(config.teacher.uri)
     input_dtype, feature_shapes = _probe(config, spec, teacher, soft_labels, settings)
-    start_workers(config.ray)
     check_capacity(config.infer, config.ray)
     plan = shard_plan.load_or_make_plan(spec, store_dir, key, config.infer.shard_rows, itemsize,
                                         lambda: cluster_cpus(config.ray))

@@ -81,31 +81,6 @@ def cluster_cpus(ray_config: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def start_workers(ray_config: Any) -> None:
-    """Joins Ray and, on an embedded cluster, has one worker process per CPU import what a
-    shard task runs (this module, torch with it), while the driver loads and probes the
-    teacher and plans the shards.
-
-    A cold ``still infer`` otherwise paid those imports (2–4 s on two cores) in the first
-    shard tasks, after the driver's own work. The tasks are not waited for: Ray gives
-    their warm worker processes to the shard tasks once they end. A cluster joined by
-    address is left alone (its workers may be warm already, and it may have many CPUs).
-    """
-    import ray
-
-    from still.ray_setup import connected_to_embedded_cluster, init_ray
-
-    init_ray(ray_config, dashboard=False)
-    if connected_to_embedded_cluster():
-        warm = ray.remote(num_cpus=1)(_warm_worker)
-        for _ in range(int(ray.available_resources().get("CPU", 0))):
-            warm.remote()
-
-
-def _warm_worker() -> None:
-    """Does nothing: a worker imports this module (torch with it) to unpickle it."""
-
-
 def check_capacity(run: Any, ray_config: Any) -> None:
     """Joins the cluster and refuses resources no node of it has (Ray would wait forever).
 
@@ -141,7 +116,7 @@ def check_capacity(run: Any, ray_config: Any) -> None:
 def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any, plan: str,
                predictor_kwargs: dict[str, Any], settings: WriteSettings, measure_rows: int,
                ray_config: Any, views: ViewSettings | None = None) -> dict[int, dict[str, Any]]:
-    """Runs the shards ``todo`` on the chosen plan (Ray tasks, or Ray Data); returns their records by index.
+    """Runs the shards ``todo`` on the chosen plan (Ray tasks or Ray Data); returns their records by index.
 
     Args:
         todo: Plan entries of the shards to write.

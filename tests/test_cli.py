@@ -21,8 +21,8 @@ def still(*args: str, cwd=None) -> subprocess.CompletedProcess:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "still_cli", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, env=env)
+    return subprocess.run([sys.executable, "-m", "still_cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env=env)
 
 
 def test_console_script_is_the_cli():
@@ -32,7 +32,8 @@ def test_console_script_is_the_cli():
 
     from still_cli.main import main
 
-    module, _, name = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["still"].partition(":")
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["still"].partition(":")
     assert getattr(importlib.import_module(module), name) is main
 
 
@@ -216,7 +217,8 @@ def test_run_verbose_and_address_reach_the_pipeline(tmp_path):
     args = build_parser().parse_args(["run", str(tmp_path / "p.yaml"), "--verbose", "--address", "ray://h:1"])
     pipeline = pipeline_from_args(args)
     assert (pipeline.ray.verbose, pipeline.ray.address) == (True, "ray://h:1")
-    assert pipeline_from_args(build_parser().parse_args(["run", str(tmp_path / "p.yaml")])).ray.verbose is False
+    quiet = build_parser().parse_args(["run", str(tmp_path / "p.yaml")])
+    assert pipeline_from_args(quiet).ray.verbose is False
 
 
 def test_which_stages_want_rays_dashboard():

@@ -189,7 +189,8 @@ def test_cli_json_contract_and_what_the_sweep_prints(ray_cluster, digits_store, 
     quiet_lines = console_lines(quiet.out, quiet.err)
     shown = "\n".join(quiet_lines)
     for trial in ("trial-0000", "trial-0001"):
-        assert len(re.findall(rf"^still tune: {trial} completed after 1 epoch \(.*width=(8|16)\)", shown, re.M)) == 1
+        line = rf"^still tune: {trial} completed after 1 epoch \(.*width=(8|16)\)"
+        assert len(re.findall(line, shown, re.M)) == 1, shown
     assert "Trial status" not in shown and "╭" not in shown and "tensorboard" not in shown, shown
     assert len(quiet_lines) <= 12, shown  # the plan, a line per trial, the table (5), the JSON
 
