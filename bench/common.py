@@ -168,7 +168,7 @@ def mib(value: int | float) -> float:
 
 
 def run_still(args: list[str], timeout: float | None = None, cwd: Path | None = None) -> dict[str, Any]:
-    """Runs ``python -m still.cli ARGS --json`` as a new process (its own embedded Ray), with its peak memory.
+    """Runs ``python -m still_cli ARGS --json`` as a new process (its own embedded Ray), with its peak memory.
 
     Returns:
         ``summary`` (the command's last stdout line, parsed), ``seconds`` (wall time of
@@ -181,7 +181,7 @@ def run_still(args: list[str], timeout: float | None = None, cwd: Path | None = 
             line of its stderr.
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "still.cli", *args, "--json"]
+    command = [sys.executable, "-m", "still_cli", *args, "--json"]
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                             start_new_session=True)

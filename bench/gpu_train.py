@@ -187,7 +187,7 @@ class Budget:
 
 def still_cli(verb: str, overrides: list[str], work: Path, name: str, budget: Budget,
               watch_gpu: bool) -> dict[str, Any]:
-    """Runs ``python -m still.cli VERB OVERRIDES --json`` in ``work`` under a timeout.
+    """Runs ``python -m still_cli VERB OVERRIDES --json`` in ``work`` under a timeout.
 
     Returns:
         ``{"ok", "wall_s", "summary" (the last stdout line parsed, or None), "gpu",
@@ -201,7 +201,7 @@ def still_cli(verb: str, overrides: list[str], work: Path, name: str, budget: Bu
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "STILL_CACHE_DIR": str(work / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "still.cli", verb, *overrides, "--json"]
+    command = [sys.executable, "-m", "still_cli", verb, *overrides, "--json"]
     log(f"{name}: still {verb} {' '.join(overrides)} (timeout {timeout:.0f}s)")
     started = time.perf_counter()
     timed_out = False

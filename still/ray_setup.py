@@ -49,6 +49,12 @@ _QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 _QUIET_LEVEL = logging.WARNING
+# What every process of an embedded cluster gets, quiet or not. Its one node is this
+# machine, which no cloud provider reclaims: Ray Train's PreemptionWatcher actor (one per
+# training run) has nothing to watch, and creating it logged a core-worker error on the
+# console ("... has constructor arguments in the object store and max_restarts > 0",
+# ray-project/ray#53727).
+_EMBEDDED_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class _DropNotice(logging.Filter):
@@ -73,17 +79,18 @@ _NOTICES = {
 }
 
 
+def _unset(variables: Mapping[str, str]) -> dict[str, str]:
+    """``variables`` less those already set in this process: they are the user's choice,
+    and on a Ray Jobs driver the job's own ``runtime_env`` carries them (``ray.init``
+    refuses a second value for a key the job sets)."""
+    return {key: value for key, value in variables.items() if key not in os.environ}
+
+
 def console_env(verbose: bool) -> dict[str, str]:
     """Environment variables that keep Ray's INFO chatter off the console in every Ray
-    process of the job; empty when ``verbose``.
-
-    Variables already set in this process are left out: they are the user's choice,
-    and on a Ray Jobs driver the job's own ``runtime_env`` carries them (``ray.init``
-    refuses a second value for a key the job sets).
-    """
-    if verbose:
-        return {}
-    return {key: value for key, value in _QUIET_ENV.items() if key not in os.environ}
+    process of the job; empty when ``verbose``. Variables already set in this process
+    are left out."""
+    return {} if verbose else _unset(_QUIET_ENV)
 
 
 def apply_console_settings(verbose: bool) -> None:
@@ -92,7 +99,7 @@ def apply_console_settings(verbose: bool) -> None:
     Quiet: no Ray Data progress bars and no "Starting execution" lines (the current
     ``DataContext``, which every dataset created afterwards copies), the ``ray.data``
     loggers at WARNING, and the notices of ``_NOTICES`` dropped. :func:`init_ray` calls
-    it, before it starts or joins Ray and also when Ray is already up.
+    it once Ray is up (and the notices part before it starts Ray, which logs one).
     """
     import ray.data
 
@@ -105,9 +112,13 @@ def apply_console_settings(verbose: bool) -> None:
     # takes everything, its console handler INFO and above).
     level: int | str = (os.environ.get("RAY_DATA_LOG_LEVEL") or logging.DEBUG) if verbose else _QUIET_LEVEL
     logging.getLogger("ray.data").setLevel(level)
+    _drop_notices(not verbose)
+
+
+def _drop_notices(drop: bool) -> None:
     for name, notice in _NOTICES.items():
         logging.getLogger(name).removeFilter(notice)
-        if not verbose:
+        if drop:
             logging.getLogger(name).addFilter(notice)
 
 
@@ -182,7 +193,7 @@ def ingest_options(object_store_bytes: int | None = None) -> Any:
                                      verbose_progress=current.verbose_progress)
 
 
-def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
+def init_ray(config: RayConfig | None = None, *, address: str = "", dashboard: bool = True) -> str:
     """Starts or joins Ray once per process and returns how it was reached.
 
     Order of precedence: ``address`` (the CLI's ``--address``), ``ray.address`` in the
@@ -193,6 +204,11 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
     Args:
         config: The verb's ``ray`` section.
         address: An explicit address that wins over everything else.
+        dashboard: Whether an embedded cluster runs Ray's dashboard (on 127.0.0.1).
+            Ray Train's ``PlacementGroupCleaner`` (every ``TorchTrainer``) asks it,
+            through Ray's State API, whether the Train controller is still alive, and
+            fails or warns when it cannot; Ray Data alone needs none, and an embedded
+            cluster without it starts with fewer processes.
 
     Returns:
         The address in use, or ``"local"`` for an embedded cluster.
@@ -201,33 +217,38 @@ def init_ray(config: RayConfig | None = None, *, address: str = "") -> str:
 
     config = config or RayConfig()
     target = address or config.address or os.environ.get("RAY_ADDRESS", "")
-    apply_console_settings(config.verbose)
     if ray.is_initialized():
+        apply_console_settings(config.verbose)
         return target or "local"
+    # Before ray.init, which logs one of them; the rest (importing Ray Data, 1-2 s) after,
+    # so that Ray's processes start first (the CLI imports the stage meanwhile).
+    _drop_notices(not config.verbose)
     # Ray's own loggers in this process: warnings and errors. Worker output still reaches
     # this console (log_to_driver): the epoch lines and workers' errors are printed there.
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     env = console_env(config.verbose)
+    if not target:
+        env.update(_unset(_EMBEDDED_CLUSTER_ENV))
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if target:
         ray.init(address=target, **kwargs)
+        apply_console_settings(config.verbose)
         return target
     if config.num_cpus:
         kwargs["num_cpus"] = config.num_cpus
-    # The dashboard is what cleans up a finished trial's placement group in Tune
-    # (RAY-NOTES.md); keep it, bound to loopback only.
     # address="local": start our own; a bare ray.init() would join the newest Ray instance
     # it finds on this machine (another user's or another test run's).
     os.environ[EMBEDDED_ENV] = "1"
     try:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs)
     finally:
         # The cluster's processes have it; this one checks the address instead, so that
         # it does not claim the next cluster it may join.
         os.environ.pop(EMBEDDED_ENV, None)
     global _embedded_gcs_address
     _embedded_gcs_address = ray.get_runtime_context().gcs_address
+    apply_console_settings(config.verbose)
     return "local"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -73,6 +74,10 @@ def ensure_experiment(uri: str, name: str) -> str:
     """
     import mlflow
 
+    # The first client of a new sqlite file creates its tables and says so at INFO
+    # ("Creating initial MLflow database tables...", "Updating database tables"): set-up
+    # chatter, once per file. MLflow's warnings still show.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     client = mlflow.MlflowClient(tracking_uri=uri)
     existing = client.get_experiment_by_name(name)
     if existing is not None:

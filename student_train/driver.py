@@ -123,10 +123,9 @@ class Job:
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """``still train``: one job, one MLflow run; returns the summary (CLI prints it)."""
-    result = train_job(cfg, run_name=cfg.train.name or default_run_name(cfg))
-    print(format_table(result), flush=True)
-    return result
+    """``still train``: one job, one MLflow run; returns the summary (the CLI prints it and
+    :func:`format_table`)."""
+    return train_job(cfg, run_name=cfg.train.name or default_run_name(cfg))
 
 
 def default_run_name(cfg: TrainConfig) -> str:

@@ -33,6 +33,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.uri != self.uri.strip():
             raise StillError(f"teacher.uri must not have surrounding spaces, got {self.uri!r}")
+        if not self.feature_layers:
+            return  # teacher_infer.store imports torch (1.5 s): not for every config built
         from teacher_infer.store import feature_column
 
         columns = [feature_column(name) for name in self.feature_layers]

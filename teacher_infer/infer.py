@@ -7,10 +7,11 @@
 Reads top to bottom: resolve the data → resolve the ``auto`` settings and check the
 storage settings against the data (:mod:`teacher_infer.key`) → fingerprint the teacher
 → cache key → return the existing store if complete (no Ray, no forward pass) → load
-the teacher and probe a few rows on the driver (output size, feature layer, precision)
-→ the deterministic shard plan and what a killed run left (:mod:`teacher_infer.plan`)
-→ run the missing shards on Ray Data (:mod:`teacher_infer.pipeline`: the fused or the
-streaming plan; each shard read, inferred, compressed and written by
+the teacher and probe a few rows on the driver (output size, feature layer, precision):
+every bad input fails by here, before Ray starts → the deterministic shard plan and what
+a killed run left (:mod:`teacher_infer.plan`) → run the missing shards on Ray
+(:mod:`teacher_infer.pipeline`: the fused or the streaming plan; each shard read,
+inferred, compressed and written by
 :mod:`teacher_infer.shards`) → manifest, last and atomically
 (:mod:`teacher_infer.finalize`) → MLflow run.
 """

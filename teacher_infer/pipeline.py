@@ -15,8 +15,13 @@ and writing the previous ones run meanwhile on CPUs. The pool starts at
 ``infer.min_actors`` and grows up to ``infer.max_actors`` (0: as many as the cluster
 can place), so GPU nodes that join are used and idle ones can go.
 
-**fused** (CPU clusters; ``infer.plan=fused``): one task per shard runs the three
-steps in one process with the model cached per worker process. Measured on 2 CPUs
+**fused** (CPU clusters; ``infer.plan=fused``): one Ray task per shard runs the three
+steps in one process with the model cached per worker process. Plain Ray tasks, spread
+over the nodes as Ray Data spreads its tasks, not Ray Data itself: with one task per
+shard and a few small records coming back there is nothing for its executor to
+stream, and a cold ``still infer`` saved about 2.5 s on 2 CPUs without its driver-side
+set-up, its two helper actors (each a worker process) and its import in every worker
+(a 200k-row store in 21.4 s instead of 24.5, median of 3, 2026-12-05). Measured on 2 CPUs
 (``bench/infer.py``, 2026-12-01: 1,000,000 rows × 784 uint8, MLP 784-1200-1200-10,
 top-10 fp16, Ray warm): plain single-process loop 21,834 rows/s; fused 21,916 (1.00×);
 streaming 15,709 (0.72×: the actor holds one of the two CPUs, so one read or write task
@@ -72,7 +77,7 @@ def cluster_cpus(ray_config: Any) -> int:
 
     # Sized from the cluster, not this machine: a laptop submitting to 64 CPUs with
     # --address must plan for 64.
-    init_ray(ray_config)
+    init_ray(ray_config, dashboard=False)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -93,7 +98,7 @@ def check_capacity(run: Any, ray_config: Any) -> None:
 
     from still.ray_setup import init_ray
 
-    init_ray(ray_config)
+    init_ray(ray_config, dashboard=False)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     most_gpus = max((node["Resources"].get("GPU", 0.0) for node in nodes), default=0.0)
     most_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=0.0)
@@ -111,7 +116,7 @@ def check_capacity(run: Any, ray_config: Any) -> None:
 def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any, plan: str,
                predictor_kwargs: dict[str, Any], settings: WriteSettings, measure_rows: int,
                ray_config: Any, views: ViewSettings | None = None) -> dict[int, dict[str, Any]]:
-    """Runs the shards ``todo`` on Ray Data with the chosen plan; returns their records by index.
+    """Runs the shards ``todo`` on the chosen plan (Ray tasks or Ray Data); returns their records by index.
 
     Args:
         todo: Plan entries of the shards to write.
@@ -130,59 +135,110 @@ def run_shards(todo: list[dict[str, Any]], *, spec: Any, payload: Any, run: Any,
             failing at its precision). Resources are checked before, by :func:`check_capacity`.
     """
     import ray
-    import ray.data
 
     from still.ray_setup import init_ray
 
-    init_ray(ray_config)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() or ctx.enable_progress_bars
+    init_ray(ray_config, dashboard=False)
     device = "cuda" if run.num_gpus > 0 else "cpu"
     common = {"payload": payload, "normalisation": Normalisation.of(spec),
               "predictor_kwargs": {**predictor_kwargs, "device": device}}
-    ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
     if plan == "fused":
-        ds = ds.map_batches(_fused_stage, batch_size=1, num_cpus=run.num_cpus_per_task,
-                            num_gpus=run.num_gpus or None,
-                            fn_kwargs={**common, "spec": spec, "settings": settings, "measure_rows": measure_rows,
-                                       "views": views})
-    else:
-        max_actors = run.max_actors or None
-        if device == "cpu":
-            free = max(1, int(ray.cluster_resources().get("CPU", 1) // run.num_cpus_per_task) - 1)
-            max_actors = min(max_actors or free, free)
-        ds = ds.map_batches(_read_stage, batch_size=1, num_cpus=1,
-                            fn_kwargs={"spec": spec, "measure_rows": measure_rows, "views": views})
-        ds = ds.map_batches(
-            TeacherActor, batch_size=1, num_gpus=run.num_gpus or None, num_cpus=run.num_cpus_per_task,
-            compute=ray.data.ActorPoolStrategy(min_size=min(run.min_actors, max_actors or run.min_actors),
-                                               max_size=max_actors),
-            fn_constructor_kwargs={**common, "include_inputs": settings.include_inputs},
-        )
-        ds = ds.map_batches(_write_stage, batch_size=1, num_cpus=1, fn_kwargs={"settings": settings})
-    return _collect(ds, settings)
+        task = ray.remote(num_cpus=run.num_cpus_per_task, num_gpus=run.num_gpus or None,
+                          scheduling_strategy="SPREAD")(_fused_shard)
+        kwargs = ray.put({**common, "spec": spec, "settings": settings, "measure_rows": measure_rows,
+                          "views": views})
+        return _gather([task.remote(shard, kwargs) for shard in todo], settings)
+    return _collect(_streaming_plan(todo, common, spec=spec, run=run, device=device, settings=settings,
+                                    measure_rows=measure_rows, views=views), settings)
+
+
+def _streaming_plan(todo: list[dict[str, Any]], common: dict[str, Any], *, spec: Any, run: Any, device: str,
+                    settings: WriteSettings, measure_rows: int, views: ViewSettings | None) -> Any:
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() or ctx.enable_progress_bars
+    max_actors = run.max_actors or None
+    if device == "cpu":
+        free = max(1, int(ray.cluster_resources().get("CPU", 1) // run.num_cpus_per_task) - 1)
+        max_actors = min(max_actors or free, free)
+    ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(_read_stage, batch_size=1, num_cpus=1,
+                        fn_kwargs={"spec": spec, "measure_rows": measure_rows, "views": views})
+    ds = ds.map_batches(
+        TeacherActor, batch_size=1, num_gpus=run.num_gpus or None, num_cpus=run.num_cpus_per_task,
+        compute=ray.data.ActorPoolStrategy(min_size=min(run.min_actors, max_actors or run.min_actors),
+                                           max_size=max_actors),
+        fn_constructor_kwargs={**common, "include_inputs": settings.include_inputs},
+    )
+    return ds.map_batches(_write_stage, batch_size=1, num_cpus=1, fn_kwargs={"settings": settings})
+
+
+def _gather(refs: list[Any], settings: WriteSettings) -> dict[int, dict[str, Any]]:
+    """The fused plan's records as its tasks end; on a failure the tasks not yet run are cancelled."""
+    import ray
+
+    written: dict[int, dict[str, Any]] = {}
+    pending = list(refs)
+    progress = _Progress(len(refs))
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            _keep(ray.get(done[0]), settings, written)
+            progress.step()
+    except Exception as exc:  # a task failure: Ray wraps the worker's exception
+        for ref in pending:
+            ray.cancel(ref)
+        message = _still_error(exc)
+        if message is None:
+            raise
+        raise StillError(message) from None
+    finally:
+        progress.close()
+    return written
 
 
 def _collect(ds: Any, settings: WriteSettings) -> dict[int, dict[str, Any]]:
-    from still.storage import resolve
-
+    """The streaming plan's records."""
     written: dict[int, dict[str, Any]] = {}
     try:
         for row in ds.iter_rows():
-            record = dict(row)
-            if not settings.write:
-                resolve(settings.store_uri).join(record["name"]).write_atomic(record["data"])
-            record.pop("data", None)
-            record["stats"] = json.loads(record["stats"])
-            written[int(record["index"])] = record
-    except StillError:
-        raise
+            _keep(dict(row), settings, written)
     except Exception as exc:  # a task failure: Ray wraps the worker's exception
         message = _still_error(exc)
-        if message is not None:
-            raise StillError(message) from None
-        raise
+        if message is None:
+            raise
+        raise StillError(message) from None
     return written
+
+
+def _keep(record: dict[str, Any], settings: WriteSettings, written: dict[int, dict[str, Any]]) -> None:
+    """Files one shard's record (writing its bytes here for stores the tasks cannot write)."""
+    from still.storage import resolve
+
+    if not settings.write:
+        resolve(settings.store_uri).join(record["name"]).write_atomic(record["data"])
+    record.pop("data", None)
+    record["stats"] = json.loads(record["stats"])
+    written[int(record["index"])] = record
+
+
+class _Progress:
+    """``still infer: N/M shards`` on a terminal, rewritten in place; nothing on a pipe or log."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.shown = sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.shown:
+            print(f"\rstill infer: {self.done}/{self.total} shards", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.shown and self.done:
+            print(file=sys.stderr, flush=True)
 
 
 def _still_error(exc: BaseException) -> str | None:
@@ -216,16 +272,12 @@ def _records(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             for name in records[0]}
 
 
-def _fused_stage(batch: dict[str, np.ndarray], *, payload: Any, normalisation: Normalisation,
-                 predictor_kwargs: dict[str, Any], spec: Any, settings: WriteSettings,
-                 measure_rows: int, views: ViewSettings | None) -> dict[str, np.ndarray]:
-    predictor = _predictor(payload, normalisation, predictor_kwargs)
-    records = []
-    for item in batch["shard"]:
-        rows = read_shard(json.loads(item), spec, measure_rows, views)
-        logits, features = predictor.forward(rows.inputs, rows.source_index, rows.params)
-        records.append(write_shard(rows, logits, features, settings))
-    return _records(records)
+def _fused_shard(shard: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The fused plan's task: reads, infers, compresses and writes one shard; returns its record."""
+    predictor = _predictor(kwargs["payload"], kwargs["normalisation"], kwargs["predictor_kwargs"])
+    rows = read_shard(shard, kwargs["spec"], kwargs["measure_rows"], kwargs["views"])
+    logits, features = predictor.forward(rows.inputs, rows.source_index, rows.params)
+    return write_shard(rows, logits, features, kwargs["settings"])
 
 
 def _read_stage(batch: dict[str, np.ndarray], *, spec: Any, measure_rows: int,

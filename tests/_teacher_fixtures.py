@@ -87,7 +87,7 @@ def still_cli(args: list[str], cwd: Path, timeout: float = 120, env: dict | None
     """Runs ``still ARGS`` in a subprocess (tracking into cwd's sqlite)."""
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "still.cli", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", "still_cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""The still command line: help, errors and exit codes, through the real console script."""
+"""The still command line: help, errors and exit codes, through ``python -m still_cli``."""
 
 from __future__ import annotations
 
@@ -10,17 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from still.cli import _CONFIG_VERBS, _load, build_parser, resolve_config
+from still_cli.main import build_parser, resolve_config
+from still_cli.verbs import VERBS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def still(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the console script runs this checkout, whatever the editable install points at.
+    # PYTHONPATH: this checkout, whatever the editable install points at.
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run(["still", *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+    return subprocess.run([sys.executable, "-m", "still_cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env=env)
+
+
+def test_console_script_is_the_cli():
+    """``pip install`` makes ``still`` call what pyproject.toml names: the CLI's main."""
+    import importlib
+    import tomllib
+
+    from still_cli.main import main
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["still"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
 
 
 def test_help_lists_every_verb_with_an_example():
@@ -81,12 +95,12 @@ def test_train_help_lists_keys_with_type_default_and_doc(tmp_path):
     assert out.index("\ndata:") < out.index("\ndata.image:") < out.index("\nstudent:")
 
 
-@pytest.mark.parametrize("verb", sorted(_CONFIG_VERBS))
+@pytest.mark.parametrize("verb", sorted(VERBS))
 def test_help_lists_every_key_of_the_verb(verb, tmp_path):
     from still.config import flatten
-    from still.config_help import config_keys
+    from still_cli.config_help import config_keys
 
-    rows = config_keys(_load(_CONFIG_VERBS[verb][2]))
+    rows = config_keys(VERBS[verb].config_class)
     keys = [row.key for row in rows]
     # Every key a resolved config has (flatten leaves out empty mappings: those are dict-typed keys).
     config = resolve_config(build_parser().parse_args([verb, "store.uri=s"] if verb == "tune" else [verb]))
@@ -98,17 +112,17 @@ def test_help_lists_every_key_of_the_verb(verb, tmp_path):
     assert not missing, f"still {verb} --help does not list {missing}"
 
 
-@pytest.mark.parametrize("verb", sorted(_CONFIG_VERBS))
+@pytest.mark.parametrize("verb", sorted(VERBS))
 def test_every_config_key_has_a_doc(verb):
     """Each field needs a docstring right under it in its config dataclass."""
-    from still.config_help import config_keys
+    from still_cli.config_help import config_keys
 
-    undocumented = [row.key for row in config_keys(_load(_CONFIG_VERBS[verb][2])) if not row.doc.strip()]
+    undocumented = [row.key for row in config_keys(VERBS[verb].config_class) if not row.doc.strip()]
     assert not undocumented, f"{verb}: add a docstring under these config fields: {undocumented}"
 
 
 def test_config_keys_types_defaults_and_first_sentences():
-    from still.config_help import config_keys, first_sentence
+    from still_cli.config_help import config_keys, first_sentence
     from tuning.config import TuneConfig
 
     rows = {row.key: row for row in config_keys(TuneConfig)}
@@ -124,7 +138,7 @@ def test_config_keys_types_defaults_and_first_sentences():
 
 
 def test_infer_store_include_inputs_union_type():
-    from still.config_help import config_keys
+    from still_cli.config_help import config_keys
     from teacher_infer.config import InferConfig
 
     rows = {row.key: row for row in config_keys(InferConfig)}
@@ -139,7 +153,7 @@ def test_print_config_prints_the_override_and_runs_nothing(tmp_path):
     # In a fresh interpreter: the config is printed and Ray is never imported.
     script = (
         "import sys\n"
-        "from still.cli import main\n"
+        "from still_cli.main import main\n"
         "code = main(['train', '--print-config', '--json', 'train.epochs=3', '--verbose',\n"
         "             'scaling.num_workers=0'])\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
@@ -195,35 +209,25 @@ def test_stray_argument_after_a_flag_is_still_an_error(tmp_path):
     assert "unrecognized arguments: --bogus" in result.stderr
 
 
-def test_run_verbose_reaches_every_stage(tmp_path, monkeypatch):
-    import still.pipeline as pipeline_module
-    import still.ray_setup
+def test_run_verbose_and_address_reach_the_pipeline(tmp_path):
+    """Each stage's config then gets them (tests/test_pipeline.py)."""
+    from still_cli.pipeline import pipeline_from_args
 
-    (tmp_path / "p.yaml").write_text(
-        "stages:\n"
-        "  - {name: a, verb: train, config: {scaling: {num_workers: 0}}}\n"
-        "  - {name: b, verb: train, config: {scaling: {num_workers: 0}}}\n"
-    )
-    args = build_parser().parse_args(["run", str(tmp_path / "p.yaml"), "--verbose"])
-    assert args.verbose is True
+    (tmp_path / "p.yaml").write_text("stages:\n  - {name: a, verb: train}\n")
+    args = build_parser().parse_args(["run", str(tmp_path / "p.yaml"), "--verbose", "--address", "ray://h:1"])
+    pipeline = pipeline_from_args(args)
+    assert (pipeline.ray.verbose, pipeline.ray.address) == (True, "ray://h:1")
+    quiet = build_parser().parse_args(["run", str(tmp_path / "p.yaml")])
+    assert pipeline_from_args(quiet).ray.verbose is False
 
-    class Stop(Exception):
-        pass
 
-    def fake_init_ray(ray_config):
-        raise Stop(ray_config)
+def test_which_stages_want_rays_dashboard():
+    """Ray Train's TorchTrainer wants the dashboard; Ray Data and in-process trials do not."""
+    def config(*argv):
+        return resolve_config(build_parser().parse_args(list(argv)))
 
-    monkeypatch.setattr(still.ray_setup, "init_ray", fake_init_ray)
-    with pytest.raises(Stop) as stopped:
-        pipeline_module.run_pipeline_cli(args)
-    assert stopped.value.args[0].verbose is True
-
-    # run_pipeline hands the pipeline's ray.verbose to every stage's config.
-    seen = []
-    real_load = pipeline_module._load
-    monkeypatch.setattr(pipeline_module, "_load", lambda ref: (lambda cfg: seen.append(cfg.ray.verbose) or {})
-                        if ref.endswith(":run_train") else real_load(ref))
-    parsed = pipeline_module.parse_pipeline(str(tmp_path / "p.yaml"))
-    verbose = pipeline_module.dataclasses.replace(parsed, ray=pipeline_module.RayConfig(verbose=True))
-    pipeline_module.run_pipeline(verbose, progress=lambda _: None)
-    assert seen == [True, True]
+    assert not VERBS["infer"].dashboard(config("infer"))
+    assert VERBS["train"].dashboard(config("train"))
+    assert not VERBS["train"].dashboard(config("train", "scaling.num_workers=0"))
+    assert not VERBS["tune"].dashboard(config("tune", "store.uri=s"))
+    assert VERBS["tune"].dashboard(config("tune", "store.uri=s", "tune.trial_mode=trainer"))

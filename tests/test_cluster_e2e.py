@@ -51,7 +51,7 @@ def _base_env() -> dict[str, str]:
 
 def still(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 120
           ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "still.cli", *args], env=env, cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "still_cli", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, check=False)
 
 
@@ -200,7 +200,7 @@ def test_submitted_infer_then_train_pipeline_uses_both_nodes(cluster, env, tmp_p
     train_workers = [a for a in state["actors"] if a["class"] == "RayTrainWorker"]
     assert len(train_workers) == 2, state["actors"]
     assert {a["node"] for a in train_workers} == alive  # one on the head, one on the worker node
-    infer_tasks = [t for t in state["tasks"] if "_fused_stage" in t["name"] and t["state"] == "FINISHED"]
+    infer_tasks = [t for t in state["tasks"] if "_fused_shard" in t["name"] and t["state"] == "FINISHED"]
     print("infer tasks:", [(t["name"], t["node"][:8]) for t in infer_tasks])
     print("all tasks:", sorted({(t["name"], t["node"][:8] if t["node"] else None) for t in state["tasks"]}))
     assert infer_tasks, state["tasks"]
@@ -219,7 +219,7 @@ def test_infer_driver_killed_mid_run_then_rerun_resumes(cluster, env, tmp_path):
     data = synthetic_parquet(tmp_path / "data", rows=rows, features=784)
     teacher = wide_mlp_teacher(tmp_path / "teacher.pt")
     root = tmp_path / "stores"
-    command = [sys.executable, "-m", "still.cli", "infer", "--address", cluster.address,
+    command = [sys.executable, "-m", "still_cli", "infer", "--address", cluster.address,
                f"data.source={data}", f"teacher.uri={teacher}", f"store.root={root}", "store.mode=topk", "store.k=5",
                f"infer.shard_rows={shard_rows}", f"infer.batch_size={shard_rows}", "tracking.enabled=false"]
     t0 = time.monotonic()
@@ -265,7 +265,7 @@ def test_worker_node_killed_mid_training_finishes_elastically(cluster, env, tmp_
     # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) for its placement group before the
     # next decision; a placement group that fits is ready in well under a second, so 15 s is ample.
     driver_env = {**env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    command = [sys.executable, "-m", "still.cli", "train", "--address", cluster.address,
+    command = [sys.executable, "-m", "still_cli", "train", "--address", cluster.address,
                "data.source=builtin:digits", "kd.weight=0", "student.width=64", "student.depth=1",
                f"train.epochs={epochs}", "train.batch_size=16", "train.name=elastic", f"train.output_dir={out}",
                "train.max_failures=3", "scaling.num_workers=[1,2]", "scaling.placement_strategy=STRICT_SPREAD",

@@ -34,7 +34,7 @@ def _base_env() -> dict[str, str]:
 
 
 def still(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "still.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "still_cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -156,7 +156,7 @@ def test_stop_a_running_job_and_follow_its_logs(cluster, env):
         if status == "RUNNING":
             break
         time.sleep(1)
-    follow = subprocess.Popen([sys.executable, "-m", "still.cli", "jobs", "logs", job_id, "--follow", "--address",
+    follow = subprocess.Popen([sys.executable, "-m", "still_cli", "jobs", "logs", job_id, "--follow", "--address",
                                cluster.dashboard_url, "--json"], env=env, stdout=subprocess.PIPE, text=True)
     stop = still("jobs", "stop", job_id, "--address", cluster.dashboard_url, "--json", env=env)
     assert stop.returncode == 0, stop.stderr

@@ -235,7 +235,7 @@ def test_terminate_stops_the_tree_and_nothing_else():
 
 
 def test_cluster_status_and_down_when_nothing_is_up(tmp_path):
-    from still.cli import main
+    from still_cli.main import main
 
     t0 = time.monotonic()
     assert main(["cluster", "local", "status", "--state-dir", str(tmp_path)]) == 0

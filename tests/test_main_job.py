@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from _console import CHATTER, console_lines
 from teacher_infer.store import open_store, verify_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,11 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 def test_mnist_fast_pipeline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     result = subprocess.run(
-        [sys.executable, "-m", "still.cli", "run", str(REPO / "configs/mnist.yaml"), "--fast", "--json"],
+        [sys.executable, "-m", "still_cli", "run", str(REPO / "configs/mnist.yaml"), "--fast", "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=580,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # What a person reads: a line per stage start and end, per epoch, per finished trial, the
+    # tables; none of Ray's, Tune's or MLflow's own output (`--verbose` brings Tune's back:
+    # tests/test_tune_sweep.py). 47 lines here; the full-length job stays under 120.
+    lines = console_lines(result.stdout, result.stderr)
+    shown = "\n".join(lines)
+    assert len(lines) <= 60, f"{len(lines)} lines:\n{shown}"
+    assert not [c for c in (*CHATTER, "Trial status", "tensorboard", "INFO mlflow") if c in shown], shown
+    trial_lines = re.findall(r"^still tune: trial-000[01] (completed|stopped early) after", shown, re.M)
+    assert len(trial_lines) == 2, shown
 
     # The table: our figures beside the paper's, wall time per stage, the MLflow UI command.
     assert "Hinton et al. 2015" in result.stdout

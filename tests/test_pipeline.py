@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from still.errors import StillError
-from still.pipeline import _fill_references, parse_pipeline
+from still_cli.pipeline import parse_pipeline, stage_config
 
 
 def write(tmp_path, text: str):
@@ -37,14 +37,40 @@ def test_defaults_fast_and_overrides(tmp_path):
     assert parse_pipeline(write(tmp_path, PIPELINE)).stages[0].config["train"]["epochs"] == 5
 
 
-def test_references_are_filled_from_earlier_stage_summaries():
+def test_references_are_filled_from_earlier_stage_summaries(tmp_path):
+    pipeline = parse_pipeline(write(tmp_path, """
+        stages:
+          - {name: teacher, verb: train}
+          - {name: store, verb: infer, config: {teacher: {uri: "${teacher.checkpoint}"},
+                                                store: {root: "stores-${teacher.nested.n}"}}}
+          - {name: later, verb: infer, config: {teacher: {uri: "${teacher.missing}"}}}
+          - {name: early, verb: infer, config: {teacher: {uri: "${store.key}"}}}
+    """))
+    _, store, later, early = pipeline.stages
     results = {"teacher": {"checkpoint": "/runs/t.pt", "nested": {"n": 3}}}
-    filled = _fill_references({"a": "${teacher.checkpoint}", "b": ["x-${teacher.nested.n}"]}, results, "s")
-    assert filled == {"a": "/runs/t.pt", "b": ["x-3"]}
+    config = stage_config(pipeline, store, results)
+    assert (config.teacher.uri, config.store.root) == ("/runs/t.pt", "stores-3")
     with pytest.raises(StillError, match="has no output 'missing'"):
-        _fill_references("${teacher.missing}", results, "s")
+        stage_config(pipeline, later, results)
     with pytest.raises(StillError, match="has not run"):
-        _fill_references("${later.x}", results, "s")
+        stage_config(pipeline, early, results)
+
+
+def test_pipeline_ray_settings_reach_every_stage(tmp_path):
+    import dataclasses
+
+    from still.config import RayConfig
+
+    pipeline = parse_pipeline(write(tmp_path, """
+        stages:
+          - {name: a, verb: train}
+          - {name: b, verb: tune, config: {store: {uri: s}, ray: {address: "ray://mine:10001"}}}
+    """))
+    loud = dataclasses.replace(pipeline, ray=RayConfig(address="ray://head:10001", verbose=True))
+    a, b = (stage_config(loud, stage, {}) for stage in loud.stages)
+    assert (a.ray.verbose, a.ray.address) == (True, "ray://head:10001")
+    assert (b.ray.verbose, b.ray.address) == (True, "ray://mine:10001")  # a stage's own setting wins
+    assert stage_config(pipeline, pipeline.stages[0], {}).ray.verbose is False
 
 
 @pytest.mark.parametrize(

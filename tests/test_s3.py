@@ -101,7 +101,7 @@ def test_kill_dash_nine_on_s3_then_resume(s3_env, tmp_path):
         fs.invalidate_cache()
         return fs.glob("still/killed/*/part-*.parquet")
 
-    kill_infer_mid_run([sys.executable, "-m", "still.cli", *args], tmp_path, full, list_shards=shards_on_s3)
+    kill_infer_mid_run([sys.executable, "-m", "still_cli", *args], tmp_path, full, list_shards=shards_on_s3)
     fs.invalidate_cache()
     (store_dir,) = fs.ls("still/killed")
     killed = fs.glob(f"{store_dir}/part-*.parquet")

@@ -9,7 +9,7 @@ import pytest
 
 from still.config import load_config
 from still.errors import StillError
-from still.pipeline import check_pipeline, parse_pipeline
+from still_cli.pipeline import check_pipeline, parse_pipeline
 from student_train.config import TrainConfig
 from teacher_infer.config import InferConfig
 from tuning.config import TuneConfig

@@ -26,7 +26,7 @@ def test_kill_dash_nine_then_resume(ray_cluster, tmp_path, plan):
                  "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false",
                  f"infer.plan={plan}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    kill_infer_mid_run([sys.executable, "-m", "still.cli", "infer", *overrides, "ray.num_cpus=2"],
+    kill_infer_mid_run([sys.executable, "-m", "still_cli", "infer", *overrides, "ray.num_cpus=2"],
                        tmp_path, env, root)
     planned = 30_000 // 500
     store_dir, killed_parts = assert_killed_store(root, shard_rows=500, planned=planned)

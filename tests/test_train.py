@@ -249,7 +249,7 @@ def test_bad_input_fails_before_training(case, digits_store, tmp_path):
      ("student.family=resnet", "student.family must be one of")],
 )
 def test_cli_rejects_bad_config(override, message, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "still.cli", "train", override, "--json"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "still_cli", "train", override, "--json"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.startswith("still: error:")

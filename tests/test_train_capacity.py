@@ -58,7 +58,7 @@ def test_cli_fails_fast_on_a_gpu_the_embedded_cluster_lacks(tmp_path):
     earlier = out / "student.pt"
     earlier.write_bytes(b"an earlier run's student")
     proc = subprocess.run(
-        [sys.executable, "-m", "still.cli", "train", "data.source=builtin:digits", "kd.weight=0",
+        [sys.executable, "-m", "still_cli", "train", "data.source=builtin:digits", "kd.weight=0",
          "scaling.num_workers=2", "scaling.use_gpu=true", "ray.num_cpus=2", "tracking.enabled=false",
          f"train.output_dir={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=150,

@@ -161,7 +161,7 @@ def test_epochs_reach_mlflow_while_running_and_a_lost_server_is_not_fatal(digits
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    command = [sys.executable, "-m", "still.cli", "train", f"store.uri={digits_store}", "scaling.num_workers=1",
+    command = [sys.executable, "-m", "still_cli", "train", f"store.uri={digits_store}", "scaling.num_workers=1",
                "student.width=64", f"train.epochs={EPOCHS}", "train.batch_size=32", f"tracking.uri={mlflow_server}",
                "tracking.experiment=live", f"train.output_dir={tmp_path / 'out'}", "--json"]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

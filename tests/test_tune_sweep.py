@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from ray.tune import Callback
 
+from _console import console_lines
 from still.config import load_config
 from still.errors import StillError
 from tuning.config import TuneConfig
@@ -169,19 +171,34 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     assert parent.info.status == "FINISHED"
 
 
-@pytest.mark.timeout(180)
-def test_cli_json_contract(ray_cluster, digits_store, tmp_path, capsys):
-    from still.cli import main
+@pytest.mark.timeout(240)
+def test_cli_json_contract_and_what_the_sweep_prints(ray_cluster, digits_store, tmp_path, capsys):
+    """Quiet: one line per trial and the table; --verbose brings Tune's own tables back."""
+    from still_cli.main import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = main(["tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'cli'}", f"tracking.uri={uri}",
-                 "tune.searcher=random", "tune.num_samples=2", "train.epochs=1", "tune.scheduler=none",
-                 "space.width=[8, 16]", "student.depth=1", "--json"])
+    common = [f"store.uri={digits_store}", f"tracking.uri={uri}", "tune.searcher=random", "tune.num_samples=2",
+              "train.epochs=1", "tune.scheduler=none", "space.width=[8, 16]", "student.depth=1", "--json"]
+    code = main(["tune", f"tune.output_dir={tmp_path / 'cli'}", *common])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    quiet = capsys.readouterr()
+    summary = json.loads(quiet.out.strip().splitlines()[-1])
     assert {"parent_run_id", "trials", "best", "plot"} <= set(summary)
     assert len(summary["trials"]) == 2 and summary["best"]["config"]["student.width"] in (8, 16)
     assert Path(summary["plot"]).read_bytes()[:8] == PNG_MAGIC
+    quiet_lines = console_lines(quiet.out, quiet.err)
+    shown = "\n".join(quiet_lines)
+    for trial in ("trial-0000", "trial-0001"):
+        line = rf"^still tune: {trial} completed after 1 epoch \(.*width=(8|16)\)"
+        assert len(re.findall(line, shown, re.M)) == 1, shown
+    assert "Trial status" not in shown and "╭" not in shown and "tensorboard" not in shown, shown
+    assert len(quiet_lines) <= 12, shown  # the plan, a line per trial, the table (5), the JSON
+
+    assert main(["tune", f"tune.output_dir={tmp_path / 'loud'}", *common, "--verbose"]) == 0
+    loud = capsys.readouterr()
+    loud_shown = "\n".join(console_lines(loud.out, loud.err))
+    assert "Trial status" in loud_shown and "still tune: trial-0000" not in loud_shown
+    assert len(loud_shown.splitlines()) > 2 * len(quiet_lines)
 
 
 @pytest.mark.timeout(180)
@@ -189,7 +206,7 @@ def test_trainer_trials_that_cannot_be_scheduled_fail_the_sweep_fast(digits_stor
     # A TorchTrainer inside each trial asks for a GPU that the embedded cluster lacks: each
     # trial fails at once, naming the key (Ray Train would wait forever), and so does the sweep.
     proc = subprocess.run(
-        [sys.executable, "-m", "still.cli", "tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'sw'}",
+        [sys.executable, "-m", "still_cli", "tune", f"store.uri={digits_store}", f"tune.output_dir={tmp_path / 'sw'}",
          "tracking.enabled=false", "tune.trial_mode=trainer", "scaling.use_gpu=true", "ray.num_cpus=2",
          "tune.num_samples=2", "tune.scheduler=none", "train.epochs=1", "space.width=[8]", "tune.name=gpu"],
         cwd=tmp_path, capture_output=True, text=True, timeout=150,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -11,6 +12,7 @@ from still.config import load_config
 from still.errors import StillError
 from tuning import space as sp
 from tuning.config import TuneConfig, check_sections_cover_train_config
+from tuning.console import error_line, run_config_verbosity, trial_line, tune_output
 from tuning.driver import pick_best, plan_sweep
 from tuning.report import format_table, pareto_front, plot_pareto
 from tuning.trainable import TrialNamer, TrialSpec, trial_train_config
@@ -164,7 +166,7 @@ def test_plan_refuses_to_overwrite_a_sweep(tmp_path):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    from still.cli import main
+    from still_cli.main import main
 
     good = _tiny_store(tmp_path / "store")
     code = main(["tune", f"store.uri={good}", "space.temperature={low: 4, high: 2}", "--retrain-best"])
@@ -174,7 +176,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_cli_retrain_best_flag_sets_the_key():
-    from still.cli import build_parser
+    from still_cli.main import build_parser
 
     args = build_parser().parse_args(["tune", "store.uri=x", "--retrain-best", "--json"])
     assert args.retrain_best and args.json
@@ -221,6 +223,31 @@ def test_table_and_plot(tmp_path):
 class _Trial:
     def __init__(self, trial_id):
         self.trial_id = trial_id
+
+
+def test_one_line_per_finished_trial(tmp_path):
+    config = {"temperature": 20.0, "weight": 0.60791, "width": 400, "lr": None}
+    line = trial_line("trial-0000", config, {"epochs": 4, "val_accuracy": 0.97755}, "completed")
+    assert line == "still tune: trial-0000 completed after 4 epochs (T=20 λ=0.608 width=400), val acc 0.9776"
+    stopped = trial_line("trial-0001", {"width": 100}, {"epoch": 1, "val_accuracy": 0.9}, "stopped early")
+    assert stopped == "still tune: trial-0001 stopped early after 1 epoch (width=100), val acc 0.9000"
+    (tmp_path / "error.txt").write_text("Traceback (most recent call last):\n  ...\nValueError: bad width\n")
+    assert trial_line("trial-0002", {}, {}, f"failed: {error_line(tmp_path)}") == (
+        "still tune: trial-0002 failed: ValueError: bad width")
+
+
+def test_quiet_tune_selects_the_silent_output_engine_and_puts_it_back(monkeypatch):
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    assert (run_config_verbosity(False), run_config_verbosity(True)) == (0, None)
+    with tune_output(verbose=False):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    with tune_output(verbose=True):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    with tune_output(verbose=False):
+        pass
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
 
 
 def test_trial_names_are_deterministic_and_resume_continues(tmp_path):

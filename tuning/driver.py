@@ -312,13 +312,15 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callback
                 shared: Any = None) -> Any:
     """Returns a fresh Tuner, or the restored one when ``tune.resume`` finds a saved sweep.
 
-    ``callbacks`` (Ray Tune ``Callback``s) go to a fresh Tuner's ``RunConfig``; a restored
-    one gets back those it was first given (Tune saves them with the experiment).
+    ``callbacks`` (Ray Tune ``Callback``s) go to a fresh Tuner's ``RunConfig``, after
+    :class:`tuning.console.TrialLines` unless ``ray.verbose``; a restored one gets back
+    those it was first given (Tune saves them with the experiment), and its verbosity.
     ``shared``: :func:`shared_data` (built here when not given).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from tuning.console import TrialLines, run_config_verbosity
     from tuning.trainable import TrialNamer
 
     trainable = _trainable(config, plan, parent, shared if shared is not None else shared_data(config, plan))
@@ -359,7 +361,8 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callback
             name=TRIALS_DIR,
             storage_path=str(plan.output_dir),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=list(callbacks),
+            callbacks=[*([] if config.ray.verbose else [TrialLines()]), *callbacks],
+            verbose=run_config_verbosity(config.ray.verbose),
         ),
     )
 
@@ -386,6 +389,8 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
         The rows sorted by trial name, and how many trials did not end (interrupted).
     """
     from ray.tune import ExperimentAnalysis
+
+    from tuning.console import error_line
 
     analysis = ExperimentAnalysis(str(plan.experiment_dir), default_metric=plan.metric, default_mode=plan.mode)
     base = config.base_train_config()
@@ -421,20 +426,11 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
             "epochs": int(epochs) if epochs is not None else None,
             "status": status,
             "run_id": last.get("run_id", ""),
-            "error": _error_line(Path(trial.path)) if status == "error" else "",
+            "error": error_line(Path(trial.path)) if status == "error" else "",
         }
         rows.append(row)
     rows.sort(key=lambda r: r["trial"])
     return rows, unfinished
-
-
-def _error_line(trial_dir: Path) -> str:
-    """The exception line (last line) of a failed trial's ``error.txt``."""
-    try:
-        lines = [line for line in (trial_dir / "error.txt").read_text().splitlines() if line.strip()]
-    except OSError:
-        return "no error.txt"
-    return lines[-1].strip() if lines else ""
 
 
 def ended_trials(config: TuneConfig, plan: SweepPlan) -> list[dict[str, Any]]:
@@ -575,6 +571,7 @@ def run_tune(config: TuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, 
     """
     from still.ray_setup import init_ray
 
+    from tuning.console import tune_output
     from tuning.report import format_table, pareto_front, plot_pareto
 
     started = time.monotonic()
@@ -596,7 +593,8 @@ def run_tune(config: TuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, 
             parent.supersede_children(f"{plan.name}-{TRIAL_PREFIX}",
                                       {f"{plan.name}-{row['trial']}" for row in ended_trials(config, plan)})
         tuner = build_tuner(config, plan, parent, callbacks)
-        tuner.fit()
+        with tune_output(config.ray.verbose):
+            tuner.fit()
         rows, unfinished = collect_rows(config, plan)
         if parent.enabled:
             finish_child_runs(parent, plan, rows)

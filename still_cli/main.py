@@ -1,21 +1,24 @@
 """The ``still`` command line: parse, dispatch to a stage, print a summary.
 
+    still run configs/mnist.yaml --fast
+    python -m still_cli infer --config configs/digits-infer.yaml --json
+
 Each verb is a thin shim over an importable function that tests call directly; the
-stage packages are imported lazily so ``still --help`` stays fast. With ``--json``
-the last line of stdout is one JSON object; errors are one line on stderr and a
-non-zero exit.
+stages are imported when their verb runs, so ``still --help`` stays fast. With
+``--json`` the last line of stdout is one JSON object; errors are one line on stderr
+and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from still.errors import StillError
+from still_cli.verbs import VERBS
 
 EXAMPLES = """\
 verbs, with an example each:
@@ -41,19 +44,6 @@ Every config verb takes --config FILE.yaml, dotted key=value overrides, --json,
 `still VERB --help` lists the verb's config keys with their types, defaults and docs.
 """
 
-# verb -> (module, function, config class "module:Class") for config-driven verbs.
-_CONFIG_VERBS: dict[str, tuple[str, str, str]] = {
-    "infer": ("teacher_infer.infer", "run_infer", "teacher_infer.config:InferConfig"),
-    "train": ("student_train.driver", "run_train", "student_train.config:TrainConfig"),
-    "tune": ("tuning.driver", "run_tune", "tuning.config:TuneConfig"),
-}
-
-
-def _load(ref: str) -> Any:
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose help can end with text built only when help is shown.
 
@@ -72,11 +62,11 @@ class _Parser(argparse.ArgumentParser):
         return f"{text}\n{self._help_tail()}" if self._help_tail else text
 
 
-def _config_keys_help(config_ref: str) -> Callable[[], str]:
+def _config_keys_help(config_class: type) -> Callable[[], str]:
     def build() -> str:
-        from still.config_help import format_keys
+        from still_cli.config_help import format_keys
 
-        return format_keys(_load(config_ref))
+        return format_keys(config_class)
 
     return build
 
@@ -103,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
-    for verb, (_, _, config_ref) in _CONFIG_VERBS.items():
-        sub = verbs.add_parser(verb, help=f"{verb} (see still --help)",
-                               help_tail=_config_keys_help(config_ref))
+    for verb in VERBS.values():
+        sub = verbs.add_parser(verb.name, help=f"{verb.name} (see still --help)",
+                               help_tail=_config_keys_help(verb.config_class))
         _add_config_args(sub)
-        if verb == "tune":
+        if verb.name == "tune":
             sub.add_argument("--retrain-best", action="store_true",
                              help="train the best config on train+val afterwards (tune.retrain_best=true)")
 
@@ -173,7 +163,6 @@ def resolve_config(args: argparse.Namespace) -> Any:
     """
     from still.config import load_config
 
-    _, _, config_ref = _CONFIG_VERBS[args.verb]
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"ray.address={args.address}")
@@ -181,31 +170,64 @@ def resolve_config(args: argparse.Namespace) -> Any:
         overrides.append("ray.verbose=true")
     if getattr(args, "retrain_best", False):
         overrides.append("tune.retrain_best=true")
-    return load_config(_load(config_ref), args.config, overrides)
+    return load_config(VERBS[args.verb].config_class, args.config, overrides)
+
+
+def _run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from still_cli.pipeline import run_pipeline_cli
+
+    return run_pipeline_cli(args)
+
+
+def _store(args: argparse.Namespace) -> dict[str, Any]:
+    from teacher_infer.store import cli_store
+
+    return cli_store(args.action, args.uri)
+
+
+def _submit(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.submit import cli_submit
+
+    return cli_submit(args)
+
+
+def _jobs(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.submit import cli_jobs
+
+    return cli_jobs(args)
+
+
+def _cluster(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.local import cli_cluster
+
+    return cli_cluster(args)
+
+
+# The verbs that are not config-driven; each handler imports its stage when it runs.
+_HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "run": _run_pipeline, "store": _store, "submit": _submit, "jobs": _jobs, "cluster": _cluster,
+}
 
 
 def _dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
-    if args.verb in _CONFIG_VERBS:
-        module, function, _ = _CONFIG_VERBS[args.verb]
+    if args.verb in VERBS:
         config = resolve_config(args)
         if getattr(args, "print_config", False):
-            from still.config_help import format_config
+            from still_cli.config_help import format_config
 
             print(format_config(config, as_json=args.json))
             return None
-        return getattr(importlib.import_module(module), function)(config)
-    handlers: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-        "run": lambda a: _load("still.pipeline:run_pipeline_cli")(a),
-        "store": lambda a: _load("teacher_infer.store:cli_store")(a.action, a.uri),
-        "submit": lambda a: _load("cluster.submit:cli_submit")(a),
-        "jobs": lambda a: _load("cluster.submit:cli_jobs")(a),
-        "cluster": lambda a: _load("cluster.local:cli_cluster")(a),
-    }
-    return handlers[args.verb](args)
+        verb = VERBS[args.verb]
+        summary = verb.run(config)
+        if verb.report is not None:
+            print(verb.report(summary), flush=True)
+        return summary
+    return _HANDLERS[args.verb](args)
 
 
-# Verbs that print their own table: without --json the CLI adds only where the results are.
-_SUMMARY_KEYS = {"train": ("checkpoint", "torchscript", "run_id", "model_uri", "tracking_lost")}
+# Verbs that print a table of their results: without --json the CLI adds only where the results
+# are (train), or nothing (run: the pipeline's closing table is its summary).
+_SUMMARY_KEYS = {"train": ("checkpoint", "torchscript", "run_id", "model_uri", "tracking_lost"), "run": ()}
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool, verb: str) -> None:
@@ -243,7 +265,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_code = int(summary.pop("_exit_code", 0)) if isinstance(summary, dict) else 0
     _print_summary(summary, getattr(args, "json", False), args.verb)
     return exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

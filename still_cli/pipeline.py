@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import re
 import time
 from collections.abc import Callable
@@ -33,12 +32,8 @@ from typing import Any
 
 from still.config import RayConfig, TrackingConfig, build_dataclass, read_yaml_mapping
 from still.errors import StillError
+from still_cli.verbs import VERBS
 
-_VERBS: dict[str, tuple[str, str]] = {
-    "infer": ("teacher_infer.infer:run_infer", "teacher_infer.config:InferConfig"),
-    "train": ("student_train.driver:run_train", "student_train.config:TrainConfig"),
-    "tune": ("tuning.driver:run_tune", "tuning.config:TuneConfig"),
-}
 _REFERENCE = re.compile(r"\$\{([A-Za-z0-9_\-]+)\.([A-Za-z0-9_.\-]+)\}")
 
 
@@ -64,11 +59,6 @@ class Pipeline:
     reference: dict
     tracking: TrackingConfig
     ray: RayConfig
-
-
-def _load(ref: str) -> Any:
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -105,9 +95,9 @@ def parse_pipeline(path: str, overrides: list[str] = (), fast: bool = False) -> 
     defaults = raw.get("defaults") or {}
     stages: list[Stage] = []
     for index, entry in enumerate(raw.get("stages") or []):
-        if not isinstance(entry, dict) or entry.get("verb") not in _VERBS:
+        if not isinstance(entry, dict) or entry.get("verb") not in VERBS:
             raise StillError(
-                f"pipeline {path!r}: stage {index} needs verb: one of {', '.join(_VERBS)} (got {entry!r})"
+                f"pipeline {path!r}: stage {index} needs verb: one of {', '.join(VERBS)} (got {entry!r})"
             )
         name = str(entry.get("name") or entry["verb"])
         if any(stage.name == name for stage in stages):
@@ -170,17 +160,15 @@ def _fill_references(value: Any, results: dict[str, dict], where: str) -> Any:
     return value
 
 
-def check_pipeline(pipeline: Pipeline) -> None:
+def check_pipeline(pipeline: Pipeline) -> list[Any]:
     """Builds every stage's config with references stubbed out, so a typo in the last
-    stage fails before the first one spends minutes."""
-    for stage in pipeline.stages:
-        _, config_ref = _VERBS[stage.verb]
-        _build_stage_config(stage, config_ref, _stub_references(stage.config))
+    stage fails before the first one spends minutes; returns those configs."""
+    return [_build_stage_config(stage, _stub_references(stage.config)) for stage in pipeline.stages]
 
 
-def _build_stage_config(stage: Stage, config_ref: str, block: dict) -> Any:
+def _build_stage_config(stage: Stage, block: dict) -> Any:
     try:
-        return build_dataclass(_load(config_ref), block, prefix="")
+        return build_dataclass(VERBS[stage.verb].config_class, block, prefix="")
     except StillError as exc:
         raise StillError(f"pipeline stage {stage.name!r}: {exc}") from None
 
@@ -195,6 +183,28 @@ def _stub_references(value: Any) -> Any:
     return value
 
 
+def stage_config(pipeline: Pipeline, stage: Stage, results: dict[str, dict]) -> Any:
+    """Builds a stage's config: its block with ``${stage.field}`` filled in from ``results``
+    (the summaries of the stages run so far) and the pipeline's ``tracking`` and ``ray``
+    settings under it.
+
+    Raises:
+        StillError: A reference to a stage that has not run or to a field it lacks, or
+            a bad key or value in the block (naming the stage).
+    """
+    block = _fill_references(stage.config, results, where=f"stage {stage.name!r}")
+    block.setdefault("tracking", {})
+    for field in ("experiment", "uri"):
+        if getattr(pipeline.tracking, field):
+            block["tracking"].setdefault(field, getattr(pipeline.tracking, field))
+    block.setdefault("ray", {})
+    if pipeline.ray.address:
+        block["ray"].setdefault("address", pipeline.ray.address)
+    if pipeline.ray.verbose:
+        block["ray"].setdefault("verbose", True)
+    return _build_stage_config(stage, block)
+
+
 def run_pipeline(pipeline: Pipeline, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the stages in order and returns ``{stage: summary}`` plus the summary figures.
 
@@ -206,21 +216,10 @@ def run_pipeline(pipeline: Pipeline, progress: Callable[[str], None] = print) ->
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     for stage in pipeline.stages:
-        run_ref, config_ref = _VERBS[stage.verb]
-        block = _fill_references(stage.config, results, where=f"stage {stage.name!r}")
-        block.setdefault("tracking", {})
-        for field in ("experiment", "uri"):
-            if getattr(pipeline.tracking, field):
-                block["tracking"].setdefault(field, getattr(pipeline.tracking, field))
-        block.setdefault("ray", {})
-        if pipeline.ray.address:
-            block["ray"].setdefault("address", pipeline.ray.address)
-        if pipeline.ray.verbose:
-            block["ray"].setdefault("verbose", True)
-        config = _build_stage_config(stage, config_ref, block)
+        config = stage_config(pipeline, stage, results)
         progress(f"== stage {stage.name} ({stage.verb}) ==")
         start = time.perf_counter()
-        summary = _load(run_ref)(config)
+        summary = VERBS[stage.verb].run(config)
         seconds[stage.name] = round(time.perf_counter() - start, 1)
         summary.pop("_exit_code", None)
         results[stage.name] = dict(summary, seconds=seconds[stage.name])
@@ -259,17 +258,28 @@ def format_report(pipeline: Pipeline, outcome: dict[str, Any], tracking_uri: str
     return "\n".join(lines)
 
 
-def run_pipeline_cli(args: Any) -> dict[str, Any]:
-    """The ``still run`` verb: parse, run, print the table, return the JSON summary."""
-    from still.ray_setup import init_ray
-    from still.tracking import open_run, tracking_uri
-
+def pipeline_from_args(args: Any) -> Pipeline:
+    """The pipeline ``still run`` runs: the file with ``--fast`` and the overrides applied,
+    and ``--address`` / ``--verbose`` over its ``ray`` section."""
     pipeline = parse_pipeline(args.pipeline, list(args.overrides), fast=args.fast)
     if args.address:
         pipeline = dataclasses.replace(pipeline, ray=RayConfig(address=args.address))
     if getattr(args, "verbose", False):
         pipeline = dataclasses.replace(pipeline, ray=dataclasses.replace(pipeline.ray, verbose=True))
-    init_ray(pipeline.ray)
+    return pipeline
+
+
+def run_pipeline_cli(args: Any) -> dict[str, Any]:
+    """The ``still run`` verb: parse, run, print the table, return the JSON summary."""
+    from still.tracking import open_run, tracking_uri
+    from still_cli.startup import start_ray_while_importing
+
+    pipeline = pipeline_from_args(args)
+    configs = check_pipeline(pipeline)
+    # One Ray instance for every stage (each stage's init_ray joins it), started while the
+    # first stage's verb imports.
+    dashboard = any(VERBS[stage.verb].dashboard(config) for stage, config in zip(pipeline.stages, configs))
+    start_ray_while_importing(pipeline.ray, VERBS[pipeline.stages[0].verb].load, dashboard=dashboard)
     outcome = run_pipeline(pipeline)
     uri = tracking_uri(pipeline.tracking)
     report = format_report(pipeline, outcome, uri, fast=args.fast)
