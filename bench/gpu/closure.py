@@ -81,15 +81,17 @@ def resolve(roots: list[tuple[Requirement, str]], wheels: list[Wheel], node: dic
     environment = marker_environment(python_version)
     carried = {wheel.name: wheel for wheel in wheels}
     closure, used, seen = Closure(), set(), set()
-    todo = list(roots)
+    todo = [(requirement, needed_by) for requirement, needed_by in roots
+            if applies(requirement.marker, environment, frozenset())]
     while todo:
         requirement, needed_by = todo.pop()
         name = canonicalize_name(requirement.name)
+        wanted = f"{name}{requirement.specifier}"  # its marker, if any, already holds
         wheel = carried.get(name)
         if wheel is not None:
             used.add(name)
             if not requirement.specifier.contains(wheel.version, prereleases=True):
-                closure.problems.append(f"{name} {wheel.version} is carried, but {needed_by} needs {requirement}")
+                closure.problems.append(f"{name} {wheel.version} is carried, but {needed_by} needs {wanted}")
             extras = frozenset(requirement.extras)
             if (name, extras) in seen:
                 continue
@@ -99,10 +101,10 @@ def resolve(roots: list[tuple[Requirement, str]], wheels: list[Wheel], node: dic
         elif name in node:
             known = node[name]
             if known is not None and not requirement.specifier.contains(known, prereleases=True):
-                closure.problems.append(f"the node has {name} {known}, but {needed_by} needs {requirement}")
-            closure.on_node.append((f"{name}{requirement.specifier}", needed_by))
+                closure.problems.append(f"the node has {name} {known}, but {needed_by} needs {wanted}")
+            closure.on_node.append((wanted, needed_by))
         else:
-            closure.problems.append(f"{requirement} (needed by {needed_by}) is neither carried nor on the node")
+            closure.problems.append(f"{wanted} (needed by {needed_by}) is neither carried nor on the node")
     closure.problems += [f"{name} is carried but nothing needs it" for name in sorted(set(carried) - used)]
     closure.on_node = sorted(set(closure.on_node))
     return closure

@@ -37,6 +37,18 @@ def log(message: str) -> None:
     print(f"[gpu-env] {message}", file=sys.stderr, flush=True)
 
 
+def node_versions(path: Path) -> dict[str, str | None]:
+    """The installed version of each package ``path`` names (None: missing)."""
+    versions: dict[str, str | None] = {}
+    for entry in json.loads(path.read_text()):
+        name = Requirement(entry["requirement"]).name
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return dict(sorted(versions.items()))
+
+
 def requirement_warnings(path: Path) -> list[str]:
     """One line per requirement of ``path`` that the installed packages do not meet."""
     warnings = []
@@ -113,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"check": "env", "python": platform.python_version(), "executable": sys.executable,
                               "machine": platform.machine(), **torch_facts()}
     log(f"python {result['python']}, torch {result['torch']}, cuda {result.get('cuda')}")
+    if args.requirements:
+        result["node_versions"] = node_versions(Path(args.requirements))
     result["requirement_warnings"] = requirement_warnings(Path(args.requirements)) if args.requirements else []
     for warning in result["requirement_warnings"]:
         log(f"warning: {warning}")

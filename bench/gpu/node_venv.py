@@ -64,11 +64,12 @@ def build(directory: Path, python: str, wanted: list[str]) -> Path:
     installed = json.loads(subprocess.run([str(venv_python), "-m", "pip", "list", "--format=json"],
                                           capture_output=True, text=True, check=True).stdout)
     names = {canonicalize_name(dist["name"]) for dist in installed}
-    carried = names & set(read_package_list(HERE / "wheels.txt"))
+    node = set(read_package_list(HERE / "node-packages.txt"))
+    carried = names & (set(read_package_list(HERE / "wheels.txt")) - node)
     if carried:
-        raise SystemExit(f"the node-like environment got {sorted(carried)}, which travel as wheels: it would hide "
-                         "a missing one")
-    unknown = sorted(names - set(read_package_list(HERE / "node-packages.txt")) - {"pip", "setuptools"})
+        raise SystemExit(f"the node-like environment got {sorted(carried)}, which the node lacks and the wheels "
+                         "bring: it would hide a missing wheel")
+    unknown = sorted(names - node - {"pip", "setuptools"})
     if unknown:
         log(f"note: installed here but not listed on the node: {unknown}")
     (directory / STAMP).write_text(stamp)
