@@ -420,16 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         if not in_proc["ok"] and in_proc.get("rc") == 2 and "still: error" in in_proc.get("error", ""):
             # The config refused num_workers=0 with use_gpu=true: a finding, not a failure.
             in_proc.update(ok=True, refused=in_proc.pop("error"))
-        first = train("resume", ["scaling.num_workers=1", "train.epochs=2"], "resume-1")
-        second = train("resume", ["scaling.num_workers=1", "train.epochs=3", "train.resume=true"], "resume-2") \
-            if first["ok"] else {"ok": False, "error": "skipped: the first run failed"}
-        resumed_ok = bool(second["ok"] and second.get("resumed_from") == 2 and second.get("epochs") == 3
-                          and (not cuda or second.get("ran_on_gpu") is not False))
-        steps["resume"] = {"ok": resumed_ok, "resumed_ok": resumed_ok, "first": first, "second": second}
-        if not resumed_ok and "error" not in second and second["ok"]:
-            steps["resume"]["error"] = (f"resumed_from={second.get('resumed_from')} epochs={second.get('epochs')}, "
-                                        "expected 2 and 3")
-
         log(f"plain {'CUDA' if cuda else 'CPU'} loop")
         try:
             if not store:
@@ -439,6 +429,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - recorded in the result, the script goes on
             steps["plain"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
             log(f"plain: FAILED: {steps['plain']['error']}")
+
+        first = train("resume", ["scaling.num_workers=1", "train.epochs=2"], "resume-1")
+        second = train("resume", ["scaling.num_workers=1", "train.epochs=3", "train.resume=true"], "resume-2") \
+            if first["ok"] else {"ok": False, "error": "skipped: the first run failed"}
+        resumed_ok = bool(second["ok"] and second.get("resumed_from") == 2 and second.get("epochs") == 3
+                          and (not cuda or second.get("ran_on_gpu") is not False))
+        steps["resume"] = {"ok": resumed_ok, "resumed_ok": resumed_ok, "first": first, "second": second}
+        if not resumed_ok and "error" not in second and second["ok"]:
+            steps["resume"]["error"] = (f"resumed_from={second.get('resumed_from')} epochs={second.get('epochs')}, "
+                                        "expected 2 and 3")
     except Exception as exc:  # noqa: BLE001 - data or teacher generation: nothing else can run
         steps["data"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
         log(f"FAILED: {steps['data']['error']}")
