@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "bench" / "gpu"
 sys.path.insert(0, str(KIT))
 
-from checks import install_command  # noqa: E402 - bench/gpu is not a package
+from checks import install_command, kill_tree, process_tree  # noqa: E402 - bench/gpu is not a package
 from closure import Wheel, resolve  # noqa: E402
 from slim import record_hash, slim_wheel  # noqa: E402
 
@@ -84,6 +85,28 @@ def test_closure_names_what_is_missing_unused_or_excluded(tmp_path):
     assert "extra-only (needed by top[x]) is neither carried nor on the node" in with_extra.problems
     too_new = resolve([(Requirement("numpy>=3"), "still")], [], node, "3.12")
     assert too_new.problems == ["the node has numpy 2.5.2, but still needs numpy>=3"]
+
+
+@pytest.mark.timeout(60)
+def test_kill_tree_reaches_a_grandchild_in_a_session_of_its_own():
+    """As a bench starts ``still`` (and so Ray) in a new session: a timed-out check must end that too."""
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+              "start_new_session=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        for _ in range(100):
+            tree = process_tree(parent.pid)
+            if len(tree) == 2:
+                break
+            time.sleep(0.05)
+        assert len(tree) == 2 and os.getpgid(tree[1]) != os.getpgid(parent.pid)
+        kill_tree(parent.pid)
+        parent.wait(timeout=10)
+        time.sleep(0.2)
+        assert not Path(f"/proc/{tree[1]}").exists() or "Z" in Path(f"/proc/{tree[1]}/stat").read_text().split()[2]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
 
 
 @pytest.mark.network

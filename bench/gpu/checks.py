@@ -48,11 +48,13 @@ MIN_STEP_S = 10.0
 
 @dataclass(frozen=True)
 class Step:
-    """One check: its command (run from the repository root) and its own time limit."""
+    """One check: its command (run from the repository root), its own time limit, and the folder of
+    installed wheels its ``PYTHONPATH`` starts with."""
 
     name: str
     command: list[str]
     limit_s: float
+    site: Path
 
 
 def log(message: str) -> None:
@@ -65,11 +67,10 @@ def install_command(python: str, wheels: Path, site: Path) -> list[str]:
             "--upgrade", "--target", str(site), *sorted(str(p) for p in wheels.glob("*.whl"))]
 
 
-def plan(args: argparse.Namespace, work: Path, out: Path) -> list[tuple[Step, Path]]:
-    """The steps of this mode, each with the ``site`` folder its ``PYTHONPATH`` starts with."""
+def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Step]:
+    """The steps of this mode, in order."""
     python, wheels, site = sys.executable, Path(args.wheels).resolve(), work / "site"
     requirements = str(wheels / "node-requirements.json")
-    env_check = [str(HERE / "env_check.py"), "--site", str(site), "--requirements", requirements]
     if args.cpu:
         infer = ["--device", "cpu", "--step-timeout", "180"]
         train = ["--device", "cpu", "--rows", "20000", "--budget", "400", "--step-timeout", "120"]
@@ -78,22 +79,57 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[tuple[Step, Pa
         infer = ["--rows", "16384", "--step-timeout", "150"]
         train = ["--rows", "1000000", "--budget", "245", "--step-timeout", "80"]
         limits = {"infer": 210, "train": 260}
+    bench = ROOT / "bench"
     steps = [
-        (Step("install", install_command(python, wheels, site), 120), site),
-        (Step("env", [python, *env_check], 120), site),
-        (Step("infer", [python, str(ROOT / "bench" / "gpu_infer.py"), *infer, "--out", str(out / "gpu_infer.json")],
-              limits["infer"]), site),
-        (Step("train", [python, str(ROOT / "bench" / "gpu_train.py"), *train, "--work", str(work / "train"),
-                        "--out", str(out / "gpu_train.json")], limits["train"]), site),
+        Step("install", install_command(python, wheels, site), 120, site),
+        Step("env", [python, str(HERE / "env_check.py"), "--site", str(site), "--requirements", requirements],
+             120, site),
+        Step("infer", [python, str(bench / "gpu_infer.py"), *infer, "--out", str(out / "gpu_infer.json")],
+             limits["infer"], site),
+        Step("train", [python, str(bench / "gpu_train.py"), *train, "--work", str(work / "train"),
+                       "--out", str(out / "gpu_train.json")], limits["train"], site),
     ]
     if args.py312:
         wheels312, site312 = (ROOT / ".whl").resolve(), work / "site312"
         steps += [
-            (Step("install_cp312", install_command(args.py312, wheels312, site312), 120), site312),
-            (Step("env_cp312", [args.py312, str(HERE / "env_check.py"), "--site", str(site312), "--requirements",
-                                str(wheels312 / "node-requirements.json")], 120), site312),
+            Step("install_cp312", install_command(args.py312, wheels312, site312), 120, site312),
+            Step("env_cp312", [args.py312, str(HERE / "env_check.py"), "--site", str(site312), "--requirements",
+                               str(wheels312 / "node-requirements.json")], 120, site312),
         ]
     return steps
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (from ``/proc``), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # the parent pid is the 2nd field after "(comm)", which may hold spaces
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """Kills the process groups of ``pid`` and of everything below it: the benches start each ``still``
+    command in a session of its own (so they can kill its Ray), which killing ours alone would miss."""
+    groups = set()
+    for member in process_tree(pid):
+        try:
+            groups.add(os.getpgid(member))
+        except ProcessLookupError:
+            pass
+    for group in groups - {os.getpgrp()}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_step(step: Step, timeout: float, env: dict[str, str], logs: Path) -> dict[str, Any]:
@@ -109,10 +145,7 @@ def run_step(step: Step, timeout: float, env: dict[str, str], logs: Path) -> dic
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # also what it left running (Ray's raylet, workers)
-            except ProcessLookupError:
-                pass
+            kill_tree(proc.pid)  # also what it left running (Ray's GCS, raylet, workers)
             proc.wait()
     record: dict[str, Any] = {"ok": not timed_out and proc.returncode == 0, "rc": proc.returncode,
                               "wall_s": round(time.perf_counter() - started, 1), "limit_s": round(timeout),
@@ -169,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0, help="seconds for all steps (default 510; cpu 1500)")
     args = parser.parse_args(argv)
     budget = args.budget or (1500.0 if args.cpu else 510.0)
+    if not any(Path(args.wheels).glob("*.whl")):
+        print(f"checks: no wheels in {args.wheels}: run python bench/gpu/prepare.py where pip reaches an index, "
+              "and carry .whl", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="still-gpu-checks-"))
@@ -176,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir()
     started = time.monotonic()
     records: dict[str, dict[str, Any]] = {}
-    for step, site in plan(args, work, out):
+    for step in plan(args, work, out):
         left = budget - (time.monotonic() - started)
         timeout = min(step.limit_s, left)
         if timeout < MIN_STEP_S:
@@ -184,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{step.name}: skipped, {left:.0f} s left")
             continue
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-        env.update(PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), PYTHONUNBUFFERED="1")
+        env.update(PYTHONPATH=os.pathsep.join([str(step.site), str(ROOT)]), PYTHONUNBUFFERED="1")
         records[step.name] = run_step(step, timeout, env, logs)
     save_logs(work, out)
     shutil.rmtree(work, ignore_errors=True)
