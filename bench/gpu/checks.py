@@ -22,7 +22,7 @@ Written into ``--out``: ``gpu_checks.json`` (every step: ok, exit status, second
 JSON result), ``gpu_infer.json`` and ``gpu_train.json`` (the benches' own), and
 ``logs.tar.gz`` (each step's stdout and stderr, and each ``still`` run's of gpu_train).
 Progress goes to stderr; the last stdout line is the summary. Exit status 1 if any
-step failed.
+step failed, 2 (nothing run) when ``--wheels`` holds no wheel.
 """
 
 from __future__ import annotations
