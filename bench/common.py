@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def log(message: str) -> None:
     """Progress goes to stderr, so that stdout ends with the result line."""
@@ -181,6 +183,8 @@ def run_still(args: list[str], timeout: float | None = None, cwd: Path | None = 
             line of its stderr.
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # this checkout's still, also where none is installed (a bare GPU node)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "still_cli", *args, "--json"]
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,

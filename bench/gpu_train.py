@@ -1,6 +1,6 @@
 """GPU benchmark: ``still train`` on one GPU from a top-k store vs a plain CUDA loop, and a resume.
 
-    python bench/gpu_train.py                 # 1M rows x 32 features; meant to take about 2 minutes on one H200
+    python bench/gpu_train.py                 # 1M rows x 32 features; not yet run on a GPU (a few minutes expected)
     python bench/gpu_train.py --device cpu    # smoke run: the same steps on the CPU, small sizes, not saved
 
 Same data: ``--rows`` synthetic rows of 32 float32 features and 10 classes in Parquet
@@ -10,18 +10,21 @@ softmax is the labels' distribution), so no teacher needs training. ``still infe
 writes a self-contained top-5 store of it on the CPUs (``--infer-gpus 1``: on the GPU).
 Same student everywhere: ``still.models`` mlp, width 256, depth 2, batch 4096, Adam.
 
-    (1) ray_1w      still train scaling.num_workers=1 scaling.use_gpu=true (a TorchTrainer)
-    (2) in_process  still train scaling.num_workers=0 scaling.use_gpu=true (no TorchTrainer)
-    (3) plain       one process: the store's train rows as CUDA tensors, CE, one epoch
+    (1) ray_1w      still train scaling.num_workers=1 scaling.use_gpu=true (a TorchTrainer;
+                    train.ingest=auto holds this store's rows in memory, on the device)
+    (2) stream      (1) with train.ingest=stream: Ray Data streams the store's shards to
+                    the worker through the shuffle buffer on the GPU
+    (3) in_process  still train scaling.num_workers=0 scaling.use_gpu=true (no TorchTrainer)
+    (4) plain       one process: the store's train rows as CUDA tensors, CE, one epoch
                     timed after a warm-up, torch.cuda.synchronize() around it
-    (4) resume      still train (as 1) for 2 epochs, then the same command with
+    (5) resume      still train (as 1) for 2 epochs, then the same command with
                     train.epochs=3 train.resume=true: the summary must say resumed_from 2,
                     epochs 3, and the run must have used the GPU
 
-(1), (2) and (4) run the ``still`` CLI in a subprocess (``--json``; the public path, so
-internal changes do not break this script), each under a timeout. Their samples/s is
+(1), (2), (3) and (5) run the ``still`` CLI in a subprocess (``--json``; the public path,
+so internal changes do not break this script), each under a timeout. Their samples/s is
 the loop's own (``history[i]["samples_per_s"]``, training steps only); one epoch of (1)
-and (2) includes CUDA warm-up, so ``samples_per_s_warm`` also gives epoch 2 of (4)'s
+to (3) includes CUDA warm-up, so ``samples_per_s_warm`` also gives epoch 2 of (5)'s
 first run. ``ratio`` is still samples/s ÷ plain samples/s. Whether a run used the GPU
 comes from the summary's ``device`` key when it has one, else from ``nvidia-smi``
 sampled every 0.5 s during the run (GPU memory in use rising ≥ 256 MiB, or a compute
@@ -274,7 +277,7 @@ def train_step(label: str, overrides: list[str], work: Path, budget: Budget, cud
             "seconds": summary.get("seconds"), "samples_per_s": throughput(history),
             "samples_per_s_by_epoch": [round(float(h.get("samples_per_s") or 0), 1) for h in history],
             "epoch_s": [round(float(h.get("epoch_s") or 0), 3) for h in history],
-            "epochs": summary.get("epochs"), "resumed_from": summary.get("resumed_from"),
+            "epochs": summary.get("epochs"), "resumed_from": summary.get("resumed_from"), "ingest": summary.get("ingest"),
             "test_accuracy": summary.get("student_test_accuracy"), "world_size": (history[-1:] or [{}])[0].get(
                 "world_size"), "ran_on_gpu": gpu_used if cuda else False, "device_evidence": how if cuda else "cpu run",
         })
@@ -409,21 +412,14 @@ def main(argv: list[str] | None = None) -> int:
             return train_step(label or name, overrides, work, budget, cuda)
 
         steps["ray_1w"] = train("ray_1w", ["scaling.num_workers=1", "train.epochs=1"])
+        steps["stream"] = stream = train("stream", ["scaling.num_workers=1", "train.epochs=1", "train.ingest=stream"])
+        if stream["ok"] and stream.get("ingest") not in (None, "stream"):
+            stream.update(ok=False, error=f"train.ingest=stream, but the summary says ingest={stream['ingest']}")
         steps["in_process"] = train("in_process", ["scaling.num_workers=0", "train.epochs=1"])
         in_proc = steps["in_process"]
         if not in_proc["ok"] and in_proc.get("rc") == 2 and "still: error" in in_proc.get("error", ""):
             # The config refused num_workers=0 with use_gpu=true: a finding, not a failure.
             in_proc.update(ok=True, refused=in_proc.pop("error"))
-        first = train("resume", ["scaling.num_workers=1", "train.epochs=2"], "resume-1")
-        second = train("resume", ["scaling.num_workers=1", "train.epochs=3", "train.resume=true"], "resume-2") \
-            if first["ok"] else {"ok": False, "error": "skipped: the first run failed"}
-        resumed_ok = bool(second["ok"] and second.get("resumed_from") == 2 and second.get("epochs") == 3
-                          and (not cuda or second.get("ran_on_gpu") is not False))
-        steps["resume"] = {"ok": resumed_ok, "resumed_ok": resumed_ok, "first": first, "second": second}
-        if not resumed_ok and "error" not in second and second["ok"]:
-            steps["resume"]["error"] = (f"resumed_from={second.get('resumed_from')} epochs={second.get('epochs')}, "
-                                        "expected 2 and 3")
-
         log(f"plain {'CUDA' if cuda else 'CPU'} loop")
         try:
             if not store:
@@ -433,6 +429,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - recorded in the result, the script goes on
             steps["plain"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
             log(f"plain: FAILED: {steps['plain']['error']}")
+
+        first = train("resume", ["scaling.num_workers=1", "train.epochs=2"], "resume-1")
+        second = train("resume", ["scaling.num_workers=1", "train.epochs=3", "train.resume=true"], "resume-2") \
+            if first["ok"] else {"ok": False, "error": "skipped: the first run failed"}
+        resumed_ok = bool(second["ok"] and second.get("resumed_from") == 2 and second.get("epochs") == 3
+                          and (not cuda or second.get("ran_on_gpu") is not False))
+        steps["resume"] = {"ok": resumed_ok, "resumed_ok": resumed_ok, "first": first, "second": second}
+        if not resumed_ok and "error" not in second and second["ok"]:
+            steps["resume"]["error"] = (f"resumed_from={second.get('resumed_from')} epochs={second.get('epochs')}, "
+                                        "expected 2 and 3")
     except Exception as exc:  # noqa: BLE001 - data or teacher generation: nothing else can run
         steps["data"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
         log(f"FAILED: {steps['data']['error']}")
@@ -441,12 +447,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     plain_sps = steps.get("plain", {}).get("samples_per_s")
-    sps = {name: steps[name].get("samples_per_s") for name in ("ray_1w", "in_process", "plain") if name in steps}
+    sps = {name: steps[name].get("samples_per_s") for name in ("ray_1w", "stream", "in_process", "plain")
+           if name in steps}
     resume_first = steps.get("resume", {}).get("first", {}).get("samples_per_s_by_epoch") or []
     warm = {"ray_1w_epoch2": resume_first[1] if len(resume_first) > 1 else None}
     failed = [name for name, step in steps.items() if not step.get("ok")]
     ratio = {name: round(sps[name] / plain_sps, 3) if sps.get(name) and plain_sps else None
-             for name in ("ray_1w", "in_process")}
+             for name in ("ray_1w", "stream", "in_process")}
     ratio["ray_1w_warm"] = round(warm["ray_1w_epoch2"] / plain_sps, 3) if warm["ray_1w_epoch2"] and plain_sps else None
     result = {
         "bench": "gpu_train", "mode": args.device, "smoke": not cuda,

@@ -124,3 +124,18 @@ def test_normalisation_mean_std():
     x = norm.apply_numpy(raw)
     assert x.shape == (1, 3, 2, 2) and x.dtype == np.float32
     np.testing.assert_allclose(x[0, :, 0, 0], [1.0, -1.0, 1.0])
+
+
+def test_torchscript_teacher_with_batchnorm(tmp_path):
+    """BatchNorm's 0-dim ``num_batches_tracked`` buffer enters the fingerprint (it once failed to)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(10)).eval()
+    model(torch.zeros(1, 3, 8, 8))
+    path = tmp_path / "bn.pt"
+    torch.jit.script(model).save(str(path))
+    first = teacher_fingerprint(str(path))
+    assert first == teacher_fingerprint(str(path)) and len(first) == 64
+    with torch.no_grad():
+        model[1].num_batches_tracked.fill_(7)
+    torch.jit.script(model).save(str(path))
+    assert teacher_fingerprint(str(path)) != first

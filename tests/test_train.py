@@ -111,7 +111,7 @@ def test_the_same_seed_gives_the_same_losses_again_and_after_a_kill_and_resume(d
     runs = [train_job(_cfg(tmp_path / name, *common, f"train.name={name}"), run_name=name,
                       options=JobOptions(quiet=True, log_model=False)) for name in ("a", "b")]
     out = tmp_path / "cut" / "out"
-    command = [sys.executable, "-m", "still.cli", "train", *common, "student.width=32", "student.depth=1",
+    command = [sys.executable, "-m", "still_cli", "train", *common, "student.width=32", "student.depth=1",
                "train.lr=0.003", "scaling.cpus_per_worker=1", "tracking.enabled=false", f"train.output_dir={out}",
                "train.name=cut"]
     _killed_after_first_checkpoint(command, tmp_path, out / "ray" / "cut" / "state.pt")
@@ -130,7 +130,7 @@ def test_the_same_seed_gives_the_same_losses_again_and_after_a_kill_and_resume(d
 def test_a_second_run_of_the_same_name_is_refused_and_the_first_keeps_its_files(digits_store, tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen(
-        [sys.executable, "-m", "still.cli", "train", f"store.uri={digits_store}", "scaling.num_workers=0",
+        [sys.executable, "-m", "still_cli", "train", f"store.uri={digits_store}", "scaling.num_workers=0",
          "train.epochs=15", "train.batch_size=8", "tracking.enabled=false", f"train.output_dir={out}",
          "train.name=same", "--json"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
