@@ -9,11 +9,10 @@ from several processes, each set up apart:
 
 - this process (the driver, or a Tune trial that builds a ``TorchTrainer``):
   :func:`apply_console_settings`, which :func:`init_ray` calls;
-- every other Ray process of the job (Train controller and workers, Ray Data's
-  ``SplitCoordinator`` actors and tasks): the environment of :func:`console_env`, which
+- every other Ray process of the job (Train controller and workers, Ray Data's tasks
+  and actors in still infer): the environment of :func:`console_env`, which
   :func:`init_ray` hands to ``ray.init(runtime_env={"env_vars": ...})``;
 - Ray Train's ``ray.train`` loggers: :func:`train_logging_config` in the ``RunConfig``;
-- the datasets handed to a ``TorchTrainer``: :func:`train_datasets_console`;
 - a Train worker: :func:`quiet_worker_console`, first thing in the worker function.
 
 ``ray.verbose=true`` leaves all of it at Ray's defaults. Either way Ray's session logs
@@ -40,7 +39,7 @@ EMBEDDED_ENV = "STILL_EMBEDDED_RAY_CLUSTER"
 _QUIET_ENV = {
     # The level of Ray Data's ``ray.data`` loggers, read when a process imports ray.data:
     # drops "Starting execution", "Execution plan", "execution finished" and the non-tty
-    # progress lines in processes still runs no code in (SplitCoordinator, tasks); its
+    # progress lines in processes still runs no code in (Ray Data's tasks); its
     # warnings (the pickled-objects fallback, say) still show.
     "RAY_DATA_LOG_LEVEL": "WARNING",
     # Ray Train 2.60 patches print() in its workers to log through the root logger as
@@ -122,23 +121,6 @@ def _drop_notices(drop: bool) -> None:
             logging.getLogger(name).addFilter(notice)
 
 
-def train_datasets_console(datasets: Mapping[str, Any], verbose: bool) -> dict[str, Any]:
-    """The datasets for ``TorchTrainer(datasets=...)``, set to run quietly where Ray
-    Train runs them: in ``SplitCoordinator`` actors and Train workers, which have no
-    terminal. Returns them (the same objects); unchanged when ``verbose``.
-
-    Progress stays on but is not drawn as bars (``use_ray_tqdm=False``): without a
-    terminal Ray Data logs it at INFO instead, below the quiet level of those processes,
-    and says nothing else. Switched off (this process's setting), each of those
-    processes would log, once, that it is off.
-    """
-    if not verbose:
-        for dataset in datasets.values():
-            dataset.context.enable_progress_bars = True
-            dataset.context.use_ray_tqdm = False
-    return dict(datasets)
-
-
 def quiet_worker_console(verbose: bool) -> None:
     """What Ray prints from a Ray Train worker process; call it first thing in the worker
     function (``train_loop_per_worker``), before the first ``ray.train.report``.
@@ -167,30 +149,6 @@ def train_logging_config(verbose: bool) -> Any:
     import ray.train
 
     return ray.train.LoggingConfig(log_level="INFO" if verbose else logging.getLevelName(_QUIET_LEVEL))
-
-
-def ingest_options(object_store_bytes: int | None = None) -> Any:
-    """Ray Data ``ExecutionOptions`` for ``ray.train.DataConfig(execution_options=...)``.
-
-    The options Ray Train uses when given none (``DataConfig.default_ingest_options``:
-    the current ``DataContext``'s resource limits, order and progress verbosity), built
-    without ``exclude_resources``: Ray 2.60's default copies that deprecated option and
-    so logs a ``RayDeprecationWarning`` from every ``DatasetManager``.
-
-    Args:
-        object_store_bytes: The most object-store memory the ingest may hold ahead of
-            the workers (None: Ray's share of the object store, which grows with the
-            machine, not with what the workers need).
-    """
-    import ray.data
-
-    current = ray.data.DataContext.get_current().execution_options
-    limits = current.resource_limits
-    if object_store_bytes is not None:
-        limits = limits.copy(object_store_memory=float(object_store_bytes))
-    return ray.data.ExecutionOptions(resource_limits=limits,
-                                     preserve_order=current.preserve_order,
-                                     verbose_progress=current.verbose_progress)
 
 
 def init_ray(config: RayConfig | None = None, *, address: str = "", dashboard: bool = True) -> str:

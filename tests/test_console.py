@@ -10,8 +10,6 @@ run in tests/test_train_scale.py. The unit tests check the settings of
 from __future__ import annotations
 
 import logging
-import warnings
-from types import SimpleNamespace
 
 import pytest
 
@@ -105,33 +103,3 @@ def test_train_logging_config_level():
 
     assert train_logging_config(verbose=False).log_level == "WARNING"
     assert train_logging_config(verbose=True).log_level == "INFO"
-
-
-def test_ingest_options_are_rays_defaults_without_the_deprecated_option():
-    import ray.data
-    import ray.train
-
-    from still.ray_setup import ingest_options
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a RayDeprecationWarning fails the test
-        options = ingest_options()
-        ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
-    current = ray.data.DataContext.get_current().execution_options
-    assert options.resource_limits == current.resource_limits
-    assert options.preserve_order == current.preserve_order
-    assert options.verbose_progress == current.verbose_progress
-    assert options.exclude_resources == current.exclude_resources  # zero: nothing excluded either way
-
-
-def test_train_datasets_log_progress_instead_of_drawing_bars():
-    from still.ray_setup import train_datasets_console
-
-    def fake():
-        return SimpleNamespace(context=SimpleNamespace(enable_progress_bars=False, use_ray_tqdm=True))
-
-    quiet = train_datasets_console({"train": fake(), "val": fake()}, verbose=False)
-    assert all((d.context.enable_progress_bars, d.context.use_ray_tqdm) == (True, False)
-               for d in quiet.values())
-    loud = train_datasets_console({"train": fake()}, verbose=True)
-    assert (loud["train"].context.enable_progress_bars, loud["train"].context.use_ray_tqdm) == (False, True)
