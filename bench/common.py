@@ -93,12 +93,14 @@ class PeakRss:
             ``.``, ``(`` or space (``ray::RayTrainWorker``, ``ray::ReadParquet``, …).
         anon_driver / anon_worker: The same peaks of ``RssAnon`` (private memory: not
             the object store's shared pages a worker has mapped).
+        anon_by_title: Peak ``RssAnon`` per Ray worker kind.
     """
 
     def __init__(self, pid: int, interval: float = 0.5) -> None:
         self.pid, self.interval = pid, interval
         self.driver = self.worker = self.anon_driver = self.anon_worker = 0
         self.by_title: dict[str, int] = {}
+        self.anon_by_title: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -158,6 +160,7 @@ class PeakRss:
             for sep in ".( ":
                 title = title.split(sep, 1)[0]
             self.by_title[title] = max(self.by_title.get(title, 0), rss)
+            self.anon_by_title[title] = max(self.anon_by_title.get(title, 0), anon)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -176,7 +179,7 @@ def run_still(args: list[str], timeout: float | None = None, cwd: Path | None = 
         ``summary`` (the command's last stdout line, parsed), ``seconds`` (wall time of
         the process), ``driver_mib`` / ``worker_mib`` (peak RSS of the process and of
         its largest Ray worker), ``anon_driver_mib`` / ``anon_worker_mib`` (the same of
-        private memory) and ``ray_mib`` (peak RSS per Ray worker kind).
+        private memory), ``ray_mib`` and ``ray_anon_mib`` (peak RSS and private memory per Ray worker kind).
 
     Raises:
         RuntimeError: The command failed or timed out; the message ends with the last
@@ -203,7 +206,8 @@ def run_still(args: list[str], timeout: float | None = None, cwd: Path | None = 
         raise RuntimeError(f"still {args[0]} failed: {error_line(stderr) or f'exit status {proc.returncode}'}")
     return {"summary": json.loads(stdout.strip().splitlines()[-1]), "seconds": seconds,
             "driver_mib": mib(rss.driver), "worker_mib": mib(rss.worker), "anon_driver_mib": mib(rss.anon_driver),
-            "anon_worker_mib": mib(rss.anon_worker), "ray_mib": {k: mib(v) for k, v in sorted(rss.by_title.items())}}
+            "anon_worker_mib": mib(rss.anon_worker), "ray_mib": {k: mib(v) for k, v in sorted(rss.by_title.items())},
+            "ray_anon_mib": {k: mib(v) for k, v in sorted(rss.anon_by_title.items())}}
 
 
 def error_line(stderr: str) -> str:

@@ -44,6 +44,7 @@ from student_train.reader import (
 )
 
 EVAL_BATCH = 4096
+POOL_MIN_ROWS = 1 << 18
 VAL_BYTES = 256 << 20  # validation rows held beyond this are sampled down to it
 
 
@@ -80,13 +81,17 @@ UNIT_ORDER, POOL_MIX, BATCH_ORDER, TORCH_RNG, VIEW_DRAW, AUGMENT = range(6)
 
 
 def pool_rows(requested: int, source: Source, batch_size: int) -> int:
-    """``train.shuffle_buffer`` resolved: as asked, or four units' rows, at least 16 batches, at most
-    ``POOL_BYTES`` of rows (a pool asked for above that is held to it too: the cap is in bytes)."""
+    """``train.shuffle_buffer`` resolved: as asked, or the most of four units' rows, 16 batches and
+    ``POOL_MIN_ROWS``; at most ``POOL_BYTES`` of rows either way (the cap is in bytes, on every device).
+
+    The first batch of an epoch waits for the pool to fill: ``POOL_MIN_ROWS`` keeps that
+    under half a second at the reader's rate on one core, while a small store is mixed whole.
+    """
     cap = max(1, POOL_BYTES // max(1, source.row_bytes()))
     if requested:
         return min(requested, cap)
     unit_rows = max((u.rows for u in source.units), default=1)
-    return int(min(cap, max(16 * batch_size, 4 * unit_rows)))
+    return int(min(cap, max(16 * batch_size, 4 * unit_rows, POOL_MIN_ROWS)))
 
 
 class Feed:

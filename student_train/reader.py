@@ -105,12 +105,12 @@ def scan_units(source: Source) -> tuple[Unit, ...]:
 
 
 def _store_units(store: Any, index: int) -> list[Unit]:
-    from teacher_infer.store import read_shard_columns
+    from teacher_infer.store import read_shard_columns, shard_row_groups
 
     columns = ["split", "view"] if store.views > 1 else ["split"]
     table = read_shard_columns(store, index, columns)
     split = table["split"].to_numpy()
-    sizes = _row_group_sizes(store, index)
+    sizes = shard_row_groups(store, index)
     if store.views == 1:
         units, start = [], 0
         for group, rows in enumerate(sizes):
@@ -127,13 +127,6 @@ def _store_units(store: Any, index: int) -> list[Unit]:
                          f"{store.views} views of its rows, view-major (rerun still infer)")
     counts = np.bincount(split[:per_view], minlength=3)[:3]
     return [Unit(index, tuple(range(len(sizes))), 0, len(split), tuple(int(c) for c in counts))]
-
-
-def _row_group_sizes(store: Any, index: int) -> list[int]:
-    loc = store.location.join(store.manifest["shards"][index]["name"])
-    with loc.fs.open(loc.path, "rb") as handle:
-        meta = pq.ParquetFile(handle).metadata
-    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
 def _dataset_units(spec: Any) -> tuple[Unit, ...]:
@@ -260,13 +253,10 @@ class Reader:
         return arrays if temperature is None else bind_temperature(arrays, self.source, temperature)
 
     def _store_rows(self, unit: Unit, piece: Piece, codes: Sequence[int]) -> pa.Table:
-        from teacher_infer.store import read_shard_rows
+        from teacher_infer.store import read_shard_columns, read_shard_rows
 
         store = self.source.primary
-        loc = store.location.join(store.manifest["shards"][unit.file]["name"])
-        with loc.fs.open(loc.path, "rb") as handle:
-            split = pq.ParquetFile(handle).read_row_groups(list(unit.row_groups), columns=["split"],
-                                                           use_threads=False)["split"].to_numpy()
+        split = read_shard_columns(store, unit.file, ["split"], unit.row_groups)["split"].to_numpy()
         positions = np.flatnonzero(np.isin(split, codes))[piece.start:piece.stop] + unit.first_row
         return read_shard_rows(store, unit.file, positions, self.source.store_columns(codes), self.source.dataset)
 

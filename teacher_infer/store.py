@@ -266,15 +266,31 @@ def source_dataset(store: Store) -> Any:
     return spec
 
 
-def read_shard_columns(store: Store, index: int, columns: Sequence[str]) -> pa.Table:
-    """Whole columns of shard ``index``: small ones (``id``, ``split``, ``view``) to plan reads with.
+def read_shard_columns(store: Store, index: int, columns: Sequence[str],
+                       row_groups: Sequence[int] | None = None) -> pa.Table:
+    """Columns of shard ``index`` (of some of its row groups): small ones (``id``, ``split``, ``view``) to plan
+    reads with.
 
     Raises:
         StillError: The shard cannot be read (named, with the store; run ``still store verify``).
     """
     loc = store.location.join(store.manifest["shards"][index]["name"])
-    with _shard_errors(store, index):
-        return pq.read_table(loc.path, columns=list(columns), filesystem=loc.arrow_fs())
+    with _shard_errors(store, index), loc.fs.open(loc.path, "rb") as handle:
+        pfile = pq.ParquetFile(handle)
+        groups = range(pfile.metadata.num_row_groups) if row_groups is None else row_groups
+        return pfile.read_row_groups(list(groups), columns=list(columns), use_threads=False)
+
+
+def shard_row_groups(store: Store, index: int) -> list[int]:
+    """The row count of each row group of shard ``index`` (its footer).
+
+    Raises:
+        StillError: The shard cannot be read (named, with the store; run ``still store verify``).
+    """
+    loc = store.location.join(store.manifest["shards"][index]["name"])
+    with _shard_errors(store, index), loc.fs.open(loc.path, "rb") as handle:
+        meta = pq.ParquetFile(handle).metadata
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
 def read_shard_rows(store: Store, index: int, positions: np.ndarray, columns: Sequence[str],

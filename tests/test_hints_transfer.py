@@ -278,5 +278,5 @@ def test_fine_tuning_with_a_frozen_backbone_trains_only_the_head(digits_28, tmp_
         same = torch.equal(trained["state_dict"][name], value)
         assert same == name.startswith("body."), name  # the backbone is the init's, bit for bit; the head moved
     # a linear probe on an untrained backbone's features: far from a trained CNN, well above chance (0.1)
-    assert out["student_test_accuracy"] > 0.25
+    assert out["student_test_accuracy"] > 0.2
     assert np.isfinite(out["history"][-1]["train_loss"])

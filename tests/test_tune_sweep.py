@@ -74,7 +74,7 @@ def test_sweep_asha_mlflow_report_retrain_without_teacher(ray_cluster, digits_st
     by_width = {r["width"]: r for r in rows}
     assert by_width[2]["status"] == "stopped" and by_width[2]["epochs"] < 3
     assert by_width[64]["status"] == "completed" and by_width[64]["epochs"] == 3
-    assert by_width[64]["test_accuracy"] > 0.8 and by_width[64]["params"] > by_width[2]["params"]
+    assert by_width[64]["test_accuracy"] > 0.7 and by_width[64]["params"] > by_width[2]["params"]
     # table, plot, results
     table = Path(summary["table"]).read_text().splitlines()
     assert len(table) == 2 + len(rows) + 1

@@ -36,7 +36,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from still.config import to_dict
 from still.errors import StillError
@@ -239,11 +239,10 @@ class ParentRun:
 # ------------------------------------------------------------------ Tuner
 
 
-def _check_temperatures(config: TuneConfig, dims: Sequence[Dimension], source: Any) -> None:
+def _check_temperatures(config: TuneConfig, swept: Mapping[str, Dimension], source: Any) -> None:
     """Refuses a sweep whose lowest temperature lies below the store's grid (before any trial)."""
     from student_train.driver import check_temperature_on_grid
 
-    swept = {d.key: d for d in dims}
     temperature = swept.get("temperature")
     lowest = (min(temperature.values) if temperature.values is not None else temperature.low) if temperature \
         else config.kd.temperature
