@@ -128,6 +128,11 @@ class Feed:
 
     # ------------------------------------------------------------------ training
 
+    def hold(self) -> None:
+        """Memory ingest: reads the rank's share onto the device now (before the first epoch's clock)."""
+        if self.settings.ingest == "memory":
+            self._memory_tensors()
+
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's :attr:`steps` training batches, on the device."""
         s = self.settings

@@ -416,6 +416,8 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     seed = cfg.train.seed
+    if placed.start_epoch < cfg.train.epochs:
+        feed.hold()
     for epoch in range(placed.start_epoch, cfg.train.epochs):
         torch.manual_seed(derive_seed(seed, epoch, session.rank, TORCH_RNG))
         generator = torch.Generator().manual_seed(derive_seed(seed, epoch, session.rank, AUGMENT))

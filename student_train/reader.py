@@ -378,7 +378,7 @@ class ShufflePool:
                 take = min(n - offset, self.capacity - cursor)
                 slots = order[cursor:cursor + take]
                 cursor += take
-                out = {k: v[slots] for k, v in pool.items()}
+                out = {k: np.take(v, slots, axis=0) for k, v in pool.items()}  # take: ~2x faster than v[slots]
                 for k, v in chunk.items():
                     pool[k][slots] = v[offset:offset + take]
                 offset += take
@@ -386,7 +386,7 @@ class ShufflePool:
         if filled:
             drain = self.rng.permutation(filled)
             for start in range(0, filled, 1 << 16):
-                yield {k: v[drain[start:start + (1 << 16)]] for k, v in pool.items()}
+                yield {k: np.take(v, drain[start:start + (1 << 16)], axis=0) for k, v in pool.items()}
 
 
 def exact_batches(chunks: Iterable[Mapping[str, np.ndarray]], sizes: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:

@@ -343,18 +343,20 @@ def _source_inputs(store: Store, shard: Mapping[str, Any], positions: np.ndarray
     first, last = int(source_positions.min()), int(source_positions.max()) + 1
     fs, paths = dataset.arrow_files()
     source = read_rows(fs, paths, _slice_pieces(shard["source_rows"], first, last),
-                       [dataset.id_column, dataset.feature_column]).take(pa.array(source_positions - first))
-    source_ids = source[dataset.id_column].combine_chunks()
-    if not source_ids.cast(ids.type).equals(ids):
+                       [dataset.id_column, dataset.feature_column])
+    # the covering range is read and decoded whole, then indexed in numpy (Arrow's take is slow on lists)
+    offsets = source_positions - first
+    source_ids = source[dataset.id_column].to_numpy(zero_copy_only=False)[offsets]
+    if not np.array_equal(source_ids, ids.to_numpy(zero_copy_only=False)):
         raise StillError(f"store {store.uri!r}: shard {shard['name']}'s rows are not rows "
                          f"{shard['source_rows']} of {dataset.name!r} (the ids differ)")
-    raw = decode_inputs(source[dataset.feature_column], dataset, source_ids)
-    flat = raw.reshape(len(raw), -1)
+    raw = decode_inputs(source[dataset.feature_column], dataset, source[dataset.id_column])
+    flat = raw.reshape(len(raw), -1)[offsets]
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
 
 
 def _take_rows(pfile: pq.ParquetFile, positions: np.ndarray, columns: list[str]) -> pa.Table:
-    """Rows ``positions`` (ascending) of a Parquet file, reading one row group at a time."""
+    """Rows ``positions`` (ascending, distinct) of a Parquet file, reading one row group at a time."""
     meta = pfile.metadata
     parts, start = [], 0
     for group in range(meta.num_row_groups):
@@ -362,7 +364,11 @@ def _take_rows(pfile: pq.ParquetFile, positions: np.ndarray, columns: list[str])
         lo, hi = np.searchsorted(positions, [start, stop])
         if hi > lo:
             rows = pfile.read_row_group(group, columns=columns, use_threads=False)
-            parts.append(rows.take(pa.array(positions[lo:hi] - start)))
+            if hi - lo < rows.num_rows:  # a boolean filter: Arrow's take is many times slower on list columns
+                keep = np.zeros(rows.num_rows, dtype=bool)
+                keep[positions[lo:hi] - start] = True
+                rows = rows.filter(pa.array(keep))
+            parts.append(rows)
         start = stop
     return pa.concat_tables(parts) if parts else pfile.schema_arrow.empty_table().select(columns)
 
