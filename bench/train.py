@@ -22,7 +22,8 @@ so a ratio measures what still's data path and loop cost, not the loss.
 rows of 784 uint8 features and 10 classes (synthetic, so nothing is downloaded), a
 random-init teacher MLP 784-512-512-10 and its labels-only top-10 fp16 store (``still
 infer``); the student MLP 784-256-256-10, batch 128, ``--epochs`` (5; quick 1), in
-process (``scaling.num_workers=0``, ``train.ingest=memory``). Also ``ratio_kd_vs_ce``:
+process (``scaling.num_workers=0``, ``train.ingest=memory``); still and the plain loops
+run ``--repeats`` (3) times, interleaved, and the run of median throughput counts. Also ``ratio_kd_vs_ce``:
 the same still run at λ = 0.7 ÷ at λ = 0 (what the KD loss costs per step in still).
 
 **2. Streamed from a labels-only store** (``ratio_stream_vs_plain_kd``, goal ≥ 0.8;
@@ -223,6 +224,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _median_run(results: list[dict | None]) -> dict | None:
+    """The run of median throughput among the repeats that succeeded."""
+    done = sorted((r for r in results if r), key=lambda r: r["samples_per_s"])
+    return done[len(done) // 2] if done else None
+
+
 def _get(result: dict | None, key: str) -> Any:
     return result.get(key) if result else None
 
@@ -240,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=0, help="rows of the large store (default 10M; quick 200k)")
     parser.add_argument("--small-rows", type=int, default=0, help="rows of the small store (default 1M; quick 20k)")
     parser.add_argument("--epochs", type=int, default=0, help="epochs of part 1 (default 5; quick 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of part 1 (median taken)")
     parser.add_argument("--cache", default=str(Path("~/.cache/still-bench/train").expanduser()),
                         help="synthetic data, teachers and stores: written once, reused by later runs")
     parser.add_argument("--keep", action="store_true", help="keep this run's folder (runs, sweep) afterwards")
@@ -260,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         value = attempt(name, errors, measure)
         phases[name] = round(time.perf_counter() - started, 1)
-        log(f"{name}: {value}")
+        shown = f"{len(value['x']):,} rows" if isinstance(value, dict) and "x" in value else value
+        log(f"{name}: {shown}")
         return value
 
     # 1. Memory ingest, MNIST-sized.
@@ -268,15 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     memory: dict[str, Any] = {}
     if mem_store:
         common = [f"train.epochs={epochs}", "scaling.num_workers=0", "train.ingest=memory"]
-        memory["still_kd"] = timed("memory_still_kd", lambda: still_train(
-            mem_store["store"], MEMORY, work, "memory-kd", *common, f"kd.weight={KD['weight']}"))
-        memory["still_ce"] = timed("memory_still_ce", lambda: still_train(
-            mem_store["store"], MEMORY, work, "memory-ce", *common, "kd.weight=0"))
         rows = timed("memory_rows", lambda: train_rows(mem_store["store"], KD["temperature"]))
-        if rows is not None:
-            memory["plain_kd"] = timed("memory_plain_kd", lambda: plain_loop(rows, MEMORY, epochs, kd=True))
-            memory["plain_ce"] = timed("memory_plain_ce", lambda: plain_loop(rows, MEMORY, epochs, kd=False))
-            del rows
+        runs: dict[str, list] = {"still_kd": [], "still_ce": [], "plain_kd": [], "plain_ce": []}
+        for repeat in range(args.repeats):  # interleaved, so that a busy moment of the machine hits both sides
+            runs["still_kd"].append(timed(f"memory_still_kd_{repeat}", lambda: still_train(
+                mem_store["store"], MEMORY, work, "memory-kd", *common, f"kd.weight={KD['weight']}")))
+            runs["plain_kd"].append(timed(f"memory_plain_kd_{repeat}", lambda: plain_loop(rows, MEMORY, epochs, True)))
+            runs["still_ce"].append(timed(f"memory_still_ce_{repeat}", lambda: still_train(
+                mem_store["store"], MEMORY, work, "memory-ce", *common, "kd.weight=0")))
+            runs["plain_ce"].append(timed(f"memory_plain_ce_{repeat}", lambda: plain_loop(rows, MEMORY, epochs, False)))
+        memory = {name: _median_run(results) for name, results in runs.items()}
+        memory["repeats"] = args.repeats
+        del rows
 
     # 2-3. Streamed from labels-only stores; peak memory at two sizes.
     stores = {n: timed(f"store_{n}", lambda n=n: labels_only_store(cache, n, STREAM, timeout=3600))

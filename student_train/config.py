@@ -125,6 +125,10 @@ class TrainLoopConfig:
     shuffle_buffer: int = 0
     """Rows a streaming worker mixes locally (the shards also come in a new random order
     every epoch); 0: four shards' worth, at least 16 batches, at most 128 MiB of rows."""
+    val_rows: int = 50_000
+    """Validation rows evaluated every epoch: the whole split when it holds no more, else a fixed
+    sample of this many (the split's rows of row groups taken in a seeded order), read once per
+    run. 0: the whole split. The test split is always evaluated whole, once, at the end."""
     verify_store: bool = False
     """Re-read every shard against the manifest (checksums, values, unique ids) before
     training, as ``still store verify`` does. Off, opening a store checks the manifest,
@@ -243,6 +247,7 @@ class TrainConfig:
             (self.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.train.weight_decay}"),
             (self.train.max_failures >= 0, f"train.max_failures must be >= 0, got {self.train.max_failures}"),
             (self.train.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.train.shuffle_buffer}"),
+            (self.train.val_rows >= 0, f"train.val_rows must be >= 0, got {self.train.val_rows}"),
         ]
         for ok, message in checks:
             if not ok:

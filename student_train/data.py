@@ -47,8 +47,6 @@ from still.errors import StillError
 from teacher_infer.soft_labels import SoftLabelSpec
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
-VIEW_COLUMNS = ("aug", "view", "sample")
-"""Training columns of views (evaluation needs none of them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +84,6 @@ class Source:
     def name(self) -> str:
         """Store URI(s) or the dataset's name, for messages."""
         return ",".join(s.uri for s in self.stores) if self.stores else self.dataset.name
-
-    @property
-    def labels_only(self) -> bool:
-        """True when the primary store's inputs are read from its source dataset."""
-        return bool(self.stores) and self.dataset is not None
 
     @property
     def has_teacher(self) -> bool:
@@ -249,9 +242,9 @@ def teacher_prefix(index: int) -> str:
     return f"t{index}_"
 
 
-def train_only(name: str) -> bool:
-    """True for training columns held-out splits drop: views and hint targets."""
-    return name in VIEW_COLUMNS or name.startswith("hint_")
+def is_teacher_column(name: str) -> bool:
+    """True for a store's teacher columns in a converted batch (``t0_topk_idx``…)."""
+    return name[:1] == "t" and name[1:2].isdigit() and "_" in name
 
 
 def convert_rows(table: pa.Table, source: Source, train: bool) -> dict[str, np.ndarray]:

@@ -50,7 +50,8 @@ from student_train.transfer import check_patterns, load_init_state
 DEFAULT_EXPERIMENT = "still-train"
 MEMORY_INGEST_LIMIT = 1 << 30  # bytes per worker below which `ingest: auto` reads its share into memory
 _NAME_EXCLUDES = ("train.resume", "train.output_dir", "train.name", "tracking.", "ray.", "register.",
-                  "scaling.", "train.max_failures", "train.ingest", "train.verify_store", "train.shuffle_buffer")
+                  "scaling.", "train.max_failures", "train.ingest", "train.verify_store", "train.shuffle_buffer",
+                  "train.val_rows")
 
 
 @dataclasses.dataclass(frozen=True)

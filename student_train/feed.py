@@ -15,8 +15,9 @@ Either way an epoch is exactly :attr:`Feed.steps` batches on every rank (the ran
 with the most rows sets it; a rank with fewer repeats a few of its rows), and what
 each batch holds is a function of the seed, the epoch and the rank alone.
 
-Validation is read once per run (rank 0), held in host memory, and sampled down to
-``VAL_BYTES`` if larger (``val_rows`` in the metrics says how many rows it is); the
+Validation is read once per run (rank 0) and held in host memory: the whole split, or,
+when it holds more than ``train.val_rows`` rows (or ``VAL_BYTES``), a fixed sample of
+whole units in a seeded order (``val_rows`` in the metrics says how many rows it is); the
 test split is streamed once, at the end.
 """
 
@@ -30,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from student_train.data import SPLITS, Source, split_codes
+from student_train.data import SPLITS, Source, is_teacher_column, split_codes
 from student_train.reader import (
     POOL_BYTES,
     Piece,
@@ -60,6 +61,9 @@ class FeedSettings:
         views: ``train.views``: ``one`` or ``all`` (multi-view stores).
         include_val: The training split holds the val rows too.
         pool_rows: Rows in a streaming worker's shuffle pool.
+        teacher_in_loss: The training batches carry the stores' teacher columns (False at
+            λ = 0: nothing reads them there, so they are neither gathered nor moved).
+        val_rows: ``train.val_rows``: validation rows to hold (0: all).
     """
 
     ingest: str
@@ -69,6 +73,8 @@ class FeedSettings:
     views: str = "one"
     include_val: bool = False
     pool_rows: int = 0
+    teacher_in_loss: bool = True
+    val_rows: int = 0
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -144,7 +150,7 @@ class Feed:
         stream = StreamedEpoch(self.reader, share(self.counts, order, self.world, self.rank), self.codes, self.sizes,
                                pool_rows=s.pool_rows, seed=derive_seed(s.seed, epoch, self.rank, POOL_MIX),
                                temperature=s.temperature, one_view_seed=view_seed if self.one_view else None,
-                               drop=("view", "sample"))
+                               drop=("view", "sample"), keep_teacher=s.teacher_in_loss)
         for batch in stream:
             yield self.to_device(batch)
 
@@ -177,7 +183,12 @@ class Feed:
                 pieces = share(self.counts, unit_order(self.source.units, None), self.world, self.rank)
                 arrays = self.reader.read_all(pieces, self.codes, self.settings.temperature)
             self._sample, self._view = arrays.pop("sample", None), arrays.pop("view", None)
-            self._memory = self.to_device(arrays)
+            if not self.settings.teacher_in_loss:
+                arrays = {k: v for k, v in arrays.items() if not is_teacher_column(k)}
+            tensors = self.to_device(arrays)
+            # class ids as int64 once (gather and scatter take no other), not on every step
+            self._memory = {k: v.long() if is_teacher_column(k) and k.endswith("_idx") else v
+                            for k, v in tensors.items()}
         return self._memory
 
     def _shared_share(self) -> Mapping[str, np.ndarray]:
@@ -190,7 +201,7 @@ class Feed:
     def val(self) -> Iterator[dict[str, torch.Tensor]]:
         """The validation split (read once, held in host memory), in evaluation batches."""
         if self._val is None:
-            self._val = self._held_out("val", VAL_BYTES)
+            self._val = self._held_out("val", self.settings.val_rows)
         yield from self._batches(self._val)
 
     @property
@@ -215,12 +226,15 @@ class Feed:
         for batch in stream:
             yield self.to_device(batch)
 
-    def _held_out(self, split: str, budget: int) -> dict[str, np.ndarray]:
+    def _held_out(self, split: str, rows: int) -> dict[str, np.ndarray]:
+        """A held-out split read once: whole, or (over ``rows``, or over ``VAL_BYTES``) the first
+        ``rows`` items of its units in a seeded order."""
         if self.shared is not None:
             return self.reader.bound(dict(self.shared[split]), self.settings.temperature)
         codes = (SPLITS[split],)
         counts = [u.items(codes) for u in self.source.units]
-        limit = max(1, budget // max(1, self.source.row_bytes()))
+        limit = max(1, VAL_BYTES // max(1, self.source.row_bytes()))
+        limit = min(limit, rows) if rows else limit
         sampled = sum(counts) > limit
         order = unit_order(self.source.units, derive_seed(self.settings.seed, 0, UNIT_ORDER) if sampled else None)
         pieces = _first_items(counts, order, limit)

@@ -102,7 +102,8 @@ class LoopSpec:
         train = self.cfg.train
         return FeedSettings(ingest=self.ingest, batch_size=max(1, train.batch_size // max(1, world)),
                             temperature=self.temperature, seed=train.seed, views=train.views,
-                            include_val=train.include_val, pool_rows=self.pool_rows)
+                            include_val=train.include_val, pool_rows=self.pool_rows,
+                            teacher_in_loss=self.cfg.kd.weight > 0, val_rows=train.val_rows)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -142,7 +143,6 @@ class LocalSession:
         self.device = device
         self.on_report = on_report
         self.arrays = arrays
-        self.last_metrics: dict[str, Any] = {}
 
     def restore(self) -> dict[str, Any] | None:
         """The last saved state, if any."""
@@ -160,7 +160,6 @@ class LocalSession:
             tmp = self.checkpoint_dir / f".{STATE_FILE}.tmp"
             torch.save(state, tmp)
             os.replace(tmp, self.checkpoint_dir / STATE_FILE)
-        self.last_metrics = metrics
         if self.on_report is not None:
             self.on_report(metrics)
 
@@ -365,7 +364,8 @@ def train_epoch(spec: LoopSpec, placed: Model, feed: Feed, targets: Targets, aug
         x, y = augmenter(batch, generator), batch["y"]
         batch = {**batch, "x": x}  # an online teacher sees the augmented input too
         logits, projected = placed.model(x)
-        terms = loss_fn(logits, targets(batch) if targets.present else None, y, T, lam, cfg.kd.tail)
+        teacher = targets(batch) if targets.present and lam > 0 else None  # λ = 0: no teacher term at all
+        terms = loss_fn(logits, teacher, y, T, lam, cfg.kd.tail)
         hints = hint_terms(pairs, projected, batch, hint_key)
         hint = torch.stack(hints).sum() if hints else zero
         loss = terms["loss"] + beta * hint if hints else terms["loss"]

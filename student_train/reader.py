@@ -48,7 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from still.errors import StillError
-from student_train.data import SPLITS, Source, bind_temperature, convert_rows, drawn_view, teacher_prefix
+from student_train.data import (SPLITS, Source, bind_temperature, convert_rows, drawn_view, is_teacher_column,
+                                teacher_prefix)
 
 POOL_BYTES = 128 << 20  # the most a streaming worker's automatic shuffle pool holds
 
@@ -444,15 +445,17 @@ class StreamedEpoch:
         temperature: Binds the teacher columns (None: left unbound).
         one_view_seed: Multi-view training rows: the epoch's view draw (None: every view).
         drop: Columns the loop does not use (read, then left out of the batches).
+        keep_teacher: Keep the stores' teacher columns (False: the loss does not read them).
         lookahead: Pieces read ahead of the one being mixed.
     """
 
     def __init__(self, reader: Reader, pieces: Sequence[Piece], codes: Sequence[int], sizes: Sequence[int], *,
                  pool_rows: int, seed: int, temperature: float | None, one_view_seed: int | None = None,
-                 drop: Sequence[str] = (), lookahead: int = 2) -> None:
+                 drop: Sequence[str] = (), keep_teacher: bool = True, lookahead: int = 2) -> None:
         self.reader, self.pieces, self.codes, self.sizes = reader, list(pieces), tuple(codes), list(sizes)
         self.pool_rows, self.seed, self.temperature = pool_rows, seed, temperature
         self.one_view_seed, self.drop, self.lookahead = one_view_seed, set(drop), lookahead
+        self.keep_teacher = keep_teacher
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._stop = threading.Event()
 
@@ -489,7 +492,10 @@ class StreamedEpoch:
                 yield ahead.popleft().result()
 
     def _read(self, piece: Piece) -> dict[str, np.ndarray]:
-        arrays = self.reader.bound(self.reader.read(piece, self.codes, self.one_view_seed), self.temperature)
+        arrays = self.reader.read(piece, self.codes, self.one_view_seed)
+        if not self.keep_teacher:
+            return {k: v for k, v in arrays.items() if k not in self.drop and not is_teacher_column(k)}
+        arrays = self.reader.bound(arrays, self.temperature)
         return {k: v for k, v in arrays.items() if k not in self.drop}
 
     def _produce(self) -> None:

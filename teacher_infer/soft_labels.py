@@ -164,14 +164,6 @@ class Ragged:
         starts = np.repeat(self.offsets[:-1][rows] - offsets[:-1], lengths)
         return Ragged(offsets, self.values[np.arange(offsets[-1]) + starts])
 
-    @staticmethod
-    def concat(parts: list[Ragged]) -> Ragged:
-        """The rows of ``parts``, one after the other."""
-        starts = np.cumsum([0] + [p.offsets[-1] - p.offsets[0] for p in parts[:-1]])
-        offsets = np.concatenate([np.zeros(1, dtype=np.int64)]
-                                 + [p.offsets[1:] - p.offsets[0] + start for p, start in zip(parts, starts)])
-        return Ragged(offsets, np.concatenate([p.values[p.offsets[0]:p.offsets[-1]] for p in parts]))
-
     def padded(self, width: int, fill: float | int = 0) -> np.ndarray:
         """Returns a ``(rows, width)`` array, rows padded with ``fill`` (and cut at ``width``)."""
         lengths = np.diff(self.offsets)

@@ -203,10 +203,6 @@ class Store:
         """Class names, index = class id."""
         return list(self.manifest.get("class_names", []))
 
-    def shard_uris(self) -> list[str]:
-        """URIs of the shards, in order."""
-        return [self.location.join(shard["name"]).uri for shard in self.manifest["shards"]]
-
     def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Reads the whole store into one Arrow table (small stores, tests, tools)."""
         tables = [
@@ -214,20 +210,6 @@ class Store:
             for s in self.manifest["shards"]
         ]
         return pa.concat_tables(tables) if tables else pa.table({})
-
-    def read_dataset(self, columns: Sequence[str] | None = None, **read_kwargs: Any):
-        """Returns a ``ray.data.Dataset`` over the shards.
-
-        Args:
-            columns: Columns to read (None: all).
-            **read_kwargs: Passed to ``ray.data.read_parquet`` (e.g. ``override_num_blocks``).
-        """
-        import ray.data
-
-        paths = [self.location.join(s["name"]).path for s in self.manifest["shards"]]
-        return ray.data.read_parquet(
-            paths, filesystem=self.location.arrow_fs(), columns=list(columns) if columns else None, **read_kwargs
-        )
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r}, key={self.key}, rows={self.num_rows}, mode={self.mode})"

@@ -16,7 +16,7 @@ The reader half of :mod:`teacher_infer.soft_labels`, in two steps:
     target = target_from_columns(arrays, spec, device="cuda")
     target.top1()                                        # the teacher's class per row
     TopKTarget.parts(T)                                  # log-probs on the top-k, log tail mass at T
-    SampledTarget.log_weights(T)                         # an unbiased estimate of softmax(t/T) on the draws
+    SampledTarget.at(T).log_w                            # the estimate of softmax(t/T) on the draws, at T
     target.dense_log_probs(T)                            # (n, C): tests, ensembles and fidelity
     bound = at_temperature(arrays, spec, T)              # a training run's one T, bound where rows are made
     target_from_columns(bound, spec, temperature=T)      # TopKAtT / SampledAtT: what the loss reads
@@ -375,17 +375,7 @@ class SampledTarget:
         return self.spec.num_classes
 
     def at(self, temperature: float) -> SampledAtT:
-        """This target at one temperature (:func:`at_temperature`)."""
-        columns = {"sample_idx": self.idx.cpu().numpy(), "sample_logp": self.log_p.detach().cpu().double().numpy(),
-                   "sample_log_inclusion": self.log_inclusion.detach().cpu().double().numpy(),
-                   "sample_norm": self.norm.detach().cpu().double().numpy()}
-        bound = at_temperature(columns, self.spec, temperature)
-        device, dtype = self.log_p.device, self.log_p.dtype
-        return SampledAtT(self.idx, torch.from_numpy(bound["sample_logw_at"]).to(device, dtype),
-                          torch.from_numpy(bound["sample_top1"]).to(device), temperature, self.num_classes)
-
-    def log_weights(self, temperature: float) -> torch.Tensor:
-        """``(n, m)`` log of the unbiased estimate of softmax(t / T) on the drawn classes.
+        """This target at one temperature (:func:`at_temperature`).
 
         A Horvitz–Thompson estimate: a drawn class i gets ``p_T(i) / π_i``. Its
         expectation over the draws is softmax(t/T) exactly where the normaliser at T
@@ -393,13 +383,15 @@ class SampledTarget:
         interpolated, so the estimate is close to unbiased, not exactly). Unlike
         ``count_i / N`` (reweighted by ``p_T(i)/q_i``) it is exact for a class that is
         drawn almost surely, so the confident part of the teacher carries no sampling
-        noise. Padding is −inf.
+        noise.
         """
-        return self.at(temperature).log_w
-
-    def weights(self, temperature: float) -> torch.Tensor:
-        """``(n, m)`` the unbiased estimate of softmax(t / T) on the drawn classes (0 on padding)."""
-        return torch.exp(self.log_weights(temperature))
+        columns = {"sample_idx": self.idx.cpu().numpy(), "sample_logp": self.log_p.detach().cpu().double().numpy(),
+                   "sample_log_inclusion": self.log_inclusion.detach().cpu().double().numpy(),
+                   "sample_norm": self.norm.detach().cpu().double().numpy()}
+        bound = at_temperature(columns, self.spec, temperature)
+        device, dtype = self.log_p.device, self.log_p.dtype
+        return SampledAtT(self.idx, torch.from_numpy(bound["sample_logw_at"]).to(device, dtype),
+                          torch.from_numpy(bound["sample_top1"]).to(device), temperature, self.num_classes)
 
     def dense_log_probs(self, temperature: float) -> torch.Tensor:
         """``(n, C)`` log of the estimate (−inf on classes never drawn)."""

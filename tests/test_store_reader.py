@@ -23,7 +23,7 @@ def test_open_verify_and_corruption(tmp_path):
     store = st.open_store(uri)
     assert (store.key, store.num_classes, store.mode, store.k, store.input_shape) == ("k" * 16, 5, "topk", 3, (4,))
     assert store.soft_labels.temperatures == (1.0, 2.0, 4.0, 8.0) and store.max_support == 3
-    assert store.shard_uris() == [str(tmp_path / "s" / "part-00000.parquet")]
+    assert [s["name"] for s in store.manifest["shards"]] == ["part-00000.parquet"]
     table = store.read_table()
     assert table.column_names == ["id", "view", "label", "split", "input",
                                   "topk_idx", "topk_logit", "logsumexp", "tail_lognorm"]

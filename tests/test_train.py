@@ -87,42 +87,48 @@ def test_resume_continues_a_stopped_run(digits_store, tmp_path):
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
 
 
-def _killed_after_first_checkpoint(command: list[str], cwd: Path, state: Path, timeout: float = 240) -> None:
-    """Runs ``command`` and ``kill -9``s it as soon as ``state`` (its first epoch's checkpoint) exists."""
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def _still_train(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "still_cli", "train", *args, "--json"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    deadline = time.time() + timeout
-    try:
-        while not state.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
+
+
+def _summary(proc: subprocess.Popen, timeout: float = 300) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("ingest", ["memory", "stream"])
 def test_the_same_seed_gives_the_same_losses_again_and_after_a_kill_and_resume(digits_store, tmp_path, ingest):
     """Losses, not accuracy: two runs of one config and seed agree to the last bit, and so does a run
-    killed with SIGKILL after an epoch and resumed (data order, view draws, dropout all from the seed)."""
+    killed with SIGKILL after an epoch and resumed (data order, view draws, dropout all from the seed).
+    Each run is a ``still train`` process of its own, as a user's are."""
     common = [f"store.uri={digits_store}", "scaling.num_workers=0", f"train.ingest={ingest}", "train.epochs=12",
-              "train.batch_size=8", "student.dropout=0.3", "kd.temperature=3", "kd.weight=0.6", "train.seed=4",
-              "train.shuffle_buffer=300", "train.lr_schedule=cosine"]
-    runs = [train_job(_cfg(tmp_path / name, *common, f"train.name={name}"), run_name=name,
-                      options=JobOptions(quiet=True, log_model=False)) for name in ("a", "b")]
-    out = tmp_path / "cut" / "out"
-    command = [sys.executable, "-m", "still_cli", "train", *common, "student.width=32", "student.depth=1",
-               "train.lr=0.003", "scaling.cpus_per_worker=1", "tracking.enabled=false", f"train.output_dir={out}",
-               "train.name=cut"]
-    _killed_after_first_checkpoint(command, tmp_path, out / "ray" / "cut" / "state.pt")
-    resumed = train_job(_cfg(tmp_path / "cut", *common, "train.name=cut", "train.resume=true"), run_name="cut",
-                        options=JobOptions(quiet=True, log_model=False))
+              "train.batch_size=8", "student.width=32", "student.depth=1", "student.dropout=0.3", "train.lr=0.003",
+              "kd.temperature=3", "kd.weight=0.6", "train.seed=4", "train.shuffle_buffer=300",
+              "train.lr_schedule=cosine", "scaling.cpus_per_worker=1", "tracking.enabled=false"]
+    runs = [_summary(_still_train([*common, f"train.output_dir={tmp_path / name}", f"train.name={name}"], tmp_path))
+            for name in ("a", "b")]
+    cut = [*common, f"train.output_dir={tmp_path / 'cut'}", "train.name=cut"]
+    proc = _still_train(cut, tmp_path)
+    state = tmp_path / "cut" / "ray" / "cut" / "state.pt"
+    deadline = time.time() + 240
+    try:
+        while not state.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    resumed = _summary(_still_train([*cut, "train.resume=true"], tmp_path))
     assert 1 <= resumed["resumed_from"] < 12, resumed["resumed_from"]  # killed mid-run, resumed from its checkpoint
 
     def losses(run):
         return [(h["train_loss"], h["train_ce"], h["train_kl"], h["val_nll"]) for h in run["history"]]
 
-    assert losses(runs[0]) == losses(runs[1]) == losses(resumed)
+    assert losses(runs[0]) == losses(runs[1]), "two runs of one seed differ"
+    assert losses(runs[1]) == losses(resumed), "a resumed run differs from an uninterrupted one"
     assert runs[0]["test_nll"] == runs[1]["test_nll"] == resumed["test_nll"]
 
 

@@ -70,11 +70,6 @@ class Dimension:
     log: bool = False
     integer: bool = False
 
-    @property
-    def is_range(self) -> bool:
-        """True for ``{low, high}`` dimensions."""
-        return self.values is None
-
     def describe(self) -> str:
         """A short human description, e.g. ``[1, 2, 4]`` or ``log[1, 20]``."""
         if self.values is not None:
