@@ -109,4 +109,5 @@ def test_changed_or_missing_source_is_refused(stores, tmp_path):
     finally:
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(moved, data)
-    assert resolve_source([uri], None).labels_only  # the restored source is accepted again
+    restored = resolve_source([uri], None)  # the restored source is accepted again
+    assert restored.dataset is not None and restored.dataset.num_rows * restored.views == restored.num_rows
