@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 from still.errors import StillError
@@ -46,6 +47,19 @@ class LMFiles:
     def load_kwargs(self) -> dict:
         """Keyword arguments for transformers' ``from_pretrained``: offline, and the GGUF file if any."""
         return {"local_files_only": True, **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
+
+    def identity_files(self) -> list[tuple[str, Path]]:
+        """The files whose contents are the model (not its tokenizer), as ``(name, path)`` sorted by name.
+
+        A GGUF file is one file (named ``model.gguf`` whatever it is called, so a renamed
+        copy is the same model); a ``save_pretrained`` directory is its ``config.json`` and
+        its weight files, shards included, named relative to the directory.
+        """
+        if self.is_gguf:
+            return [("model.gguf", self.directory / self.gguf_file)]
+        names = {"config.json"} | {name for name in WEIGHT_FILES if (self.directory / name).is_file()}
+        names |= set(_shards(self.directory, self.uri))
+        return sorted((name, self.directory / name) for name in names)
 
 
 def resolve_lm_files(uri: str, *, need_weights: bool = True, need_tokenizer: bool = True) -> LMFiles:
@@ -84,9 +98,34 @@ def resolve_lm_files(uri: str, *, need_weights: bool = True, need_tokenizer: boo
     if need_weights:
         _require(path, ("config.json",), uri, "its model config")
         _require(path, WEIGHT_FILES, uri, "its weights")
+        missing = [name for name in _shards(path, uri) if not (path / name).is_file()]
+        if missing:
+            raise StillError(f"language model directory {uri!r} lacks weight shards named in its index: "
+                             f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     if need_tokenizer:
         _require(path, TOKENIZER_FILES, uri, "its tokenizer")
     return LMFiles(uri, path)
+
+
+def is_lm_uri(uri: str) -> bool:
+    """True when ``uri`` names a language model: ``builtin:…``, a ``.gguf`` path, or a local directory.
+
+    Classifier teachers are files or MLflow URIs, never directories, so a directory is
+    taken for a ``save_pretrained`` model (whose missing files :func:`resolve_lm_files` names).
+    """
+    return uri.startswith("builtin:") or uri.endswith(".gguf") or Path(uri).expanduser().is_dir()
+
+
+def _shards(directory: Path, uri: str) -> list[str]:
+    """The shard files a sharded checkpoint's index names (none for a single weight file)."""
+    shards: set[str] = set()
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            try:
+                shards |= set(json.loads((directory / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise StillError(f"language model directory {uri!r}: unreadable {index} ({type(exc).__name__})") from None
+    return sorted(shards)
 
 
 def _require(directory: Path, names: tuple[str, ...], uri: str, what: str) -> None:
