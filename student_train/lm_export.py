@@ -108,16 +108,20 @@ def log_lm_to_mlflow(tracker: Any, directory: str | Path, register_name: str = "
     requirements = [f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                     "safetensors"]
     mlflow.set_tracking_uri(tracker.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri)
+    # A model logged with run_id= and no active run lands in the default experiment (and, on a
+    # sqlite store, its artifacts under ./mlruns): create it in the run's experiment first.
+    experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    model_id = client.create_logged_model(experiment_id, name="model", source_run_id=tracker.run_id).model_id
     with _quiet("mlflow.transformers"):
         logged = mlflow.transformers.log_model(
             transformers_model={"model": lm.model, "tokenizer": lm.tokenizer}, task="text-generation",
-            name="model", run_id=tracker.run_id, model_card=card, pip_requirements=requirements,
-            metadata={"still": info}, registered_model_name=register_name or None,
+            name="model", run_id=tracker.run_id, model_id=model_id, model_card=card,
+            pip_requirements=requirements, metadata={"still": info}, registered_model_name=register_name or None,
         )
     version = getattr(logged, "registered_model_version", None)
     if register_name and alias and version is not None:
-        mlflow.MlflowClient(tracking_uri=tracker.tracking_uri).set_registered_model_alias(
-            register_name, alias, str(version))
+        client.set_registered_model_alias(register_name, alias, str(version))
     return {"model_uri": logged.model_uri, "registered_version": version}
 
 
