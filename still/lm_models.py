@@ -8,8 +8,8 @@ it, not a download. It lives in ``still`` because both sides load these models:
 ``teacher_infer`` its teachers, ``student_train`` initial weights, the text pipeline
 its tokenizer.
 
-Measured here (2 cores, fp32): SmolLM2-135M from its Q4_1 GGUF loads in ~19-25 s
-(de-quantizing 272 tensors) and its tokenizer in ~4-8 s.
+Measured here (2 cores, fp32, beside a test run): SmolLM2-135M from its Q4_1 GGUF loads
+in 17-22 s (de-quantizing 272 tensors) and its tokenizer in 4-5 s.
 """
 
 from __future__ import annotations
