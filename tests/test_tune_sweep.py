@@ -52,9 +52,11 @@ def test_sweep_asha_mlflow_report_retrain_without_teacher(ray_cluster, digits_st
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "sweep"
     # Widths in grid order, one at a time: the 2-unit student trails the others at
-    # the first rung, so ASHA (grace 1, factor 2) must stop it.
+    # the first rung, so ASHA (grace 1, factor 2) must stop it. Its second rung is the last
+    # epoch: a trial there has trained in full and must finish (test, model, its run),
+    # however it compares (Ray's ASHA stopped it there when it scored below the cutoff).
     cfg = _config(digits_store, out, uri, "tune.name=digits", "tune.searcher=grid", "space.width=[64, 32, 16, 2]",
-                  "tune.num_samples=1", "space.temperature=[4]", "space.weight=[0.7]", "train.epochs=3", "tune.grace_period=1",
+                  "tune.num_samples=1", "space.temperature=[4]", "space.weight=[0.7]", "train.epochs=2", "tune.grace_period=1",
                   "tune.reduction_factor=2", "tune.max_concurrent_trials=1", "tune.retrain_best=true")
     teacher = Path(digits_teacher)
     assert open_store(digits_store).manifest["teacher"].get("uri", str(teacher)).endswith(teacher.name)
@@ -72,8 +74,9 @@ def test_sweep_asha_mlflow_report_retrain_without_teacher(ray_cluster, digits_st
     assert {json.loads((out / "models" / r["trial"] / "summary.json").read_text())["ingest"]
             for r in rows if r["status"] == "completed"} == {"shared"}
     by_width = {r["width"]: r for r in rows}
-    assert by_width[2]["status"] == "stopped" and by_width[2]["epochs"] < 3
-    assert by_width[64]["status"] == "completed" and by_width[64]["epochs"] == 3
+    assert by_width[2]["status"] == "stopped" and by_width[2]["epochs"] == 1
+    finished = [r for r in rows if r["epochs"] == 2]
+    assert by_width[64] in finished and all(r["status"] == "completed" and r["run_id"] for r in finished), finished
     assert by_width[64]["test_accuracy"] > 0.7 and by_width[64]["params"] > by_width[2]["params"]
     # table, plot, results
     table = Path(summary["table"]).read_text().splitlines()
@@ -85,7 +88,7 @@ def test_sweep_asha_mlflow_report_retrain_without_teacher(ray_cluster, digits_st
     assert best["trial"] in {r["trial"] for r in rows if r["status"] == "completed"}
     assert set(best["config"]) == {"kd.temperature", "kd.weight", "student.width"}
     assert 0 < best["metrics"]["val_accuracy"] <= 1 and "test_errors" in best
-    assert summary["retrained"]["run_id"] and summary["retrained"]["student_test_accuracy"] > 0.8
+    assert summary["retrained"]["run_id"] and summary["retrained"]["student_test_accuracy"] > 0.7
 
     # MLflow: parent with the store key, one child per trial (+ the retrained best), all ended
     client, parent, children = _runs(uri, summary["parent_run_id"])

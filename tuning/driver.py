@@ -317,9 +317,10 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callback
     ``shared``: :func:`shared_data` (built here when not given).
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from tuning.console import TrialLines, run_config_verbosity
+    from tuning.scheduler import FinishingASHA
     from tuning.trainable import TrialNamer
 
     trainable = _trainable(config, plan, parent, shared if shared is not None else shared_data(config, plan))
@@ -330,12 +331,12 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callback
         return tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     if config.tune.scheduler == "asha":
-        scheduler: Any = ASHAScheduler(
+        scheduler: Any = FinishingASHA(
             time_attr="training_iteration",
             max_t=config.train.epochs,
             grace_period=config.tune.grace_period,
             reduction_factor=config.tune.reduction_factor,
-            stop_last_trials=False,  # a trial at max_t finishes on its own (test eval, model, run end)
+            stop_last_trials=False,
         )
     else:
         scheduler = FIFOScheduler()
