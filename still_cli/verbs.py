@@ -38,7 +38,12 @@ def _load_tune() -> Runner:
 
 
 def train_table(summary: dict[str, Any]) -> str:
-    """The student-vs-teacher table of a ``still train`` summary (``student_train.driver.format_table``)."""
+    """The table of a ``still train`` summary: student against teacher (``student_train.driver.format_table``),
+    or a language model's held-out cross-entropy (``student_train.lm_driver.format_lm_table``)."""
+    if summary.get("task") == "causal_lm":
+        from student_train.lm_driver import format_lm_table
+
+        return format_lm_table(summary)
     from student_train.driver import format_table
 
     return format_table(summary)
