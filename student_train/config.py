@@ -313,3 +313,49 @@ class TrainConfig:
     def distills(self) -> bool:
         """True when a teacher signal (store or online teacher) enters the loss."""
         return bool(self.store.uri or self.kd.online_teacher)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRefConfig:
+    """The language model to evaluate."""
+
+    uri: str = ""
+    """``builtin:smollm2-135m``, a ``.gguf`` file, or a ``save_pretrained`` directory (a
+    still-trained student's ``checkpoint``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalLoopConfig:
+    """What is evaluated, and how."""
+
+    splits: tuple[str, ...] = ("val", "test")
+    """Held-out splits of the token blocks to evaluate (``val``, ``test``, ``train``)."""
+    max_blocks: int = 0
+    """Blocks evaluated per split: the first this many in stored order; 0: all."""
+    batch_size: int = 8
+    """Blocks per forward pass."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on a GPU, fp32 on the CPU."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Root config of ``still eval``: a language model's held-out cross-entropy on a text source's
+    token blocks (the blocks ``still train`` makes with the same tokenizer and ``data.seq_len``)."""
+
+    model: ModelRefConfig = dataclasses.field(default_factory=ModelRefConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalLoopConfig = dataclasses.field(default_factory=EvalLoopConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model.uri:
+            raise StillError("model.uri is required: builtin:smollm2-135m, a .gguf file or a save_pretrained directory")
+        unknown = sorted(set(self.eval.splits) - {"train", "val", "test"})
+        if unknown or not self.eval.splits:
+            raise StillError(f"eval.splits must name train, val or test, got {list(self.eval.splits)}")
+        if self.eval.max_blocks < 0:
+            raise StillError(f"eval.max_blocks must be >= 0, got {self.eval.max_blocks}")
+        if self.eval.batch_size < 1:
+            raise StillError(f"eval.batch_size must be >= 1, got {self.eval.batch_size}")

@@ -88,9 +88,9 @@ def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return t.lr
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 under ``train.precision`` ``bf16``, or ``auto`` on a GPU; None: fp32."""
-    precision = cfg.train.precision
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting (``train.precision``): bf16 for ``bf16``, and for
+    ``auto`` on a GPU; None (fp32) otherwise."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -198,7 +198,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     feed = Feed(spec.source, spec.feed_settings(session.world_size), session.rank, session.world_size, device)
     steps_per_epoch = math.ceil(feed.steps / t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
-    dtype = autocast_dtype(cfg, device)
+    dtype = autocast_dtype(t.precision, device)
     seq_len = spec.source.input_shape[0]
 
     def state_now(epoch: int) -> dict[str, Any]:
