@@ -142,6 +142,9 @@ class TrainLoopConfig:
     warmup_steps: int = 0
     """Optimizer steps over which the learning rate rises linearly from 0 to ``train.lr``
     before ``train.lr_schedule`` takes over (language models want a few hundred)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in all (the epoch under way ends there, evaluated and
+    checkpointed); 0: run every epoch in full."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this before each optimizer step; 0: no clipping."""
     grad_accum: int = 1
@@ -267,6 +270,7 @@ class TrainConfig:
             (self.train.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.train.shuffle_buffer}"),
             (self.train.val_rows >= 0, f"train.val_rows must be >= 0, got {self.train.val_rows}"),
             (self.train.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.train.warmup_steps}"),
+            (self.train.max_steps >= 0, f"train.max_steps must be >= 0, got {self.train.max_steps}"),
             (self.train.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.train.grad_clip}"),
             (self.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.train.grad_accum}"),
             (self.train.log_every >= 0, f"train.log_every must be >= 0, got {self.train.log_every}"),

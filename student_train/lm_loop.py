@@ -197,7 +197,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     tracker = attach(spec.tracking) if session.rank == 0 else attach(None)
     feed = Feed(spec.source, spec.feed_settings(session.world_size), session.rank, session.world_size, device)
     steps_per_epoch = math.ceil(feed.steps / t.grad_accum)
-    total_steps = steps_per_epoch * t.epochs
+    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or steps_per_epoch * t.epochs)
     dtype = autocast_dtype(t.precision, device)
     seq_len = spec.source.input_shape[0]
 
@@ -212,9 +212,10 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                 f"{prefix}_tokens": result["tokens"], f"{prefix}_tokens_per_s": result["tokens_per_s"]}
 
     metrics: dict[str, Any] = {}
-    if start_epoch < t.epochs:
+    finished = start_epoch >= t.epochs or step >= total_steps  # a resumed run that had ended
+    if not finished:
         feed.hold()
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, start_epoch if finished else t.epochs):
         torch.manual_seed(derive_seed(t.seed, epoch, session.rank, TORCH_RNG))
         started = time.perf_counter()
         progress = Progress(step)
@@ -223,10 +224,13 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
         model.train()
         batches = iter(feed.epoch(epoch))
         for index in range(steps_per_epoch):
+            if step >= total_steps:  # train.max_steps reached: this epoch ends here
+                break
             lr = scheduled_lr(cfg, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = min(t.grad_accum, feed.steps - index * t.grad_accum)
+            sizes = feed.sizes[index * t.grad_accum:(index + 1) * t.grad_accum]
+            micro = len(sizes)
             for m in range(micro):
                 batch = next(batches)
                 if not epoch_batches and not m and not index:
@@ -235,7 +239,8 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                 sync = m == micro - 1 or not hasattr(model, "no_sync")
                 with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, dtype):
                     loss = causal_lm_loss(model(input_ids=x).logits, x)
-                (loss / micro).backward()
+                # each batch weighs by its rows: the step's gradient is that of the mean over all its rows
+                (loss * (sizes[m] / sum(sizes))).backward()
                 value = float(loss.detach())
                 progress.add(value, x.numel())
                 epoch_loss += value
@@ -262,14 +267,17 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                    **({"grad_norm": grad_norm} if grad_norm is not None else {})}
         if session.rank == 0:
             metrics.update(held_out(feed.val(), "val"))
-            if epoch + 1 == t.epochs:
+            last = epoch + 1 == t.epochs or step >= total_steps
+            if last:
                 metrics.update(held_out(feed.test(), "test"))
             history.append(dict(metrics))
             tracker.log_metrics(loggable(metrics), step=step)
         session.report(metrics, state_now(epoch + 1) if session.rank == 0 else None)
         if session.rank == 0 and not spec.quiet:
             print(_epoch_line(metrics, t.epochs), flush=True)
-    if start_epoch >= t.epochs:  # resumed a finished run: report the test metrics again
+        if step >= total_steps:
+            break
+    if finished:  # report the test metrics again
         metrics = dict(history[-1]) if history else {"epoch": start_epoch}
         metrics["resumed_from"] = start_epoch
         if session.rank == 0:
