@@ -26,8 +26,7 @@ from still.tracking import check_reachable, open_run, tracking_uri
 from student_train.config import TrainConfig
 from student_train.data import Source, resolve_block_source
 
-SUMMARY_METRICS = ("val_ce", "val_ppl", "val_accuracy", "test_ce", "test_ppl", "test_accuracy", "student_params",
-                   "tokens_per_s")
+SUMMARY_METRICS = ("test_ce", "test_ppl", "test_accuracy", "student_params")  # the rest are logged per epoch
 
 
 def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
@@ -38,7 +37,8 @@ def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
             ``data.tokenizer``, ``data.seq_len`` beyond ``student.max_positions``, a student
             width the llama rules refuse, a bad text source or tokenizer.
     """
-    from still.lm_models import load_lm_tokenizer, special_token_ids
+    from still.lm_models import special_token_ids
+    from still.text.tokenizer import load_tokenizer
     from student_train.driver import Job, choose_ingest
 
     if cfg.tracking.enabled:
@@ -53,9 +53,9 @@ def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
         raise StillError(f"data.seq_len={cfg.data.seq_len} exceeds student.max_positions={cfg.student.max_positions}: "
                          "the student has no position for the tokens beyond; lower data.seq_len or raise "
                          "student.max_positions")
-    tokenizer = load_lm_tokenizer(cfg.data.tokenizer)
-    model_args = {"width": cfg.student.width, "depth": cfg.student.depth, "vocab_size": len(tokenizer),
-                  "max_positions": cfg.student.max_positions, "special_ids": special_token_ids(tokenizer)}
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model_args = {"width": cfg.student.width, "depth": cfg.student.depth, "vocab_size": tokenizer.vocab_size,
+                  "max_positions": cfg.student.max_positions, "special_ids": special_token_ids(tokenizer.hf)}
     build_model(cfg.student.family, **dict(model_args))  # sizes the llama rules refuse fail here, before any work
     source = resolve_block_source(cfg.data, cfg.data.tokenizer)
     if not source.split_rows["train"]:
@@ -70,7 +70,7 @@ def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
 
 def run_lm_job(job: Any, started: float) -> dict[str, Any]:
     """Trains, exports and logs a checked language-model job; returns its summary."""
-    from still.lm_models import load_lm_tokenizer
+    from still.text.tokenizer import load_tokenizer
     from student_train.driver import DEFAULT_EXPERIMENT, fit, is_number
     from student_train.lm_export import export_causal_lm, log_lm_to_mlflow
 
@@ -81,7 +81,7 @@ def run_lm_job(job: Any, started: float) -> dict[str, Any]:
         student = build_model(cfg.student.family, **dict(job.model_args))
         student.load_state_dict(state["net"])
         summary = summarise_lm(job, student, final, list(state["history"]))
-        directory = export_causal_lm(student, load_lm_tokenizer(cfg.data.tokenizer), job.output_dir / "model",
+        directory = export_causal_lm(student, load_tokenizer(cfg.data.tokenizer).hf, job.output_dir / "model",
                                      training={k: v for k, v in summary.items() if k != "history"})
         summary["checkpoint"] = str(directory)
         tracker.log_metrics({k: summary[k] for k in SUMMARY_METRICS if is_number(summary.get(k))},

@@ -46,7 +46,7 @@ def test_cli_trains_a_tiny_llama_whose_export_loads_without_still(corpus, tmp_pa
     history = out["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["val_ce"] < history[0]["val_ce"] < uniform  # it learns, and beats a uniform guess
-    assert out["test_ce"] < uniform - 1.0 and out["test_ppl"] == pytest.approx(math.exp(out["test_ce"]), rel=1e-6)
+    assert out["test_ce"] < uniform - 0.5 and out["test_ppl"] == pytest.approx(math.exp(out["test_ce"]), rel=1e-6)
     assert 0 < out["test_accuracy"] < 1 and out["student_params"] > 0 and out["tokens_per_s"] > 0
 
     # per-step metrics reached MLflow while training (train.log_every=5), at optimizer steps

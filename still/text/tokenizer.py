@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from still.errors import StillError
-from still.lm_files import resolve_lm_files
 
 
 class Tokenizer:
@@ -20,6 +19,7 @@ class Tokenizer:
         eos_id: The end-of-sequence token id, put between documents.
         fingerprint: sha256 (hex) of the serialised tokenizer (``backend_tokenizer.to_str()``):
             the same tokenizer gives the same fingerprint wherever and however often it loads.
+        hf: The transformers tokenizer itself (what exports save beside a model).
     """
 
     def __init__(self, uri: str, hf_tokenizer: Any) -> None:
@@ -38,15 +38,15 @@ class Tokenizer:
         self.vocab_size = len(hf_tokenizer)
         self.eos_id = int(hf_tokenizer.eos_token_id)
         self.fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest()
-        self._hf = hf_tokenizer
+        self.hf = hf_tokenizer
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, with no special tokens added."""
-        return self._hf(list(texts), add_special_tokens=False)["input_ids"]
+        return self.hf(list(texts), add_special_tokens=False)["input_ids"]
 
     def save(self, directory: str | Path) -> None:
         """Writes the tokenizer's files (``save_pretrained``) into ``directory``."""
-        self._hf.save_pretrained(str(directory))
+        self.hf.save_pretrained(str(directory))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.uri!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -66,11 +66,7 @@ def load_tokenizer(uri: str) -> Tokenizer:
     if not uri:
         raise StillError("no tokenizer given: set data.tokenizer to a language model "
                          "(builtin:smollm2-135m, a .gguf file or a save_pretrained directory)")
-    files = resolve_lm_files(uri, need_weights=False)
-    from transformers import AutoTokenizer
+    from still.lm_models import load_lm_tokenizer
 
-    try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(files.directory), **files.load_kwargs())
-    except (OSError, ValueError) as error:
-        raise StillError(f"tokenizer {uri!r} did not load: {error}") from None
+    hf_tokenizer = load_lm_tokenizer(uri)
     return Tokenizer(uri, hf_tokenizer)
