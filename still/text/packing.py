@@ -198,11 +198,12 @@ def tokenize_documents(texts: list[str], tokenizer: Tokenizer, ray_cfg: RayConfi
         num_cpus=1,
     )
     table = pa.concat_tables(ray.get(tokenized.to_arrow_refs()))
+    if table.num_rows != len(texts):
+        raise RuntimeError(f"Ray Data returned {table.num_rows} tokenized documents of {len(texts)}")
     order = np.argsort(table["index"].to_numpy(), kind="stable")
-    tokens = table["input_ids"].take(pa.array(order))
-    if len(order) != len(texts):
-        raise RuntimeError(f"tokenized {len(order)} of {len(texts)} documents")
-    return [np.asarray(row.values.to_numpy(), dtype=np.uint32) for row in tokens]
+    tokens = table["input_ids"].combine_chunks().take(pa.array(order))
+    values = tokens.flatten().to_numpy().astype(np.uint32, copy=False)
+    return np.split(values, np.cumsum(tokens.value_lengths().to_numpy())[:-1])
 
 
 def tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
