@@ -15,7 +15,7 @@ from still.errors import StillError
 from still.text.bible import SWORD_MODULE_DIR, WEB_BIBLE_SPLITS, read_web_bible
 from still.text.packing import block_arrays, open_blocks, token_blocks
 from still.text.sources import read_corpus, read_documents
-from still.text.tokenizer import load_tokenizer
+from still.text.tokenizer import load_tokenizer, tokenizer_from_json
 
 needs_bible = pytest.mark.skipif(not (SWORD_MODULE_DIR / "nt.bzz").is_file(),
                                  reason="Debian package sword-text-web is not installed (apt-get install sword-text-web)")
@@ -208,6 +208,9 @@ def test_packing_accounting_layout_and_cache(ray_cluster, tiny_tokenizer, bible,
     assert blocks.files == tuple(sorted(blocks.files)) and len(blocks.files) == 3
     assert blocks.path.parent == tmp_path / "cache" / "blocks" and blocks.path.name == blocks.key
 
+    # The tokenizer Ray's tasks build from JSON encodes as the loaded one does.
+    assert tokenizer_from_json(tokenizer.serialized).encode_batch(texts[:3], add_special_tokens=False)[2].ids == \
+        tokenizer.encode_batch(texts[2:3])[0]
     # A second call finds the build: no tokenizing, no tokenizer load.
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized again")
@@ -268,4 +271,13 @@ def test_smollm2_tokenizer_fingerprint_is_stable():
     second = load_tokenizer("builtin:smollm2-135m")
     assert first is not second and first.fingerprint == second.fingerprint
     assert first.vocab_size == 49152 and first.eos_id is not None
-    assert first.encode_batch([GENESIS_1_1]) == second.encode_batch([GENESIS_1_1])
+    texts = [GENESIS_1_1, " leading space,\n\nnew lines\tand tabs ", "ünïcödé — “quotes” 123456"]
+    assert first.encode_batch(texts) == second.encode_batch(texts)
+    from transformers import AutoTokenizer
+    from still.lm_files import resolve_lm_files
+
+    files = resolve_lm_files("builtin:smollm2-135m", need_weights=False)
+    hf = AutoTokenizer.from_pretrained(str(files.directory), **files.load_kwargs())
+    assert first.encode_batch(texts) == hf(texts, add_special_tokens=False)["input_ids"]
+    assert tokenizer_from_json(first.serialized).encode(GENESIS_1_1, add_special_tokens=False).ids == \
+        first.encode_batch([GENESIS_1_1])[0]

@@ -41,7 +41,7 @@ from still.datasets.splits import SPLIT_CODES
 from still.errors import StillError
 from still.lm_files import resolve_lm_files
 from still.text.sources import Corpus, read_corpus
-from still.text.tokenizer import Tokenizer, load_tokenizer
+from still.text.tokenizer import Tokenizer, encode_batch, load_tokenizer, tokenizer_from_json
 
 FORMAT_VERSION = 1
 """Bumped whenever the packing rule or the file layout changes (it is part of the key)."""
@@ -114,7 +114,7 @@ def token_blocks(data_cfg: DataConfig, tokenizer_uri: str | None = None,
     _remember_fingerprint(root, uri, tokenizer.fingerprint)
     key = blocks_key(corpus.fingerprint, tokenizer.fingerprint, data_cfg.seq_len)
     if not (root / key / MANIFEST).is_file():
-        tokens = tokenize_documents([doc.text for doc in corpus.documents], uri, ray_cfg)
+        tokens = tokenize_documents([doc.text for doc in corpus.documents], tokenizer, ray_cfg)
         _write_build(root / key, _build(corpus, tokens, tokenizer, data_cfg.seq_len, key))
     return dataclasses.replace(open_blocks(root / key), cache_hit=False)
 
@@ -178,12 +178,13 @@ def block_arrays(blocks: TokenBlocks, split: str) -> tuple[np.ndarray, np.ndarra
     return ids, flat.astype(blocks.token_dtype, copy=False).reshape(len(ids), blocks.seq_len)
 
 
-def tokenize_documents(texts: list[str], tokenizer_uri: str, ray_cfg: RayConfig | None = None) -> list[np.ndarray]:
+def tokenize_documents(texts: list[str], tokenizer: Tokenizer, ray_cfg: RayConfig | None = None) -> list[np.ndarray]:
     """Token ids of every text (no special tokens), in the order given, tokenized by Ray Data tasks.
 
-    Each task takes a few documents and loads the tokenizer once per worker process
-    (:func:`still.text.tokenizer.load_tokenizer` caches it there); the results are
-    sorted back into input order.
+    Each task takes a few documents; the tokenizer travels as its serialised JSON and is
+    built once per worker process (:func:`still.text.tokenizer.tokenizer_from_json`), so
+    workers import neither transformers nor the model's files. The results are sorted
+    back into input order.
     """
     import ray.data
 
@@ -193,21 +194,21 @@ def tokenize_documents(texts: list[str], tokenizer_uri: str, ray_cfg: RayConfig 
     items = [{"index": index, "text": text} for index, text in enumerate(texts)]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // _DOCUMENTS_PER_BLOCK)))
     tokenized = dataset.map_batches(
-        tokenize_batch, fn_kwargs={"tokenizer_uri": tokenizer_uri}, batch_format="pyarrow", batch_size=None,
+        tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer.serialized}, batch_format="pyarrow", batch_size=None,
         num_cpus=1,
     )
     table = pa.concat_tables(ray.get(tokenized.to_arrow_refs()))
+    if table.num_rows != len(texts):
+        raise RuntimeError(f"Ray Data returned {table.num_rows} tokenized documents of {len(texts)}")
     order = np.argsort(table["index"].to_numpy(), kind="stable")
-    tokens = table["input_ids"].take(pa.array(order))
-    if len(order) != len(texts):
-        raise RuntimeError(f"tokenized {len(order)} of {len(texts)} documents")
-    return [np.asarray(row.values.to_numpy(), dtype=np.uint32) for row in tokens]
+    tokens = table["input_ids"].combine_chunks().take(pa.array(order))
+    values = tokens.flatten().to_numpy().astype(np.uint32, copy=False)
+    return np.split(values, np.cumsum(tokens.value_lengths().to_numpy())[:-1])
 
 
-def tokenize_batch(batch: pa.Table, tokenizer_uri: str) -> pa.Table:
+def tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
     """Ray Data batch function: ``{index, text}`` rows to ``{index, input_ids}`` (list<uint32>)."""
-    tokenizer = load_tokenizer(tokenizer_uri)
-    ids = tokenizer.encode_batch(batch["text"].to_pylist())
+    ids = encode_batch(tokenizer_from_json(tokenizer_json), batch["text"].to_pylist())
     return pa.table({"index": batch["index"], "input_ids": pa.array(ids, type=pa.list_(pa.uint32()))})
 
 
