@@ -354,8 +354,6 @@ class EvalConfig:
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        if not self.model.uri:
-            raise StillError("model.uri is required: builtin:smollm2-135m, a .gguf file or a save_pretrained directory")
         unknown = sorted(set(self.eval.splits) - {"train", "val", "test"})
         if unknown or not self.eval.splits:
             raise StillError(f"eval.splits must name train, val or test, got {list(self.eval.splits)}")

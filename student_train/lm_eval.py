@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from still.errors import StillError
 from still.tracking import open_run
 from student_train.config import EvalConfig
 from student_train.data import resolve_block_source
@@ -41,6 +42,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from still.lm_models import check_seq_len, check_vocab, load_causal_lm
     from student_train.reader import Reader, share, unit_order
 
+    if not cfg.model.uri:
+        raise StillError("model.uri is required: builtin:smollm2-135m, a .gguf file or a save_pretrained directory")
     started = time.perf_counter()
     tokenizer_uri = cfg.data.tokenizer or cfg.model.uri
     data = dataclasses.replace(cfg.data, tokenizer=tokenizer_uri)
