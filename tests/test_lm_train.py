@@ -25,6 +25,10 @@ TINY = ["student.family=llama", "student.width=32", "student.depth=2", "data.seq
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    from still.text.bible import SWORD_MODULE_DIR
+
+    if not (SWORD_MODULE_DIR / "nt.bzz").is_file():
+        pytest.skip("Debian package sword-text-web is not installed (apt-get install sword-text-web)")
     root = tmp_path_factory.mktemp("lm")
     text = write_text_folder(root / "text")
     tokenizer = write_tokenizer(root / "tokenizer", [p.read_text() for p in sorted(text.glob("*.txt"))], VOCAB)
