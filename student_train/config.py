@@ -30,11 +30,15 @@ class StudentConfig:
     """The student model (a family of still.models)."""
 
     family: str = "mlp"
-    """Registry key in still.models.MODELS: ``mlp`` or ``cnn``."""
+    """A family of still.models: ``mlp`` or ``cnn`` (classifiers), ``llama`` (a causal language
+    model, trained on token blocks of a text source: still.llama)."""
     width: float = 256
-    """Hidden units (mlp) or channel multiplier (cnn)."""
+    """Hidden units (mlp), channel multiplier (cnn) or hidden size (llama)."""
     depth: int = 2
-    """Hidden layers (mlp) or conv layers in the second block (cnn)."""
+    """Hidden layers (mlp), conv layers in the second block (cnn) or transformer layers (llama)."""
+    max_positions: int = 2048
+    """Language models: the longest sequence the student can take (``max_position_embeddings``);
+    ``data.seq_len`` must not exceed it."""
     dropout: float = 0.0
     """Dropout after each hidden layer."""
     input_dropout: float = 0.0
@@ -135,6 +139,23 @@ class TrainLoopConfig:
     each shard's size and its footer schema (milliseconds)."""
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the job fails."""
+    warmup_steps: int = 0
+    """Optimizer steps over which the learning rate rises linearly from 0 to ``train.lr``
+    before ``train.lr_schedule`` takes over (language models want a few hundred)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in all (the epoch under way ends there, evaluated and
+    checkpointed); 0: run every epoch in full."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this before each optimizer step; 0: no clipping."""
+    grad_accum: int = 1
+    """Batches whose gradients are summed into one optimizer step (each batch is
+    ``train.batch_size``): an effective batch ``grad_accum`` times larger in the same memory."""
+    log_every: int = 0
+    """Log the training loss, learning rate and throughput to MLflow every this many optimizer
+    steps (a language-model run may be a single epoch); 0: once an epoch."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Language models: ``auto`` trains under bf16 autocast on GPUs and in fp32 on CPUs; ``bf16``
+    forces autocast (CPU too), ``fp32`` never."""
     include_val: bool = False
     """Train on train+val (``still tune --retrain-best`` refits the best config this way);
     the reported val metrics are then on seen data."""
@@ -248,6 +269,12 @@ class TrainConfig:
             (self.train.max_failures >= 0, f"train.max_failures must be >= 0, got {self.train.max_failures}"),
             (self.train.shuffle_buffer >= 0, f"train.shuffle_buffer must be >= 0, got {self.train.shuffle_buffer}"),
             (self.train.val_rows >= 0, f"train.val_rows must be >= 0, got {self.train.val_rows}"),
+            (self.train.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.train.warmup_steps}"),
+            (self.train.max_steps >= 0, f"train.max_steps must be >= 0, got {self.train.max_steps}"),
+            (self.train.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.train.grad_clip}"),
+            (self.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.train.grad_accum}"),
+            (self.train.log_every >= 0, f"train.log_every must be >= 0, got {self.train.log_every}"),
+            (self.student.max_positions >= 2, f"student.max_positions must be >= 2, got {self.student.max_positions}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -258,16 +285,79 @@ class TrainConfig:
 
         parse_hints(self.kd.hints)
         parse_lr_groups(self.train.lr_groups)
-        from still.models import MODELS
+        from still.models import LM_MODELS, MODELS
 
-        if self.student.family not in MODELS:
-            raise StillError(
-                f"student.family must be one of {', '.join(sorted(MODELS))}; got {self.student.family!r}"
-            )
+        if self.student.family not in MODELS and self.student.family not in LM_MODELS:
+            raise StillError(f"student.family must be one of {', '.join(sorted({**MODELS, **LM_MODELS}))}; "
+                             f"got {self.student.family!r}")
+        if self.language_model:
+            self._check_language_model()
         if self.kd.online_teacher and self.store.uri:
             raise StillError("kd.online_teacher and store.uri are exclusive: pick a store or an online teacher")
+
+    def _check_language_model(self) -> None:
+        """What a language-model student cannot take (the classifier-only keys)."""
+        unsupported = [(self.kd.online_teacher, "kd.online_teacher"), (self.kd.hints, "kd.hints"),
+                       (self.train.augment.enabled, "train.augment"), (self.student.init, "student.init"),
+                       (self.train.freeze, "train.freeze"), (self.train.lr_groups, "train.lr_groups"),
+                       (self.student.dropout or self.student.input_dropout, "student.dropout"),
+                       (self.student.num_classes, "student.num_classes")]
+        for value, key in unsupported:
+            if value:
+                raise StillError(f"{key} applies to classifier students, not student.family={self.student.family!r}")
+
+    @property
+    def language_model(self) -> bool:
+        """True when the student is a causal language model (``still.models.LM_MODELS``)."""
+        from still.models import LM_MODELS
+
+        return self.student.family in LM_MODELS
 
     @property
     def distills(self) -> bool:
         """True when a teacher signal (store or online teacher) enters the loss."""
         return bool(self.store.uri or self.kd.online_teacher)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRefConfig:
+    """The language model to evaluate."""
+
+    uri: str = ""
+    """``builtin:smollm2-135m``, a ``.gguf`` file, or a ``save_pretrained`` directory (a
+    still-trained student's ``checkpoint``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalLoopConfig:
+    """What is evaluated, and how."""
+
+    splits: tuple[str, ...] = ("val", "test")
+    """Held-out splits of the token blocks to evaluate (``val``, ``test``, ``train``)."""
+    max_blocks: int = 0
+    """Blocks evaluated per split: the first this many in stored order; 0: all."""
+    batch_size: int = 8
+    """Blocks per forward pass."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on a GPU, fp32 on the CPU."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Root config of ``still eval``: a language model's held-out cross-entropy on a text source's
+    token blocks (the blocks ``still train`` makes with the same tokenizer and ``data.seq_len``)."""
+
+    model: ModelRefConfig = dataclasses.field(default_factory=ModelRefConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalLoopConfig = dataclasses.field(default_factory=EvalLoopConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.eval.splits) - {"train", "val", "test"})
+        if unknown or not self.eval.splits:
+            raise StillError(f"eval.splits must name train, val or test, got {list(self.eval.splits)}")
+        if self.eval.max_blocks < 0:
+            raise StillError(f"eval.max_blocks must be >= 0, got {self.eval.max_blocks}")
+        if self.eval.batch_size < 1:
+            raise StillError(f"eval.batch_size must be >= 1, got {self.eval.batch_size}")

@@ -49,6 +49,20 @@ from teacher_infer.soft_labels import SoftLabelSpec
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
+class TokenIds:
+    """The model input of token blocks: the stored ids (uint16/uint32) as int64 on the device."""
+
+    scale = 1.0
+
+    @staticmethod
+    def apply(x: Any) -> Any:
+        """``x`` as int64 (what embeddings and cross-entropy take)."""
+        return x.long()
+
+
+TOKEN_IDS = TokenIds()
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """Everything the workers need to read and convert the data; built on the driver.
@@ -63,17 +77,21 @@ class Source:
             ``student_train.hints.keep_hinted_layers``).
         units: The pieces the primary input is read in, with their rows per split
             (``student_train.reader.Unit``, from ``student_train.reader.scan_units``).
+        blocks: A language model's token blocks (``still.text.packing.TokenBlocks``), or None.
     """
 
     stores: tuple[Any, ...] = ()
     dataset: Any = None
     features: tuple[Any, ...] = ()
     units: tuple[Any, ...] = ()
+    blocks: Any = None
 
     @property
     def kind(self) -> str:
-        """``store`` or ``dataset``."""
-        return "store" if self.stores else "dataset"
+        """``store``, ``dataset``, or ``blocks`` (token blocks of a text source)."""
+        if self.stores:
+            return "store"
+        return "blocks" if self.blocks is not None else "dataset"
 
     @property
     def primary(self) -> Any:
@@ -82,8 +100,10 @@ class Source:
 
     @property
     def name(self) -> str:
-        """Store URI(s) or the dataset's name, for messages."""
-        return ",".join(s.uri for s in self.stores) if self.stores else self.dataset.name
+        """Store URI(s), the dataset's name or the token blocks' directory, for messages."""
+        if self.stores:
+            return ",".join(s.uri for s in self.stores)
+        return str(self.blocks.path) if self.blocks is not None else self.dataset.name
 
     @property
     def has_teacher(self) -> bool:
@@ -92,27 +112,37 @@ class Source:
 
     @property
     def num_classes(self) -> int:
-        """C."""
+        """C (a language model's vocabulary)."""
+        if self.blocks is not None and not self.stores:
+            return self.blocks.vocab_size
         return self.primary.num_classes if self.stores else self.dataset.num_classes
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """Class names, index = class id."""
+        """Class names, index = class id (none for token blocks)."""
+        if self.blocks is not None and not self.stores:
+            return ()
         return tuple(self.primary.class_names if self.stores else self.dataset.class_names)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one model input."""
+        """Shape of one model input (``(seq_len,)`` for token blocks)."""
+        if self.blocks is not None and not self.stores:
+            return (self.blocks.seq_len,)
         return tuple(self.primary.input_shape if self.stores else self.dataset.input_shape)
 
     @property
     def task(self) -> str:
-        """``multiclass`` or ``multilabel``."""
+        """``multiclass``, ``multilabel``, or ``causal_lm`` (next-token prediction on token blocks)."""
+        if self.blocks is not None and not self.stores:
+            return "causal_lm"
         return self.primary.task if self.stores else self.dataset.task
 
     @property
     def normalisation(self) -> Any:
-        """How raw inputs become model inputs (``still.datasets.Normalisation``)."""
+        """How raw inputs become model inputs (``still.datasets.Normalisation``; token ids become int64)."""
+        if self.blocks is not None and not self.stores:
+            return TOKEN_IDS
         from still.datasets import Normalisation
 
         return Normalisation.of(self.primary.manifest["preprocessing"] if self.stores else self.dataset)
@@ -144,8 +174,10 @@ class Source:
 
     @property
     def num_rows(self) -> int:
-        """Rows in the primary input."""
-        return self.primary.num_rows if self.stores else self.dataset.num_rows
+        """Rows in the primary input (blocks of a text source)."""
+        if self.stores:
+            return self.primary.num_rows
+        return sum(self.blocks.rows.values()) if self.blocks is not None else self.dataset.num_rows
 
     @property
     def split_rows(self) -> dict[str, int]:
@@ -155,7 +187,9 @@ class Source:
 
     def row_bytes(self) -> int:
         """Bytes of one converted row (x, y, teacher columns, hint layers) in memory; an upper bound
-        (inputs counted as 4 bytes a value, though uint8 inputs stay 1)."""
+        (inputs counted as 4 bytes a value, though uint8 inputs stay 1; token ids as stored)."""
+        if self.kind == "blocks":
+            return self.blocks.seq_len * np.dtype(self.blocks.token_dtype).itemsize
         n = 4 * math.prod(self.input_shape) + 9 + (self.num_classes if self.task == "multilabel" else 0)
         if self.views > 1:
             n += 10 + 2 * len(param_names(self.augment))
@@ -229,6 +263,23 @@ def resolve_source(store_uris: Sequence[str], data_cfg: Any, *, verify: bool = F
     return dataclasses.replace(source, units=scan_units(source))
 
 
+def resolve_block_source(data_cfg: Any, tokenizer_uri: str) -> Source:
+    """The token blocks of a text source (tokenized and packed once, cached: ``still.text.packing``).
+
+    Args:
+        data_cfg: The ``data`` section: the text source, ``data.seq_len``.
+        tokenizer_uri: The tokenizer the blocks are made with (``data.tokenizer``).
+
+    Raises:
+        StillError: A text source, tokenizer or ``data.seq_len`` that cannot make blocks.
+    """
+    from still.text.packing import token_blocks
+    from student_train.reader import scan_units
+
+    source = Source(blocks=token_blocks(data_cfg, tokenizer_uri))
+    return dataclasses.replace(source, units=scan_units(source))
+
+
 # --------------------------------------------------------------------------- conversion
 
 
@@ -259,6 +310,8 @@ def convert_rows(table: pa.Table, source: Source, train: bool) -> dict[str, np.n
     from still.datasets import column_matrix, decode_inputs, labels_to_numpy
     from still.datasets.splits import id_keys
 
+    if source.kind == "blocks":
+        return {"x": column_matrix(table["input_ids"])}
     if source.kind == "dataset":
         spec = source.dataset
         ids = table[spec.id_column]

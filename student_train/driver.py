@@ -36,6 +36,7 @@ from student_train.data import Source, resolve_source
 from student_train.export import latency_ms, log_mlflow_model, model_bytes, save_student, student_from_state
 from student_train.feed import pool_rows
 from student_train.hints import HintPair, keep_hinted_layers, plan_hints
+from student_train.lm_loop import run_lm_loop, train_lm_per_worker
 from student_train.loop import (
     STATE_FILE,
     LocalSession,
@@ -163,9 +164,14 @@ def train_job(cfg: TrainConfig, *, run_name: str, options: JobOptions = JobOptio
             be read while training (named).
     """
     started = time.perf_counter()
-    job = prepare_job(cfg, run_name, options)
+    if cfg.language_model:
+        from student_train.lm_driver import prepare_lm_job, run_lm_job
+
+        job, run = prepare_lm_job(cfg, run_name, options), run_lm_job
+    else:
+        job, run = prepare_job(cfg, run_name, options), _run_job
     with claim_run_directory(job.output_dir, job.checkpoint_root / run_name, resume=cfg.train.resume, name=run_name):
-        return _run_job(job, started)
+        return run(job, started)
 
 
 def _run_job(job: Job, started: float) -> dict[str, Any]:
@@ -176,7 +182,7 @@ def _run_job(job: Job, started: float) -> dict[str, Any]:
         final, state = fit(job, tracker.address)
         student = student_from_state(state["net"], cfg.student.family, job.model_args)
         summary = summarise(job, student, final, list(state["history"]), export_student(job, student))
-        tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if _is_number(summary.get(k))},
+        tracker.log_metrics({k: summary[k] for k in _FINAL_METRICS if is_number(summary.get(k))},
                             step=int(final.get("epoch", cfg.train.epochs)))
         tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "summary.json")
         logged = {"model_uri": None, "registered_version": None}
@@ -311,7 +317,8 @@ _FINAL_METRICS = ("student_test_accuracy", "teacher_test_accuracy", "test_errors
                   "test_f1_micro", "test_f1_macro", "test_mean_ap")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """True for a finite int or float (not a bool): what MLflow metrics take."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -401,8 +408,8 @@ def fit(job: Job, tracking: tuple[str, str] | None) -> tuple[dict[str, Any], dic
                     hints=job.hints, teacher=job.teacher_payload, quiet=job.options.quiet,
                     tracking=tracking if tracking else None)
     if job.in_process:
-        return _fit_in_process(job, spec)
-    return _fit_ray(job, spec)
+        return _fit_in_process(job, spec, run_lm_loop if job.cfg.language_model else run_loop)
+    return _fit_ray(job, spec, train_lm_per_worker if job.cfg.language_model else train_loop_per_worker)
 
 
 def choose_ingest(cfg: TrainConfig, source: Source, workers: int) -> str:
@@ -412,7 +419,7 @@ def choose_ingest(cfg: TrainConfig, source: Source, workers: int) -> str:
     return "memory" if source.num_rows / max(1, workers) * source.row_bytes() < MEMORY_INGEST_LIMIT else "stream"
 
 
-def _fit_in_process(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+def _fit_in_process(job: Job, spec: LoopSpec, loop: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     cfg = job.cfg
     if cfg.scaling.cpus_per_worker:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -431,14 +438,14 @@ def _fit_in_process(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str,
         on_report = ray.tune.report
     session = LocalSession(str(job.checkpoint_root / job.run_name), local_device(cfg.scaling.gpus > 0),
                            on_report=on_report, arrays=arrays)
-    final = run_loop(spec, session)
+    final = loop(spec, session)
     state = session.restore()
     if state is None:
         raise StillError("training produced no checkpoint")
     return final, state
 
 
-def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+def _fit_ray(job: Job, spec: LoopSpec, worker_loop: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -464,7 +471,7 @@ def _fit_ray(job: Job, spec: LoopSpec) -> tuple[dict[str, Any], dict[str, Any]]:
 
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        worker_loop,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.ray_num_workers, use_gpu=cfg.scaling.gpus > 0,

@@ -156,7 +156,7 @@ class Feed:
 
     def _memory_epoch(self, epoch: int, view_seed: int) -> Iterator[dict[str, torch.Tensor]]:
         tensors = self._memory_tensors()
-        total = len(tensors["y"])
+        total = len(tensors["x"])
         if self.one_view:
             from student_train.data import one_view_mask
 
@@ -207,7 +207,7 @@ class Feed:
     @property
     def val_rows(self) -> int:
         """Validation rows evaluated (fewer than the split holds when it was sampled down to ``VAL_BYTES``)."""
-        return 0 if self._val is None else len(self._val["y"])
+        return 0 if self._val is None else len(self._val["x"])
 
     def test(self) -> Iterator[dict[str, torch.Tensor]]:
         """The test split, streamed once, in evaluation batches."""
@@ -241,7 +241,7 @@ class Feed:
         return self.reader.read_all(pieces, codes, self.settings.temperature)
 
     def _batches(self, arrays: Mapping[str, np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        rows = len(arrays["y"])
+        rows = len(arrays["x"])
         for start in range(0, rows, EVAL_BATCH):
             yield self.to_device({k: v[start:start + EVAL_BATCH] for k, v in arrays.items()})
 

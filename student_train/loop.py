@@ -407,7 +407,7 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     def state_now(epoch: int) -> dict[str, Any]:
         return {
             "net": placed.net.state_dict(), "optimizer": placed.optimizer.state_dict(), "epoch": epoch,
-            "history": history, "config": _plain_config(cfg), "family": cfg.student.family,
+            "history": history, "config": plain_config(cfg), "family": cfg.student.family,
             "model_args": dict(spec.model_args),
         }
 
@@ -482,7 +482,8 @@ def _epoch_line(m: Mapping[str, Any], epochs: int) -> str:
             f"agreement {fmt(m.get('agreement'))} {m['samples_per_s']:.0f} samples/s")
 
 
-def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
+def plain_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (what checkpoints record)."""
     from still.config import to_dict
 
     return to_dict(cfg)

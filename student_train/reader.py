@@ -99,6 +99,8 @@ def scan_units(source: Source) -> tuple[Unit, ...]:
     """
     if source.kind == "dataset":
         return _dataset_units(source.dataset)
+    if source.kind == "blocks":
+        return _block_units(source.blocks)
     store = source.primary
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(store.manifest["shards"])))) as pool:
         per_shard = list(pool.map(lambda i: _store_units(store, i), range(len(store.manifest["shards"]))))
@@ -144,6 +146,19 @@ def _dataset_units(spec: Any) -> tuple[Unit, ...]:
                 counts = np.bincount(codes, minlength=3)[:3]
                 units.append(Unit(index, (group,), start, table.num_rows, tuple(int(c) for c in counts)))
                 start += table.num_rows
+    return tuple(units)
+
+
+def _block_units(blocks: Any) -> tuple[Unit, ...]:
+    units = []
+    for index, path in enumerate(blocks.files):
+        pfile = pq.ParquetFile(path)
+        start = 0
+        for group in range(pfile.metadata.num_row_groups):
+            split = pfile.read_row_group(group, columns=["split"])["split"].to_numpy()
+            counts = np.bincount(split, minlength=3)[:3]
+            units.append(Unit(index, (group,), start, len(split), tuple(int(c) for c in counts)))
+            start += len(split)
     return tuple(units)
 
 
@@ -231,6 +246,8 @@ class Reader:
         train = SPLITS["train"] in codes
         if source.kind == "dataset":
             table = self._dataset_rows(unit, piece, codes)
+        elif source.kind == "blocks":
+            table = self._block_rows(unit, piece, codes)
         elif source.views > 1:
             table = self._multiview_rows(unit, piece, codes, one_view_seed)
         else:
@@ -301,6 +318,16 @@ class Reader:
             raise StillError(f"dataset {spec.name!r}: {paths[unit.file]} cannot be read ({type(exc).__name__}: "
                              f"{str(exc)[:120]})") from None
         positions = np.flatnonzero(np.isin(_dataset_splits(table, spec), codes))[piece.start:piece.stop]
+        return table.take(pa.array(positions))
+
+    def _block_rows(self, unit: Unit, piece: Piece, codes: Sequence[int]) -> pa.Table:
+        path = self.source.blocks.files[unit.file]
+        try:
+            table = pq.ParquetFile(path).read_row_group(unit.row_groups[0], columns=["id", "input_ids", "split"],
+                                                        use_threads=False)
+        except Exception as exc:  # a cache file changed or gone since the run began
+            raise StillError(f"token blocks {path} cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from None
+        positions = np.flatnonzero(np.isin(table["split"].to_numpy(), codes))[piece.start:piece.stop]
         return table.take(pa.array(positions))
 
     def _member_columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:

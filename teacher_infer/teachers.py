@@ -8,6 +8,9 @@ Forms of ``teacher.uri``:
 - an MLflow model URI: ``runs:/<run_id>/<name>``, ``models:/<name>@<alias>``,
   ``models:/<name>/<version>`` (``mlflow.pytorch.load_model``).
 
+Language-model teachers (``builtin:…``, ``.gguf``, a ``save_pretrained`` directory) load
+through ``teacher_infer.lm_teacher``; :func:`teacher_fingerprint` covers them too.
+
 The fingerprint is sha256 over the architecture (family + args, TorchScript code,
 the exported graph, or the module's repr) and every weight tensor (name, dtype,
 shape, bytes). It enters the store's cache key: retraining a teacher changes it,
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from still.errors import StillError
+from still.lm_files import is_lm_uri
 from still.storage import resolve
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
@@ -256,7 +260,12 @@ def _load_mlflow(uri: str) -> Teacher:
 
 
 def teacher_fingerprint(uri: str) -> str:
-    """The fingerprint alone; for still checkpoints without building the model."""
+    """The fingerprint alone; for still checkpoints without building the model, for
+    language models from their files (``teacher_infer.lm_teacher.lm_fingerprint``)."""
+    if is_lm_uri(uri):
+        from teacher_infer.lm_teacher import lm_fingerprint
+
+        return lm_fingerprint(uri)
     if not is_mlflow_uri(uri):
         data = _read_bytes(uri)
         try:

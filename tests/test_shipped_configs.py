@@ -35,7 +35,7 @@ def test_config_opens_with_its_command_and_loads(path):
         for fast in (False, True):
             pipeline = parse_pipeline(str(path), fast=fast)
             check_pipeline(pipeline)
-            assert {"infer", "train"} <= {stage.verb for stage in pipeline.stages}
+            assert "train" in {stage.verb for stage in pipeline.stages}
     else:
         load_config(VERB_CONFIGS[verb], path)
 

@@ -52,7 +52,7 @@ def test_per_worker_resources_and_placement():
         ("kd.temperature=-1", "kd.temperature must be > 0"),
         ("kd.weight=1.5", "kd.weight must be in [0, 1], got 1.5"),
         ("kd.weight=-0.1", "kd.weight must be in [0, 1]"),
-        ("student.family=transformer", "student.family must be one of cnn, mlp; got 'transformer'"),
+        ("student.family=transformer", "student.family must be one of cnn, llama, mlp; got 'transformer'"),
         ("train.epochs=0", "train.epochs must be >= 1"),
         ("scaling.num_workers=[2, 1]", "scaling.num_workers [min, max]"),
         ("kd.tempreature=3", "unknown config key 'kd.tempreature'"),
