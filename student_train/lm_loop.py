@@ -30,22 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from still.models import build_model
-from still.ray_setup import quiet_worker_console
 from still.tracking import attach
 from student_train.config import TrainConfig
 from student_train.feed import TORCH_RNG, Feed, derive_seed
-from student_train.loop import RaySession, LoopSpec, loggable, plain_config
+from student_train.loop import LoopSpec, RaySession, loggable, plain_config, start_worker
 
 EVAL_TOKENS_PER_BATCH = 1 << 15  # tokens per evaluation batch (held-out blocks are read once, then batched)
 
 
 def train_lm_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function of a language model (``TorchTrainer(train_loop_per_worker=...)``)."""
-    spec: LoopSpec = config["spec"]
-    quiet_worker_console(spec.cfg.ray.verbose)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    run_lm_loop(spec, RaySession())
+    run_lm_loop(start_worker(config), RaySession())
 
 
 def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

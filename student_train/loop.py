@@ -206,13 +206,18 @@ class RaySession:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function (``TorchTrainer(train_loop_per_worker=...)``)."""
+def start_worker(config: dict[str, Any]) -> LoopSpec:
+    """A Ray Train worker's first step: its spec, Ray's console quieted, torch's threads set."""
     spec: LoopSpec = config["spec"]
     quiet_worker_console(spec.cfg.ray.verbose)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    run_loop(spec, RaySession())
+    return spec
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (``TorchTrainer(train_loop_per_worker=...)``)."""
+    run_loop(start_worker(config), RaySession())
 
 
 # --------------------------------------------------------------------------- the loop
