@@ -25,7 +25,6 @@ Then ``builtin:smollm2-135m``'s forward tokens/s in fp32 on ``--teacher-blocks``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
