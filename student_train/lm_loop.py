@@ -143,27 +143,30 @@ def _eval_batches(batches: Iterable[Mapping[str, torch.Tensor]], seq_len: int) -
 
 
 class Progress:
-    """Counts optimizer steps and the tokens and seconds since the last log line."""
+    """The loss and tokens since the last log line, summed on the device (no host sync per batch)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.tokens = 0
-        self.loss_sum = 0.0
-        self.batches = 0
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        """Counts from now."""
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.batches = self.tokens = 0
         self.since = time.perf_counter()
 
-    def add(self, loss: float, tokens: int) -> None:
-        """One batch's loss and tokens."""
-        self.loss_sum += loss
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        """One batch's loss (a detached scalar tensor) and tokens."""
+        self.loss_sum += loss.double()
         self.batches += 1
         self.tokens += tokens
 
     def take(self, world: int) -> dict[str, float]:
         """The mean loss and throughput since the last call; restarts the counts."""
         seconds = time.perf_counter() - self.since
-        out = {"train_loss": self.loss_sum / max(1, self.batches),
+        out = {"train_loss": float(self.loss_sum) / max(1, self.batches),
                "tokens_per_s": self.tokens * world / seconds if seconds > 0 else 0.0}
-        self.tokens, self.loss_sum, self.batches, self.since = 0, 0.0, 0, time.perf_counter()
+        self.restart()
         return out
 
 
@@ -213,8 +216,9 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     for epoch in range(start_epoch, start_epoch if finished else t.epochs):
         torch.manual_seed(derive_seed(t.seed, epoch, session.rank, TORCH_RNG))
         started = time.perf_counter()
-        progress = Progress(step)
-        epoch_loss, epoch_batches, epoch_tokens, first_batch_s = 0.0, 0, 0, 0.0
+        progress = Progress(device)
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+        epoch_batches, epoch_tokens, first_batch_s = 0, 0, 0.0
         grad_norm = None
         model.train()
         batches = iter(feed.epoch(epoch))
@@ -236,9 +240,8 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                     loss = causal_lm_loss(model(input_ids=x).logits, x)
                 # each batch weighs by its rows: the step's gradient is that of the mean over all its rows
                 (loss * (sizes[m] / sum(sizes))).backward()
-                value = float(loss.detach())
-                progress.add(value, x.numel())
-                epoch_loss += value
+                progress.add(loss.detach(), x.numel())
+                epoch_loss += loss.detach().double()
                 epoch_batches += 1
                 epoch_tokens += x.numel()
             if t.grad_clip > 0:
@@ -255,7 +258,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                         print(f"[still train] step {step}/{total_steps} loss {line['train_loss']:.4f} "
                               f"lr {lr:.2e} {line['tokens_per_s']:.0f} tokens/s", flush=True)
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": epoch_loss / max(1, epoch_batches), "lr": lr,
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": float(epoch_loss) / max(1, epoch_batches), "lr": lr,
                    "epoch_s": seconds, "first_batch_s": first_batch_s,
                    "tokens_per_s": epoch_tokens * session.world_size / seconds if seconds > 0 else 0.0,
                    "world_size": session.world_size, "resumed_from": start_epoch,
