@@ -25,11 +25,13 @@ EXAMPLES = """\
 verbs, with an example each:
   infer    run the teacher once, write a soft-label store
            still infer data.source=builtin:mnist teacher.uri=teacher.pt store.mode=topk store.k=5
-  train    train a student from a store (or supervised from data.source)
+  train    train a student from a store (or supervised from data.source; a llama LM from text)
            still train store.uri=stores/<key> student.family=mlp student.width=800 kd.temperature=20
   tune     sweep temperature, KD weight and width over one store
            still tune store.uri=stores/<key> tune.num_samples=8 tune.searcher=optuna
-  run      run a pipeline of stages (infer, train, tune) from one YAML file
+  eval     a language model's held-out cross-entropy on a text source's token blocks
+           still eval model.uri=builtin:smollm2-135m data.source=builtin:web-bible
+  run      run a pipeline of stages (infer, train, tune, eval) from one YAML file
            still run configs/mnist.yaml --fast
   store    inspect or verify a store
            still store verify stores/<key>
