@@ -43,7 +43,7 @@ from still.lm_files import resolve_lm_files
 from still.text.sources import Corpus, read_corpus
 from still.text.tokenizer import Tokenizer, encode_batch, load_tokenizer, tokenizer_from_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the packing rule or the file layout changes (it is part of the key)."""
 ROW_GROUP_BLOCKS = 4096
 MANIFEST = "manifest.json"

@@ -9,6 +9,8 @@ from typing import Any
 
 from still.errors import StillError
 
+END_OF_TEXT = "<|endoftext|>"
+
 
 class Tokenizer:
     """A transformers fast tokenizer with what token blocks need to know about it.
@@ -16,7 +18,9 @@ class Tokenizer:
     Attributes:
         uri: What it was loaded from (``builtin:smollm2-135m``, a ``.gguf`` file, a directory).
         vocab_size: Number of token ids, added tokens included (``len(tokenizer)``).
-        eos_id: The end-of-sequence token id, put between documents.
+        eos_id: The id put between documents: ``<|endoftext|>`` where the vocabulary has it (the
+            document separator of GPT-2-style pretraining; SmolLM2-Instruct's ``eos_token`` is
+            ``<|im_end|>``, which ends a chat turn, not a document), else ``eos_token``.
         fingerprint: sha256 (hex) of the serialised tokenizer (``backend_tokenizer.to_str()``):
             the same tokenizer gives the same fingerprint wherever and however often it loads.
         serialized: That serialised form (JSON), which :func:`tokenizer_from_json` loads
@@ -33,12 +37,13 @@ class Tokenizer:
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise StillError(f"tokenizer {uri!r} is not a fast (tokenizers) tokenizer")
-        if hf_tokenizer.eos_token_id is None:
+        end_of_text = hf_tokenizer.get_vocab().get(END_OF_TEXT)
+        if end_of_text is None and hf_tokenizer.eos_token_id is None:
             raise StillError(f"tokenizer {uri!r} has no end-of-sequence token (eos_token), "
                              "which token blocks put between documents")
         self.uri = uri
         self.vocab_size = len(hf_tokenizer)
-        self.eos_id = int(hf_tokenizer.eos_token_id)
+        self.eos_id = int(end_of_text if end_of_text is not None else hf_tokenizer.eos_token_id)
         self.serialized = backend.to_str()
         self.fingerprint = hashlib.sha256(self.serialized.encode()).hexdigest()
         self.hf = hf_tokenizer
