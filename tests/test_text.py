@@ -254,6 +254,26 @@ def test_web_bible_blocks_name_books(ray_cluster, tiny_tokenizer, tmp_path, monk
     assert all(blocks.rows[s] > 0 for s in ("train", "val", "test"))
 
 
+@pytest.mark.timeout(180)
+def test_large_vocabulary_blocks_are_uint32(ray_cluster, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, 70_001)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(tmp_path / "tok"))
+    monkeypatch.setenv("STILL_CACHE_DIR", str(tmp_path / "cache"))
+    source = _jsonl(tmp_path / "docs.jsonl", ["w70000 w65536 w1 w2", "w3 w69999 w4"])
+    blocks = token_blocks(DataConfig(source=str(source), text_column="text", seq_len=4, val_fraction=0.0,
+                                     test_fraction=0.0), str(tmp_path / "tok"))
+    assert blocks.token_dtype == "uint32" and blocks.vocab_size == 70_001
+    assert pq.read_schema(blocks.files[0]).field("input_ids").type == pa.list_(pa.uint32(), 4)
+    ids, tokens = block_arrays(blocks, "train")
+    assert tokens.dtype == np.uint32 and tokens.tolist() == [[70000, 65536, 1, 2], [0, 3, 69999, 4]]
+    assert blocks.manifest["splits"]["train"]["tokens_dropped"] == 1
+
+
 def test_packing_without_tokenizer_is_an_error(tmp_path):
     with pytest.raises(StillError, match="set data.tokenizer"):
         token_blocks(DataConfig(source=str(tmp_path)))
