@@ -269,7 +269,7 @@ def test_large_vocabulary_blocks_are_uint32(ray_cluster, tmp_path, monkeypatch):
                                      test_fraction=0.0), str(tmp_path / "tok"))
     assert blocks.token_dtype == "uint32" and blocks.vocab_size == 70_001
     assert pq.read_schema(blocks.files[0]).field("input_ids").type == pa.list_(pa.uint32(), 4)
-    ids, tokens = block_arrays(blocks, "train")
+    _, tokens = block_arrays(blocks, "train")
     assert tokens.dtype == np.uint32 and tokens.tolist() == [[70000, 65536, 1, 2], [0, 3, 69999, 4]]
     assert blocks.manifest["splits"]["train"]["tokens_dropped"] == 1
 
@@ -294,6 +294,7 @@ def test_smollm2_tokenizer_fingerprint_is_stable():
     texts = [GENESIS_1_1, " leading space,\n\nnew lines\tand tabs ", "ünïcödé — “quotes” 123456"]
     assert first.encode_batch(texts) == second.encode_batch(texts)
     from transformers import AutoTokenizer
+
     from still.lm_files import resolve_lm_files
 
     files = resolve_lm_files("builtin:smollm2-135m", need_weights=False)

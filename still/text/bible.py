@@ -69,7 +69,7 @@ both testaments, each side ≈ 5% of the characters (see ``tests/test_text.py``)
 
 _ENTRY = struct.Struct("<IIH")
 _BLOCK = struct.Struct("<III")
-_NOTE = re.compile(r"<note\b[^>]*/>|<note\b.*?</note>", re.S)
+_NOTE = re.compile(r"<note\b[^>]*/>|<note\b.*?</note>", re.DOTALL)
 # Tags inside a line of text: removed outright, so "God</w>," stays "God,".
 _INLINE = re.compile(r"</?(?:w|q|seg|name|hi|transChange|foreign|divineName)\b[^>]*>")
 # Every other tag (line, paragraph, chapter, title milestones) separates words.

@@ -237,7 +237,7 @@ def _build(corpus: Corpus, tokens: list[np.ndarray], tokenizer: Tokenizer, seq_l
             "split": pa.array(np.full(count, code, dtype=np.int8), type=pa.int8()),
         })
         splits[name] = {
-            "documents": len(members), "document_tokens": int(len(stream)), "blocks": count,
+            "documents": len(members), "document_tokens": len(stream), "blocks": count,
             "tokens": count * seq_len, "tokens_dropped": int(len(stream) - count * seq_len),
         }
         if corpus.source == "builtin:web-bible":
