@@ -1,7 +1,7 @@
 """Benchmark: what makes the same training run give different numbers on another machine.
 
-    python bench/kernels.py                 # 2 epochs per arm, ~6 minutes on 2 CPUs
-    python bench/kernels.py --epochs 1      # quicker
+    python bench/determinism.py                 # 2 epochs per arm, ~6 minutes on 2 CPUs
+    python bench/determinism.py --epochs 1      # quicker
 
 The main job's teacher (MLP 784-1200-1200-10, Adam 1e-3, batch 128, MNIST) trained in a
 fresh process per arm, with the same seed, data and batch order; only the CPU kernels
@@ -16,7 +16,7 @@ torch may pick or the seed change:
 
 Per arm: test errors of 10,000 and a hash of every step's loss; ``bitwise_equal`` says
 which arms match the reference exactly. The last stdout line is one JSON object, saved
-to ``bench/results/kernels.json``.
+to ``bench/results/determinism.json``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels.json"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "determinism.json"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(train_once(args.epochs)))
