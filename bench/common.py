@@ -88,7 +88,8 @@ class PeakRss:
 
     Attributes:
         driver: Peak bytes of the process itself.
-        worker: Peak bytes of the largest Ray worker (``ray::…`` process title).
+        worker: Peak bytes of the largest Ray worker (``ray::…`` process title), its own
+            child processes (a training worker's reader process) included.
         by_title: Peak bytes per Ray worker kind, keyed by the title up to the first
             ``.``, ``(`` or space (``ray::RayTrainWorker``, ``ray::ReadParquet``, …).
         anon_driver / anon_worker: The same peaks of ``RssAnon`` (private memory: not
@@ -126,7 +127,7 @@ class PeakRss:
             pass
         return rss, anon
 
-    def _descendants(self) -> list[int]:
+    def _children(self) -> dict[int, list[int]]:
         children: dict[int, list[int]] = {}
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
@@ -136,27 +137,41 @@ class PeakRss:
                 except (OSError, IndexError, ValueError):
                     continue
                 children.setdefault(ppid, []).append(int(proc.name))
-        found, todo = [], list(children.get(self.pid, []))
-        while todo:
-            pid = todo.pop()
-            found.append(pid)
-            todo.extend(children.get(pid, []))
-        return found
+        return children
+
+    @staticmethod
+    def _title(pid: int) -> str | None:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return command.split(b"\0", 1)[0].decode(errors="replace") if command.startswith(b"ray::") else None
 
     def sample(self) -> None:
-        """Takes one sample of the whole tree."""
+        """Takes one sample of the whole tree.
+
+        A Ray worker's own child processes (a training worker's forked reader process,
+        which carries its title) count with it: their RSS is added to the worker's, an
+        upper bound, since pages the two still share are counted twice.
+        """
         rss, anon = self._memory(self.pid)
         self.driver, self.anon_driver = max(self.driver, rss), max(self.anon_driver, anon)
-        for pid in self._descendants():
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if not command.startswith(b"ray::"):
+        children = self._children()
+        todo = list(children.get(self.pid, []))
+        while todo:
+            pid = todo.pop()
+            title = self._title(pid)
+            if title is None:
+                todo.extend(children.get(pid, []))
                 continue
             rss, anon = self._memory(pid)
+            below = list(children.get(pid, []))
+            while below:
+                child = below.pop()
+                child_rss, child_anon = self._memory(child)
+                rss, anon = rss + child_rss, anon + child_anon
+                below.extend(children.get(child, []))
             self.worker, self.anon_worker = max(self.worker, rss), max(self.anon_worker, anon)
-            title = command.split(b"\0", 1)[0].decode(errors="replace")
             for sep in ".( ":
                 title = title.split(sep, 1)[0]
             self.by_title[title] = max(self.by_title.get(title, 0), rss)

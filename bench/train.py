@@ -32,7 +32,7 @@ the same still run at λ = 0.7 ÷ at λ = 0 (what the KD loss costs per step in 
 labels-only top-5 store; the student MLP 32-64-10, batch 1024, 1 epoch, λ = 0.7, T = 4,
 one Ray Train worker (``scaling.num_workers=1 scaling.cpus_per_worker=1``,
 ``train.ingest=stream``): its rows are read, joined back to the source Parquet by id,
-mixed and batched in the worker's reader thread. ``stream_fixed_s`` (goal ≤ 2 s) is the
+mixed and batched in the worker's reader process (``student_train.prefetch``). ``stream_fixed_s`` (goal ≤ 2 s) is the
 fixed cost of a streamed epoch: the time its first batch took to arrive plus its
 validation pass (``first_batch_s`` + ``val_s`` of the epoch). The plain loops run over
 the same training rows.

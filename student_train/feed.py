@@ -9,7 +9,8 @@ the run's temperature (``student_train.data.bind_temperature``).
   its samples, for a multi-view store) and holds it on the device; an epoch is a
   seeded permutation of it (of the view drawn for each sample, with ``train.views=one``).
 - ``stream`` ingest reads the rank's share of the epoch anew every epoch: the units in
-  a fresh seeded order, mixed in a host-memory shuffle pool (``StreamedEpoch``).
+  a fresh seeded order, mixed in a host-memory shuffle pool (``StreamedEpoch``), made
+  in a reader process beside the training one (``student_train.prefetch``).
 
 Either way an epoch is exactly :attr:`Feed.steps` batches on every rank (the rank
 with the most rows sets it; a rank with fewer repeats a few of its rows), and what
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from student_train.data import SPLITS, Source, is_teacher_column, split_codes
+from student_train.prefetch import EpochPrefetcher, group_batches
 from student_train.reader import (
     POOL_BYTES,
     Piece,
@@ -83,7 +85,7 @@ def derive_seed(seed: int, *parts: int) -> int:
 
 
 # purposes of derive_seed
-UNIT_ORDER, POOL_MIX, BATCH_ORDER, TORCH_RNG, VIEW_DRAW, AUGMENT = range(6)
+UNIT_ORDER, POOL_MIX, BATCH_ORDER, TORCH_RNG, VIEW_DRAW, AUGMENT, READER = range(7)
 
 
 def pool_rows(requested: int, source: Source, batch_size: int) -> int:
@@ -131,6 +133,7 @@ class Feed:
         self._sample: np.ndarray | None = None  # memory ingest of a multi-view store: each row's sample and view
         self._view: np.ndarray | None = None
         self._val: dict[str, np.ndarray] | None = None
+        self._prefetcher: EpochPrefetcher | None = None
 
     # ------------------------------------------------------------------ training
 
@@ -142,17 +145,31 @@ class Feed:
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's :attr:`steps` training batches, on the device."""
         s = self.settings
-        view_seed = derive_seed(s.seed, epoch, VIEW_DRAW)
         if s.ingest == "memory":
-            yield from self._memory_epoch(epoch, view_seed)
+            yield from self._memory_epoch(epoch, derive_seed(s.seed, epoch, VIEW_DRAW))
             return
-        order = unit_order(self.source.units, derive_seed(s.seed, epoch, UNIT_ORDER))
-        stream = StreamedEpoch(self.reader, share(self.counts, order, self.world, self.rank), self.codes, self.sizes,
-                               pool_rows=s.pool_rows, seed=derive_seed(s.seed, epoch, self.rank, POOL_MIX),
-                               temperature=s.temperature, one_view_seed=view_seed if self.one_view else None,
-                               drop=("view", "sample"), keep_teacher=s.teacher_in_loss)
-        for batch in stream:
+        if self._prefetcher is None:
+            self._prefetcher = EpochPrefetcher(self.streamed_epoch, len(self.sizes),
+                                               group_batches(self.sizes, self.source.row_bytes()),
+                                               derive_seed(s.seed, self.rank, READER))
+        for batch in self._prefetcher.epoch(epoch):
             yield self.to_device(batch)
+
+    def streamed_epoch(self, epoch: int) -> StreamedEpoch:
+        """Epoch ``epoch`` of streamed ingest as numpy batches: the rank's units in a fresh seeded order,
+        mixed in the shuffle pool (what the reader process runs)."""
+        s = self.settings
+        order = unit_order(self.source.units, derive_seed(s.seed, epoch, UNIT_ORDER))
+        return StreamedEpoch(self.reader, share(self.counts, order, self.world, self.rank), self.codes, self.sizes,
+                             pool_rows=s.pool_rows, seed=derive_seed(s.seed, epoch, self.rank, POOL_MIX),
+                             temperature=s.temperature,
+                             one_view_seed=derive_seed(s.seed, epoch, VIEW_DRAW) if self.one_view else None,
+                             drop=("view", "sample"), keep_teacher=s.teacher_in_loss)
+
+    def close(self) -> None:
+        """Stops the streaming reader process, if one runs."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
 
     def _memory_epoch(self, epoch: int, view_seed: int) -> Iterator[dict[str, torch.Tensor]]:
         tensors = self._memory_tensors()
@@ -247,15 +264,15 @@ class Feed:
 
     # ------------------------------------------------------------------ device
 
-    def to_device(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """A batch on the device, its raw ``x`` normalised into the model input there."""
+    def to_device(self, batch: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch (numpy or host tensors) on the device, its raw ``x`` normalised into the model input there."""
         cuda = self.device.type == "cuda"
         out = {}
         with warnings.catch_warnings():
             # arrays shared through Ray's object store are read-only; training never writes to them
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for name, values in batch.items():
-                tensor = torch.from_numpy(np.ascontiguousarray(values))
+                tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(values))
                 out[name] = (tensor.pin_memory() if cuda else tensor).to(self.device, non_blocking=cuda)
         out["x"] = self.source.normalisation.apply(out["x"])
         return out

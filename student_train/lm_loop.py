@@ -275,6 +275,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
             print(_epoch_line(metrics, t.epochs), flush=True)
         if step >= total_steps:
             break
+    feed.close()
     if finished:  # report the test metrics again
         metrics = dict(history[-1]) if history else {"epoch": start_epoch}
         metrics["resumed_from"] = start_epoch

@@ -446,6 +446,7 @@ def run_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
         session.report(metrics, state_now(epoch + 1) if session.rank == 0 else None)
         if session.rank == 0 and not spec.quiet:
             print(_epoch_line(metrics, cfg.train.epochs), flush=True)
+    feed.close()
     if placed.start_epoch >= cfg.train.epochs:  # resumed a finished run: report the test metrics again
         metrics = dict(history[-1]) if history else {"epoch": placed.start_epoch}
         metrics["resumed_from"] = resumed_from
