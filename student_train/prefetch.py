@@ -96,7 +96,7 @@ class EpochPrefetcher:
     def _start(self, epoch: int) -> None:
         self.close()
         loader = DataLoader(_Epochs(self.make_epoch, epoch, self.group), batch_size=None, num_workers=1,
-                            prefetch_factor=2, generator=torch.Generator().manual_seed(self.seed))
+                            prefetch_factor=6, generator=torch.Generator().manual_seed(self.seed))
         self._groups = iter(loader)
         self._next_epoch = epoch
 
