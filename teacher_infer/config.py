@@ -56,10 +56,12 @@ class StoreConfig:
     ``sampled``: the classes of ``store.samples`` draws from the teacher distribution at
     ``store.sample_temperature``, with counts and logits (an unbiased estimate;
     Anshumann et al. 2025). What each can and cannot know: ``teacher_infer.soft_labels``."""
-    k: int = 10
-    """Number of classes kept per row in ``topk`` mode (must be <= num_classes)."""
-    samples: int = 64
-    """Draws per row in ``sampled`` mode (with replacement; distinct classes are stored once)."""
+    k: int = 0
+    """Number of classes kept per row in ``topk`` mode (must be <= num_classes); 0: 10 for a
+    classifier, 32 per token for a language model."""
+    samples: int = 0
+    """Draws per row in ``sampled`` mode (with replacement; distinct classes are stored
+    once); 0: 64 for a classifier, 24 per token for a language model."""
     sample_temperature: float = 1.0
     """The temperature of the distribution ``sampled`` mode draws from. The estimate is
     unbiased at every temperature of the grid, but noisy far from this one: draw at the
@@ -88,10 +90,11 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not self.root:
             raise StillError("store.root must not be empty")
-        if self.k < 1:
-            raise StillError(f"store.k must be >= 1, got {self.k}")
-        if self.samples < 1:
-            raise StillError(f"store.samples must be >= 1 (draws per row in sampled mode), got {self.samples}")
+        if self.k < 0:
+            raise StillError(f"store.k must be >= 1 (0: the default), got {self.k}")
+        if self.samples < 0:
+            raise StillError(f"store.samples must be >= 1 (draws per row in sampled mode; 0: the default), "
+                             f"got {self.samples}")
         if self.sample_temperature <= 0:
             raise StillError(f"store.sample_temperature must be > 0, got {self.sample_temperature}")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
@@ -141,6 +144,12 @@ class InferRunConfig:
     fidelity_rows: int = 2048
     """About how many rows (spread over all shards) get the stored target compared with
     the full teacher output (``fidelity`` in the manifest); 0: none."""
+    splits: tuple[str, ...] = ("train", "val")
+    """Language-model teachers: the splits of the token blocks captured (``train``,
+    ``val``, ``test``); enters the key."""
+    max_blocks: int = 0
+    """Language-model teachers: at most this many blocks of each captured split (the
+    first ones in the block cache's order); 0: all. Enters the key."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -159,6 +168,11 @@ class InferRunConfig:
             raise StillError(f"infer.max_actors must be 0 (no limit) or >= infer.min_actors, got {self.max_actors}")
         if self.fidelity_rows < 0:
             raise StillError(f"infer.fidelity_rows must be >= 0, got {self.fidelity_rows}")
+        unknown = sorted(set(self.splits) - {"train", "val", "test"})
+        if not self.splits or unknown:
+            raise StillError(f"infer.splits must name some of train, val, test; got {list(self.splits)}")
+        if self.max_blocks < 0:
+            raise StillError(f"infer.max_blocks must be >= 0 (0: every block), got {self.max_blocks}")
 
 
 @dataclasses.dataclass(frozen=True)

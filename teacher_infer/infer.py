@@ -57,6 +57,10 @@ def run_infer(config: InferConfig) -> dict[str, Any]:
 
     if not config.teacher.uri:
         raise StillError("teacher.uri is required (a still checkpoint, TorchScript or .pt2 file, or an MLflow model URI)")
+    from teacher_infer.lm_infer import is_lm_teacher, run_lm_infer
+
+    if is_lm_teacher(config.teacher.uri):
+        return run_lm_infer(config)
     spec = resolve_dataset(config.data)
     itemsize = shard_plan.input_itemsize(spec)
     settings = resolve_settings(config, spec, itemsize)

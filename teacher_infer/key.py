@@ -28,6 +28,8 @@ SELF_CONTAINED_MAX_BYTES = 1 << 30
 """``store.include_inputs=auto`` copies the inputs into the store when the dataset's
 decoded inputs are at most this big (MNIST: 55 MB, self-contained); larger data gets
 a labels-only store that training joins back to the source."""
+DEFAULT_K = 10  # store.k = 0 for a classifier
+DEFAULT_SAMPLES = 64  # store.samples = 0 for a classifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,8 @@ def storage_spec(config: InferConfig, spec: Any) -> SoftLabelSpec:
     store = config.store
     store.augment.check(spec.input_shape, "store.augment")
     try:
-        return SoftLabelSpec.create(store.mode, spec.num_classes, dtype=store.dtype, k=store.k,
-                                    samples=store.samples, sample_temperature=store.sample_temperature,
+        return SoftLabelSpec.create(store.mode, spec.num_classes, dtype=store.dtype, k=store.k or DEFAULT_K,
+                                    samples=store.samples or DEFAULT_SAMPLES, sample_temperature=store.sample_temperature,
                                     temperatures=store.temperatures, task=spec.task)
     except StillError as exc:
         raise StillError(f"dataset {spec.name!r} ({spec.num_classes} classes, {spec.task}): {exc}") from None
