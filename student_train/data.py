@@ -78,6 +78,8 @@ class Source:
         units: The pieces the primary input is read in, with their rows per split
             (``student_train.reader.Unit``, from ``student_train.reader.scan_units``).
         blocks: A language model's token blocks (``still.text.packing.TokenBlocks``), or None.
+            With a store (``teacher_infer.lm_store.LMStore``) too, the store's rows are
+            blocks, and their tokens are joined back from these by block id.
     """
 
     stores: tuple[Any, ...] = ()
@@ -88,9 +90,10 @@ class Source:
 
     @property
     def kind(self) -> str:
-        """``store``, ``dataset``, or ``blocks`` (token blocks of a text source)."""
+        """``store``, ``dataset``, ``blocks`` (token blocks of a text source), or ``lm_store``
+        (a language-model store over token blocks)."""
         if self.stores:
-            return "store"
+            return "lm_store" if self.blocks is not None else "store"
         return "blocks" if self.blocks is not None else "dataset"
 
     @property
@@ -112,36 +115,36 @@ class Source:
 
     @property
     def num_classes(self) -> int:
-        """C (a language model's vocabulary)."""
-        if self.blocks is not None and not self.stores:
-            return self.blocks.vocab_size
+        """C (a language model's vocabulary: its store's, which may exceed the tokenizer's)."""
+        if self.blocks is not None:
+            return self.primary.soft_labels.num_classes if self.stores else self.blocks.vocab_size
         return self.primary.num_classes if self.stores else self.dataset.num_classes
 
     @property
     def class_names(self) -> tuple[str, ...]:
         """Class names, index = class id (none for token blocks)."""
-        if self.blocks is not None and not self.stores:
+        if self.blocks is not None:
             return ()
         return tuple(self.primary.class_names if self.stores else self.dataset.class_names)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one model input (``(seq_len,)`` for token blocks)."""
-        if self.blocks is not None and not self.stores:
+        if self.blocks is not None:
             return (self.blocks.seq_len,)
         return tuple(self.primary.input_shape if self.stores else self.dataset.input_shape)
 
     @property
     def task(self) -> str:
         """``multiclass``, ``multilabel``, or ``causal_lm`` (next-token prediction on token blocks)."""
-        if self.blocks is not None and not self.stores:
+        if self.blocks is not None:
             return "causal_lm"
         return self.primary.task if self.stores else self.dataset.task
 
     @property
     def normalisation(self) -> Any:
         """How raw inputs become model inputs (``still.datasets.Normalisation``; token ids become int64)."""
-        if self.blocks is not None and not self.stores:
+        if self.blocks is not None:
             return TOKEN_IDS
         from still.datasets import Normalisation
 
@@ -165,12 +168,12 @@ class Source:
     @property
     def views(self) -> int:
         """K, rows per sample of a multi-view store (1 otherwise)."""
-        return self.primary.views if self.stores else 1
+        return self.primary.views if self.kind == "store" else 1
 
     @property
     def augment(self) -> AugmentConfig:
         """The augmentation a multi-view store's views were made with."""
-        return self.primary.augment if self.stores else AugmentConfig()
+        return self.primary.augment if self.kind == "store" else AugmentConfig()
 
     @property
     def num_rows(self) -> int:
@@ -188,8 +191,13 @@ class Source:
     def row_bytes(self) -> int:
         """Bytes of one converted row (x, y, teacher columns, hint layers) in memory; an upper bound
         (inputs counted as 4 bytes a value, though uint8 inputs stay 1; token ids as stored)."""
-        if self.kind == "blocks":
-            return self.blocks.seq_len * np.dtype(self.blocks.token_dtype).itemsize
+        if self.kind in ("blocks", "lm_store"):
+            tokens = self.blocks.seq_len * np.dtype(self.blocks.token_dtype).itemsize
+            if self.kind == "blocks":
+                return tokens
+            spec, positions = self.primary.soft_labels, self.primary.positions
+            per_position = {"topk": 8 * spec.k + 4, "sampled": 8 * spec.samples + 8}[spec.mode]
+            return tokens + positions * (per_position + 8)  # + the teacher's top-1 per position
         n = 4 * math.prod(self.input_shape) + 9 + (self.num_classes if self.task == "multilabel" else 0)
         if self.views > 1:
             n += 10 + 2 * len(param_names(self.augment))
@@ -280,6 +288,49 @@ def resolve_block_source(data_cfg: Any, tokenizer_uri: str) -> Source:
     return dataclasses.replace(source, units=scan_units(source))
 
 
+def resolve_lm_store_source(store_uri: str, data_cfg: Any) -> Source:
+    """A language-model store and the token blocks its rows are joined to, checked against each other.
+
+    The blocks are those of ``data.source`` (the store's own source when left at its default) cut with
+    the store's tokenizer at ``data.seq_len``; they must be the very blocks the teacher
+    read: same tokenizer, same corpus, same ``seq_len``.
+
+    Raises:
+        StillError: Not a language-model store (a classifier store is named as such),
+            ``data.tokenizer`` or ``data.seq_len`` not the store's, or blocks of another
+            corpus (each named, before any training).
+    """
+    from still.text.packing import token_blocks
+    from still.text.tokenizer import load_tokenizer
+    from student_train.reader import scan_units
+    from teacher_infer.lm_store import open_lm_store
+
+    store = open_lm_store(store_uri)
+    m = store.manifest
+    tokenizer = m["tokenizer"]
+    if data_cfg.tokenizer and load_tokenizer(data_cfg.tokenizer).fingerprint != tokenizer["fingerprint"]:
+        raise StillError(f"data.tokenizer={data_cfg.tokenizer!r} is not the tokenizer of store {store_uri!r} "
+                         f"({tokenizer['uri']!r}): a student learns the teacher's token ids (leave data.tokenizer "
+                         "unset to use the store's)")
+    if data_cfg.seq_len != store.seq_len:
+        raise StillError(f"data.seq_len={data_cfg.seq_len} does not match store {store_uri!r}, whose blocks are "
+                         f"{store.seq_len} tokens: set data.seq_len={store.seq_len}")
+    # data.source left at its (classifier) default means the store's own text source
+    text = m["blocks"]["source"] if data_cfg.source == type(data_cfg)().source else data_cfg.source
+    blocks_cfg = dataclasses.replace(data_cfg, source=text, tokenizer=tokenizer["uri"])
+    blocks = token_blocks(blocks_cfg, tokenizer["uri"])
+    if blocks.key != m["blocks"]["key"]:
+        corpus = blocks.manifest.get("corpus", {}).get("fingerprint")
+        what = (f"the tokenizer changed (fingerprint {blocks.tokenizer_fingerprint[:12]}, the store's "
+                f"{tokenizer['fingerprint'][:12]})" if blocks.tokenizer_fingerprint != tokenizer["fingerprint"]
+                else f"the corpus changed (fingerprint {str(corpus)[:12]}, the store's "
+                     f"{str(m['blocks'].get('corpus_fingerprint'))[:12]})")
+        raise StillError(f"data.source={blocks_cfg.source!r} does not give the blocks store {store_uri!r} was made "
+                         f"from: {what}; rerun still infer on this text")
+    source = Source(stores=(store,), blocks=blocks)
+    return dataclasses.replace(source, units=scan_units(source))
+
+
 # --------------------------------------------------------------------------- conversion
 
 
@@ -312,6 +363,8 @@ def convert_rows(table: pa.Table, source: Source, train: bool) -> dict[str, np.n
 
     if source.kind == "blocks":
         return {"x": column_matrix(table["input_ids"])}
+    if source.kind == "lm_store":
+        return _lm_store_arrays(table, source)
     if source.kind == "dataset":
         spec = source.dataset
         ids = table[spec.id_column]
@@ -345,10 +398,14 @@ def bind_temperature(arrays: Mapping[str, np.ndarray], source: Source, temperatu
         prefix = teacher_prefix(index)
         if prefix + TRAINING_COLUMNS[spec.mode][0] not in out:
             continue
-        bound = at_temperature(out, spec, temperature, prefix)
-        for name in TRAINING_COLUMNS[spec.mode]:
-            out.pop(prefix + name)
-        out.update(bound)
+        columns = {prefix + name: out.pop(prefix + name) for name in TRAINING_COLUMNS[spec.mode]}
+        if source.kind == "lm_store":  # one row per position while binding, one per block again after
+            rows, positions = len(arrays["x"]), source.primary.positions
+            columns = {k: v.reshape(rows * positions, *v.shape[2:]) for k, v in columns.items()}
+            bound = at_temperature(columns, spec, temperature, prefix)
+            out.update({k: v.reshape(rows, positions, *v.shape[1:]) for k, v in bound.items()})
+        else:
+            out.update(at_temperature(columns, spec, temperature, prefix))
     return out
 
 
@@ -374,6 +431,30 @@ def drawn_view(sample: np.ndarray, views: int, seed: int) -> np.ndarray:
     key = splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))
     drawn = splitmix64(np.asarray(sample, dtype=np.int64).view(np.uint64) ^ key) % np.uint64(views)
     return drawn.astype(np.int64)
+
+
+def _lm_store_arrays(table: pa.Table, source: Source) -> dict[str, np.ndarray]:
+    """Blocks of a language-model store (their tokens joined as ``input_ids``) as training arrays:
+    ``x`` the tokens, ``top1`` the teacher's likeliest next token per position, and the
+    training columns of each position (``teacher_infer.targets.prepare``), one row per
+    block: ``(n, P, w)`` for per-token lists, ``(n, P)`` for per-token values."""
+    from still.datasets import column_matrix
+    from teacher_infer.lm_store import classifier_columns
+    from teacher_infer.targets import prepare
+
+    store = source.primary
+    spec, positions, rows = store.soft_labels, store.positions, table.num_rows
+    per_position = {name: column_matrix(table[name]).reshape(rows * positions, -1) for name in store.stored_columns}
+    stored = classifier_columns(per_position, spec)
+    if spec.mode == "topk":
+        top1 = per_position["topk_idx"][:, 0]
+    else:
+        drawn = np.where(per_position["sample_count"] > 0, per_position["sample_logit"].astype(np.float32), -np.inf)
+        top1 = np.take_along_axis(per_position["sample_idx"], drawn.argmax(axis=1)[:, None], axis=1)[:, 0]
+    out = {"x": column_matrix(table["input_ids"]), "top1": top1.astype(np.int64).reshape(rows, positions)}
+    for name, array in prepare(stored, spec).items():
+        out[teacher_prefix(0) + name] = np.ascontiguousarray(array.reshape(rows, positions, *array.shape[1:]))
+    return out
 
 
 def _raw_inputs(raw: np.ndarray, source: Source) -> np.ndarray:

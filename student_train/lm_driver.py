@@ -3,7 +3,9 @@
 Reads top to bottom like the classifier job (``student_train.driver``), which hands a
 language-model config here: :func:`prepare_lm_job` checks what can be checked (tracking,
 tokenizer, ``data.seq_len`` against the student's positions, the student's sizes) and
-tokenizes and packs the text once (``still.text.packing``: cached, keyed) → the MLflow
+tokenizes and packs the text once (``still.text.packing``: cached, keyed), or, with
+``store.uri``, opens a language-model store and the very blocks its teacher read
+(``student_train.data.resolve_lm_store_source``) → the MLflow
 run opens → ``student_train.driver.fit`` trains (Ray Train on N workers, or in process,
 with :mod:`student_train.lm_loop`) → the student is exported as a ``save_pretrained``
 directory with its tokenizer (``student_train.lm_export``) and logged to MLflow as a
@@ -24,7 +26,7 @@ from still.errors import StillError
 from still.models import build_model, count_parameters
 from still.tracking import check_reachable, open_run, tracking_uri
 from student_train.config import TrainConfig
-from student_train.data import Source, resolve_block_source
+from student_train.data import Source, resolve_block_source, resolve_lm_store_source
 
 SUMMARY_METRICS = ("test_ce", "test_ppl", "test_accuracy", "student_params")  # the rest are logged per epoch
 
@@ -33,9 +35,10 @@ def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
     """Checks a language-model job and makes its token blocks; returns the ``student_train.driver.Job``.
 
     Raises:
-        StillError: Unreachable tracking, a store (per-token stores are not read yet), no
-            ``data.tokenizer``, ``data.seq_len`` beyond ``student.max_positions``, a student
-            width the llama rules refuse, a bad text source or tokenizer.
+        StillError: Unreachable tracking, a store that is not a language-model store or
+            does not match its blocks, no ``data.tokenizer`` (without a store),
+            ``data.seq_len`` beyond ``student.max_positions``, a student width the llama
+            rules refuse, a bad text source or tokenizer.
     """
     from still.lm_models import special_token_ids
     from still.text.tokenizer import load_tokenizer
@@ -43,21 +46,27 @@ def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
 
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking))
-    if cfg.store.uri:
-        raise StillError("store.uri: a language-model student (student.family="
-                         f"{cfg.student.family!r}) trains on text with data.source; it cannot read a store here")
-    if not cfg.data.tokenizer:
+    if not cfg.data.tokenizer and not cfg.store.uri:
         raise StillError("data.tokenizer is required to train a language model without a teacher: a model directory, "
                          "a .gguf file or builtin:smollm2-135m (its tokenizer makes the token ids)")
     if cfg.data.seq_len > cfg.student.max_positions:
         raise StillError(f"data.seq_len={cfg.data.seq_len} exceeds student.max_positions={cfg.student.max_positions}: "
                          "the student has no position for the tokens beyond; lower data.seq_len or raise "
                          "student.max_positions")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model_args = {"width": cfg.student.width, "depth": cfg.student.depth, "vocab_size": tokenizer.vocab_size,
+    if len(cfg.store.uri) > 1:
+        raise StillError(f"store.uri names {len(cfg.store.uri)} stores: a language-model student distils from one "
+                         "store (ensembles are for classifier stores)")
+    if cfg.store.uri:
+        source = resolve_lm_store_source(cfg.store.uri[0], cfg.data)
+        tokenizer = load_tokenizer(source.blocks.tokenizer_uri)
+    else:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        source = None
+    model_args = {"width": cfg.student.width, "depth": cfg.student.depth,
+                  "vocab_size": source.num_classes if source else tokenizer.vocab_size,
                   "max_positions": cfg.student.max_positions, "special_ids": special_token_ids(tokenizer.hf)}
     build_model(cfg.student.family, **dict(model_args))  # sizes the llama rules refuse fail here, before any work
-    source = resolve_block_source(cfg.data, cfg.data.tokenizer)
+    source = source or resolve_block_source(cfg.data, cfg.data.tokenizer)
     if not source.split_rows["train"]:
         raise StillError(f"data.source={cfg.data.source!r} gives no training block of data.seq_len={cfg.data.seq_len} "
                          "tokens: too little text, or a seq_len too long for it")
@@ -81,7 +90,7 @@ def run_lm_job(job: Any, started: float) -> dict[str, Any]:
         student = build_model(cfg.student.family, **dict(job.model_args))
         student.load_state_dict(state["net"])
         summary = summarise_lm(job, student, final, list(state["history"]))
-        directory = export_causal_lm(student, load_tokenizer(cfg.data.tokenizer).hf, job.output_dir / "model",
+        directory = export_causal_lm(student, load_tokenizer(job.source.blocks.tokenizer_uri).hf, job.output_dir / "model",
                                      training={k: v for k, v in summary.items() if k != "history"})
         summary["checkpoint"] = str(directory)
         tracker.log_metrics({k: summary[k] for k in SUMMARY_METRICS if is_number(summary.get(k))},

@@ -6,6 +6,9 @@ process) and the same feed (``student_train.feed.Feed`` over token blocks: equal
 on every rank, seeded order, read once or streamed). What a language model adds:
 
 - the loss is next-token cross-entropy over every position of a block (nats/token);
+  with a language-model store, ``(1 − λ)·CE + λ·T²·KL`` per position, the KL against
+  the stored per-token target (``student_train.losses.kd_loss`` over the block's
+  positions as rows: top-k + tail or sampled, on the device);
 - AdamW with weight decay on matrices only (not on norms, biases or embeddings),
   linear warmup over ``train.warmup_steps`` then ``train.lr_schedule``, gradient
   clipping (``train.grad_clip``) and accumulation over ``train.grad_accum`` batches
@@ -15,7 +18,8 @@ on every rank, seeded order, read once or streamed). What a language model adds:
   the optimizer step, so that curves of runs with other batch sizes line up by step.
 
 Evaluation (:func:`evaluate_lm`): held-out cross-entropy in nats per token,
-perplexity, next-token top-1 accuracy and tokens per second.
+perplexity, next-token top-1 accuracy, tokens per second and, on a store's held-out
+blocks, top-1 agreement with the teacher.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from torch import nn
 from still.models import build_model
 from still.tracking import attach
 from student_train.config import TrainConfig
+from student_train.data import teacher_prefix
 from student_train.feed import TORCH_RNG, Feed, derive_seed
 from student_train.loop import LoopSpec, RaySession, loggable, plain_config, start_worker
+from student_train.losses import kd_loss
+from teacher_infer.targets import TRAINING_COLUMNS_AT, target_from_columns
 
 EVAL_TOKENS_PER_BATCH = 1 << 15  # tokens per evaluation batch (held-out blocks are read once, then batched)
 
@@ -52,6 +59,31 @@ def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """
     vocab = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1))
+
+
+def token_target(batch: Mapping[str, torch.Tensor], spec: Any, temperature: float) -> Any:
+    """A batch's per-token teacher target (bound at ``temperature``), one row per position:
+    the store's ``(B, P, …)`` training columns seen as ``(B·P, …)``."""
+    prefix = teacher_prefix(0)
+    columns = {}
+    for name in TRAINING_COLUMNS_AT[spec.mode]:
+        values = batch[prefix + name]
+        columns[prefix + name] = values.reshape(values.shape[0] * values.shape[1], *values.shape[2:])
+    return target_from_columns(columns, spec, prefix=prefix, device=batch["x"].device, temperature=temperature)
+
+
+def distill_step_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], spec: Any, cfg: TrainConfig
+                      ) -> dict[str, torch.Tensor | None]:
+    """``(1 − λ)·CE + λ·T²·KL`` over every position of the blocks (``student_train.losses.kd_loss``).
+
+    Returns:
+        ``{"loss", "ce", "kl"}`` (``kl`` None at λ = 0, where the teacher is not read).
+    """
+    x = batch["x"]
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    kd = cfg.kd
+    target = [token_target(batch, spec, kd.temperature)] if kd.weight > 0 else None
+    return kd_loss(flat, target, x[:, 1:].reshape(-1), kd.temperature, kd.weight, kd.tail)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -107,12 +139,14 @@ def evaluate_lm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
 
     Returns:
         ``ce`` (mean nats per predicted token), ``ppl`` (exp of it), ``accuracy`` (top-1
-        next token), ``tokens`` (predicted tokens), ``tokens_per_s``.
+        next token), ``tokens`` (predicted tokens), ``tokens_per_s``, and ``agreement``
+        (top-1 equal to the teacher's, where batches carry the teacher's ``top1``; else None).
     """
     was_training = model.training
     model.eval()
     nll = torch.zeros((), dtype=torch.float64)
-    correct = tokens = 0
+    correct = tokens = agree = 0
+    compared = False
     started = time.perf_counter()
     try:
         for batch in batches:
@@ -122,15 +156,20 @@ def evaluate_lm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
             predicted, target = logits[:, :-1].float(), x[:, 1:]
             nll += F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1),
                                    reduction="sum").double().cpu()
-            correct += int((predicted.argmax(dim=-1) == target).sum())
+            guess = predicted.argmax(dim=-1)
+            correct += int((guess == target).sum())
             tokens += target.numel()
+            if "top1" in batch:
+                agree += int((guess == batch["top1"]).sum())
+                compared = True
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - started
     ce = float(nll) / tokens if tokens else None
     return {"ce": ce, "ppl": math.exp(ce) if ce is not None and ce < 700 else None,
             "accuracy": correct / tokens if tokens else None, "tokens": tokens,
-            "tokens_per_s": tokens / seconds if seconds > 0 else None}
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "agreement": agree / tokens if compared and tokens else None}
 
 
 def _eval_batches(batches: Iterable[Mapping[str, torch.Tensor]], seq_len: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -139,11 +178,11 @@ def _eval_batches(batches: Iterable[Mapping[str, torch.Tensor]], seq_len: int) -
     rows = max(1, EVAL_TOKENS_PER_BATCH // seq_len)
     for batch in batches:
         for start in range(0, len(batch["x"]), rows):
-            yield {"x": batch["x"][start:start + rows]}
+            yield {k: batch[k][start:start + rows] for k in ("x", "top1") if k in batch}
 
 
 class Progress:
-    """The loss and tokens since the last log line, summed on the device (no host sync per batch)."""
+    """The loss terms and tokens since the last log line, summed on the device (no host sync per batch)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -151,20 +190,25 @@ class Progress:
 
     def restart(self) -> None:
         """Counts from now."""
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, CE, KL
         self.batches = self.tokens = 0
+        self.kl = False
         self.since = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        """One batch's loss (a detached scalar tensor) and tokens."""
-        self.loss_sum += loss.double()
+    def add(self, terms: Mapping[str, torch.Tensor | None], tokens: int) -> None:
+        """One batch's loss terms (``loss``, ``ce``, ``kl`` or None) and tokens."""
+        kl = terms["kl"]
+        self.kl = kl is not None
+        self.sums += torch.stack([terms["loss"].detach(), terms["ce"].detach(),
+                                  kl.detach() if kl is not None else terms["ce"].detach() * 0]).double()
         self.batches += 1
         self.tokens += tokens
 
     def take(self, world: int) -> dict[str, float]:
-        """The mean loss and throughput since the last call; restarts the counts."""
+        """The mean loss terms and throughput since the last call; restarts the counts."""
         seconds = time.perf_counter() - self.since
-        out = {"train_loss": float(self.loss_sum) / max(1, self.batches),
+        loss, ce, kl = (self.sums / max(1, self.batches)).tolist()
+        out = {"train_loss": loss, "train_ce": ce, **({"train_kl": kl} if self.kl else {}),
                "tokens_per_s": self.tokens * world / seconds if seconds > 0 else 0.0}
         self.restart()
         return out
@@ -198,6 +242,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     total_steps = min(steps_per_epoch * t.epochs, t.max_steps or steps_per_epoch * t.epochs)
     dtype = autocast_dtype(t.precision, device)
     seq_len = spec.source.input_shape[0]
+    teacher = spec.source.teachers[0] if spec.source.has_teacher else None
 
     def state_now(epoch: int) -> dict[str, Any]:
         return {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
@@ -207,7 +252,8 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     def held_out(split_batches: Iterable[Mapping[str, torch.Tensor]], prefix: str) -> dict[str, Any]:
         result = evaluate_lm(net, _eval_batches(split_batches, seq_len), dtype)
         return {f"{prefix}_ce": result["ce"], f"{prefix}_ppl": result["ppl"], f"{prefix}_accuracy": result["accuracy"],
-                f"{prefix}_tokens": result["tokens"], f"{prefix}_tokens_per_s": result["tokens_per_s"]}
+                f"{prefix}_tokens": result["tokens"], f"{prefix}_tokens_per_s": result["tokens_per_s"],
+                **({f"{prefix}_agreement": result["agreement"]} if result["agreement"] is not None else {})}
 
     metrics: dict[str, Any] = {}
     finished = start_epoch >= t.epochs or step >= total_steps  # a resumed run that had ended
@@ -216,8 +262,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     for epoch in range(start_epoch, start_epoch if finished else t.epochs):
         torch.manual_seed(derive_seed(t.seed, epoch, session.rank, TORCH_RNG))
         started = time.perf_counter()
-        progress = Progress(device)
-        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+        progress, epoch_progress = Progress(device), Progress(device)
         epoch_batches, epoch_tokens, first_batch_s = 0, 0, 0.0
         grad_norm = None
         model.train()
@@ -237,11 +282,17 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                 x = batch["x"]
                 sync = m == micro - 1 or not hasattr(model, "no_sync")
                 with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, dtype):
-                    loss = causal_lm_loss(model(input_ids=x).logits, x)
+                    logits = model(input_ids=x).logits
+                    if teacher is None:
+                        loss = causal_lm_loss(logits, x)
+                        terms = {"loss": loss, "ce": loss, "kl": None}
+                    else:
+                        terms = distill_step_loss(logits, batch, teacher, cfg)
+                        loss = terms["loss"]
                 # each batch weighs by its rows: the step's gradient is that of the mean over all its rows
                 (loss * (sizes[m] / sum(sizes))).backward()
-                progress.add(loss.detach(), x.numel())
-                epoch_loss += loss.detach().double()
+                progress.add(terms, x.numel())
+                epoch_progress.add(terms, x.numel())
                 epoch_batches += 1
                 epoch_tokens += x.numel()
             if t.grad_clip > 0:
@@ -255,10 +306,13 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                 if session.rank == 0:
                     tracker.log_metrics(loggable(line), step=step)
                     if not spec.quiet:
-                        print(f"[still train] step {step}/{total_steps} loss {line['train_loss']:.4f} "
+                        kl = f" kl {line['train_kl']:.4f}" if "train_kl" in line else ""
+                        print(f"[still train] step {step}/{total_steps} loss {line['train_loss']:.4f}{kl} "
                               f"lr {lr:.2e} {line['tokens_per_s']:.0f} tokens/s", flush=True)
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": float(epoch_loss) / max(1, epoch_batches), "lr": lr,
+        epoch_terms = epoch_progress.take(session.world_size)
+        metrics = {"epoch": epoch + 1, "step": step, "lr": lr,
+                   **{k: v for k, v in epoch_terms.items() if k != "tokens_per_s"},
                    "epoch_s": seconds, "first_batch_s": first_batch_s,
                    "tokens_per_s": epoch_tokens * session.world_size / seconds if seconds > 0 else 0.0,
                    "world_size": session.world_size, "resumed_from": start_epoch,

@@ -101,6 +101,8 @@ def scan_units(source: Source) -> tuple[Unit, ...]:
         return _dataset_units(source.dataset)
     if source.kind == "blocks":
         return _block_units(source.blocks)
+    if source.kind == "lm_store":
+        return _lm_store_units(source.primary)
     store = source.primary
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(store.manifest["shards"])))) as pool:
         per_shard = list(pool.map(lambda i: _store_units(store, i), range(len(store.manifest["shards"]))))
@@ -159,6 +161,20 @@ def _block_units(blocks: Any) -> tuple[Unit, ...]:
             counts = np.bincount(split, minlength=3)[:3]
             units.append(Unit(index, (group,), start, len(split), tuple(int(c) for c in counts)))
             start += len(split)
+    return tuple(units)
+
+
+def _lm_store_units(store: Any) -> tuple[Unit, ...]:
+    units = []
+    for index, location in enumerate(store.shard_paths):
+        with location.fs.open(location.path, "rb") as handle:
+            pfile = pq.ParquetFile(handle)
+            start = 0
+            for group in range(pfile.metadata.num_row_groups):
+                split = pfile.read_row_group(group, columns=["split"])["split"].to_numpy()
+                counts = np.bincount(split, minlength=3)[:3]
+                units.append(Unit(index, (group,), start, len(split), tuple(int(c) for c in counts)))
+                start += len(split)
     return tuple(units)
 
 
@@ -231,6 +247,7 @@ class Reader:
     def __init__(self, source: Source) -> None:
         self.source = source
         self._members: list[_MemberColumns] | None = None
+        self._tokens: _BlockTokens | None = None
 
     def read(self, piece: Piece, codes: Sequence[int], one_view_seed: int | None = None) -> dict[str, np.ndarray]:
         """A piece's rows as training arrays (``student_train.data.convert_rows``), teacher columns unbound.
@@ -248,6 +265,8 @@ class Reader:
             table = self._dataset_rows(unit, piece, codes)
         elif source.kind == "blocks":
             table = self._block_rows(unit, piece, codes)
+        elif source.kind == "lm_store":
+            table = self._lm_store_rows(unit, piece, codes)
         elif source.views > 1:
             table = self._multiview_rows(unit, piece, codes, one_view_seed)
         else:
@@ -330,6 +349,23 @@ class Reader:
         positions = np.flatnonzero(np.isin(table["split"].to_numpy(), codes))[piece.start:piece.stop]
         return table.take(pa.array(positions))
 
+    def _lm_store_rows(self, unit: Unit, piece: Piece, codes: Sequence[int]) -> pa.Table:
+        store = self.source.primary
+        location = store.shard_paths[unit.file]
+        try:
+            with location.fs.open(location.path, "rb") as handle:
+                table = pq.ParquetFile(handle).read_row_group(
+                    unit.row_groups[0], columns=["id", "split", *store.stored_columns], use_threads=False)
+        except Exception as exc:  # a shard changed or gone since the run began
+            raise StillError(f"store {store.uri!r}: shard {location.path} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:120]})") from None
+        positions = np.flatnonzero(np.isin(table["split"].to_numpy(), codes))[piece.start:piece.stop]
+        table = table.take(pa.array(positions))
+        if self._tokens is None:
+            self._tokens = _BlockTokens(self.source.blocks)
+        tokens = self._tokens.of(table["id"].to_numpy(), store.uri)
+        return table.append_column("input_ids", pa.FixedSizeListArray.from_arrays(tokens.reshape(-1), tokens.shape[1]))
+
     def _member_columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         if self._members is None:
             self._members = [_MemberColumns(self.source, index) for index in range(1, len(self.source.stores))]
@@ -337,6 +373,33 @@ class Reader:
         for member in self._members:
             out.update(member.rows_of(ids))
         return out
+
+
+class _BlockTokens:
+    """Every block's tokens, sorted by block id (loaded once per process: 2 bytes a token)."""
+
+    def __init__(self, blocks: Any) -> None:
+        tables = [pq.read_table(path, columns=["id", "input_ids"]) for path in blocks.files]
+        table = pa.concat_tables(tables)
+        ids = table["id"].to_numpy()
+        order = np.argsort(ids, kind="stable")
+        flat = table["input_ids"].combine_chunks().flatten().to_numpy()
+        self.ids = ids[order]
+        self.tokens = flat.reshape(len(ids), blocks.seq_len)[order]
+        self.path = blocks.path
+
+    def of(self, ids: np.ndarray, store_uri: str) -> np.ndarray:
+        """The tokens of these blocks, in their order.
+
+        Raises:
+            StillError: A block id the token blocks do not hold.
+        """
+        position = np.clip(np.searchsorted(self.ids, ids), 0, max(0, len(self.ids) - 1))
+        found = self.ids[position] == ids if len(self.ids) else np.zeros(len(ids), bool)
+        if not found.all():
+            raise StillError(f"store {store_uri!r}: {int((~found).sum())} block ids are not among the token blocks "
+                             f"in {self.path} (the blocks changed since still infer)")
+        return self.tokens[position]
 
 
 class _MemberColumns:
