@@ -133,17 +133,32 @@ def summarise_lm(job: Any, student: Any, final: Mapping[str, Any], history: list
         "blocks_key": blocks.key,
         "blocks": dict(blocks.rows),
         "tokenizer": blocks.tokenizer_uri,
+        **(store_summary(job.source, job.cfg, last) if job.source.kind == "lm_store" else {}),
         "output_dir": str(job.output_dir),
         "run_name": job.run_name,
         "history": history,
     }
 
 
+def store_summary(source: Source, cfg: TrainConfig, last: Mapping[str, Any]) -> dict[str, Any]:
+    """What a distilled language model's summary adds: its store, the teacher's held-out numbers, agreement."""
+    m = source.primary.manifest
+    teacher_val = m["teacher_metrics"].get("val", {})
+    return {"store": source.primary.uri, "store_key": m["key"], "store_mode": m["storage"]["mode"],
+            "bytes_per_token": m["bytes_per_token"], "teacher_uri": m["teacher"]["uri"],
+            "teacher_val_ce": teacher_val.get("ce"), "teacher_val_ppl": teacher_val.get("ppl"),
+            "teacher_val_accuracy": teacher_val.get("accuracy"), "val_agreement": last.get("val_agreement"),
+            "kd_temperature": cfg.kd.temperature, "kd_weight": cfg.kd.weight, "kd_tail": cfg.kd.tail}
+
+
 def lm_tags(source: Source, cfg: TrainConfig) -> dict[str, str]:
     """The MLflow tags of a language-model run."""
     blocks = source.blocks
-    return {"still.verb": "train", "still.source": cfg.data.source, "still.mode": "causal_lm",
+    tags = {"still.verb": "train", "still.source": cfg.data.source, "still.mode": "causal_lm",
             "blocks.key": blocks.key, "tokenizer.fingerprint": blocks.tokenizer_fingerprint}
+    if source.kind == "lm_store":
+        tags.update({"store.key": source.primary.manifest["key"], "still.mode": "causal_lm_kd"})
+    return tags
 
 
 def format_lm_table(summary: Mapping[str, Any]) -> str:
@@ -158,6 +173,10 @@ def format_lm_table(summary: Mapping[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}}  {'val':>10}  {'test':>10}"]
     lines += [f"{name:<{width}}  {v:>10}  {t:>10}" for name, v, t in rows]
+    if summary.get("store"):
+        lines.append(f"teacher {summary.get('teacher_uri')}: held-out cross-entropy {f(summary.get('teacher_val_ce'), '.4f')}; "
+                     f"student top-1 agreement with it {f(summary.get('val_agreement'), '.4f')} (val); "
+                     f"store {summary.get('store_mode')}, {f(summary.get('bytes_per_token'), '.1f')} bytes/token")
     lines.append(f"parameters {f(summary.get('student_params'), ',')}; "
                  f"{f(summary.get('tokens_per_s'), ',.0f')} tokens/s training")
     return "\n".join(lines)

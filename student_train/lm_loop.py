@@ -344,4 +344,6 @@ def _epoch_line(m: Mapping[str, Any], epochs: int) -> str:
         return "-" if v is None else f"{v:.4f}"
 
     return (f"[still train] epoch {m['epoch']}/{epochs} loss {m['train_loss']:.4f} val_ce {fmt(m.get('val_ce'))} "
-            f"val_ppl {fmt(m.get('val_ppl'))} val_acc {fmt(m.get('val_accuracy'))} {m['tokens_per_s']:.0f} tokens/s")
+            f"val_ppl {fmt(m.get('val_ppl'))} val_acc {fmt(m.get('val_accuracy'))}"
+            + (f" agreement {fmt(m['val_agreement'])}" if "val_agreement" in m else "")
+            + f" {m['tokens_per_s']:.0f} tokens/s")

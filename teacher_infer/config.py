@@ -148,8 +148,11 @@ class InferRunConfig:
     """Language-model teachers: the splits of the token blocks captured (``train``,
     ``val``, ``test``); enters the key."""
     max_blocks: int = 0
-    """Language-model teachers: at most this many blocks of each captured split (the
-    first ones in the block cache's order); 0: all. Enters the key."""
+    """Language-model teachers: at most this many training blocks (the first ones in the
+    block cache's order); 0: all. Enters the key."""
+    max_eval_blocks: int = 0
+    """Language-model teachers: at most this many blocks of each held-out split (val,
+    test); 0: all. Enters the key."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -171,8 +174,9 @@ class InferRunConfig:
         unknown = sorted(set(self.splits) - {"train", "val", "test"})
         if not self.splits or unknown:
             raise StillError(f"infer.splits must name some of train, val, test; got {list(self.splits)}")
-        if self.max_blocks < 0:
-            raise StillError(f"infer.max_blocks must be >= 0 (0: every block), got {self.max_blocks}")
+        if self.max_blocks < 0 or self.max_eval_blocks < 0:
+            raise StillError(f"infer.max_blocks and infer.max_eval_blocks must be >= 0 (0: every block), got "
+                             f"{self.max_blocks} and {self.max_eval_blocks}")
 
 
 @dataclasses.dataclass(frozen=True)

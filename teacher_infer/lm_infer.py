@@ -6,8 +6,8 @@ Reads top to bottom: the token blocks of ``data.source``, made with the teacher'
 tokenizer (``data.tokenizer`` may name it, and must be the same) → the storage settings
 checked against the vocabulary → the cache key (teacher, blocks, storage, which blocks)
 → the existing store if complete → a deterministic shard plan (``infer.shard_rows``
-blocks a shard, in block-cache order, the first ``infer.max_blocks`` of each captured
-split) and the shards a killed run already wrote → the missing shards on Ray, in a pool
+blocks a shard, in block-cache order, the first ``infer.max_blocks`` training and
+``infer.max_eval_blocks`` held-out blocks) and the shards a killed run already wrote → the missing shards on Ray, in a pool
 of teacher actors (one per GPU with ``infer.num_gpus``, else one using the cluster's
 CPUs), each shard written atomically, exactly once → manifest, last → MLflow run.
 
@@ -99,12 +99,14 @@ def run_lm_infer(config: InferConfig) -> dict[str, Any]:
     splits = tuple(config.infer.splits)
     key_doc = {"format": lm_store.FORMAT, "teacher": fingerprint, "blocks": blocks.key,
                "storage": spec.manifest_fields(), "splits": list(splits), "max_blocks": config.infer.max_blocks,
-               "precision": _precision(config)}
+               "max_eval_blocks": config.infer.max_eval_blocks, "precision": _precision(config)}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     store_dir = resolve(config.store.root).join(key)
     if lm_store.read_manifest(store_dir.uri) is not None:
         return _cache_hit(config, store_dir, key, started)
-    plan = shard_plan(blocks, splits, config.infer.max_blocks, config.infer.shard_rows or SHARD_BLOCKS)
+    limits = {"train": config.infer.max_blocks, "val": config.infer.max_eval_blocks,
+              "test": config.infer.max_eval_blocks}
+    plan = shard_plan(blocks, splits, limits, config.infer.shard_rows or SHARD_BLOCKS)
     if not plan:
         raise StillError(f"data.source={config.data.source!r} has no blocks in the splits {list(splits)}")
     done = _records(store_dir, plan)
@@ -132,18 +134,19 @@ def run_lm_infer(config: InferConfig) -> dict[str, Any]:
     return summary
 
 
-def shard_plan(blocks: Any, splits: tuple[str, ...], max_blocks: int, shard_blocks: int) -> list[dict[str, Any]]:
+def shard_plan(blocks: Any, splits: tuple[str, ...], limits: dict[str, int], shard_blocks: int
+               ) -> list[dict[str, Any]]:
     """The shards of a capture: consecutive blocks of one split's cache file, in file order.
 
     Args:
         blocks: The token blocks (``still.text.packing.TokenBlocks``).
         splits: The splits captured.
-        max_blocks: At most this many blocks of each split (the first ones); 0: all.
+        limits: At most this many blocks of each split (the first ones); 0: all.
         shard_blocks: Blocks per shard.
     """
     plan = []
     for split in splits:
-        rows = blocks.rows[split] if not max_blocks else min(max_blocks, blocks.rows[split])
+        rows = min(limits[split], blocks.rows[split]) if limits[split] else blocks.rows[split]
         for start in range(0, rows, shard_blocks):
             index = len(plan)
             plan.append({"index": index, "name": f"part-{index:05d}.parquet", "split": split,

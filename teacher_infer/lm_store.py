@@ -320,3 +320,94 @@ def open_lm_store(uri: str) -> LMStore:
             raise StillError(f"store {uri!r}: shard {shard['name']} has {location.fs.size(location.path)} bytes, "
                              f"the manifest says {shard['bytes']} (changed since it was written)")
     return store
+
+
+def inspect_lm_store(uri: str) -> dict[str, Any]:
+    """A flat summary of a language-model store's manifest, with its fidelity and the manifest itself."""
+    store = open_lm_store(uri)
+    m = store.manifest
+    spec = store.soft_labels
+    summary: dict[str, Any] = {
+        "store": store.uri, "key": m["key"], "format": m["format"], "task": "causal_lm", "mode": spec.mode,
+        "k": spec.k if spec.mode == "topk" else None, "samples": spec.samples if spec.mode == "sampled" else None,
+        "temperatures": list(spec.temperatures), "dtype": spec.dtype,
+        "rows": store.num_rows, "split_rows": m["split_rows"], "seq_len": store.seq_len,
+        "positions": store.positions, "position_convention": m["position_convention"],
+        "vocab_size": m["vocab_size"], "bytes_per_token": m["bytes_per_token"], "bytes": m["bytes"],
+        "teacher_uri": m["teacher"]["uri"], "teacher_fingerprint": m["teacher"]["fingerprint"],
+        "tokenizer_uri": m["tokenizer"]["uri"], "tokenizer_fingerprint": m["tokenizer"]["fingerprint"],
+        "blocks_key": m["blocks"]["key"], "text_source": m["blocks"]["source"], "precision": m["precision"],
+        "skipped_blocks": m["skipped_blocks"], "tokens_per_s": m["tokens_per_s"],
+    }
+    for split, values in m["teacher_metrics"].items():
+        summary.update({f"teacher_{name}_{split}": value for name, value in values.items()})
+    summary["fidelity"] = m["fidelity"]
+    summary["fidelity_positions"] = m["fidelity_positions"]
+    summary["manifest"] = m
+    return summary
+
+
+def verify_lm_store(uri: str) -> dict[str, Any]:
+    """Reads every shard of a language-model store against its manifest: schema, rows, unique
+    block ids, ids within the vocabulary, finite values, draws adding up to ``store.samples``.
+
+    Returns:
+        ``{"ok", "problems", "rows", "shards"}``.
+    """
+    problems: list[str] = []
+    try:
+        store = open_lm_store(uri)
+    except StillError as exc:
+        return {"ok": False, "problems": [str(exc)], "rows": 0, "shards": 0}
+    spec, positions = store.soft_labels, store.positions
+    expected = schema(spec, positions)
+    ids, rows = [], 0
+    for shard, location in zip(store.manifest["shards"], store.shard_paths):
+        with location.fs.open(location.path, "rb") as handle:
+            table = pq.read_table(handle)
+        name = shard["name"]
+        if not table.schema.equals(expected):
+            problems.append(f"{name}: schema differs from the store's ({table.schema.names})")
+            continue
+        if table.num_rows != shard["rows"]:
+            problems.append(f"{name}: {table.num_rows} blocks, the manifest says {shard['rows']}")
+        rows += table.num_rows
+        ids.append(table["id"].to_numpy())
+        for column in STORED_COLUMNS[spec.mode]:
+            values = table[column].combine_chunks().flatten().to_numpy()
+            if column.endswith("_idx") and values.size and values.max() >= spec.num_classes:
+                problems.append(f"{name}: {column} holds ids beyond the vocabulary of {spec.num_classes}")
+            if column.endswith("_logit") and not np.isfinite(values.astype(np.float32)).all():
+                problems.append(f"{name}: {column} holds non-finite values")
+        if spec.mode == "sampled":
+            counts = table["sample_count"].combine_chunks().flatten().to_numpy().reshape(-1, spec.samples)
+            if not (counts.sum(axis=1) == spec.samples).all():
+                problems.append(f"{name}: sample_count rows do not add up to store.samples={spec.samples}")
+    every = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if len(np.unique(every)) != len(every):
+        problems.append(f"{len(every) - len(np.unique(every))} block ids occur more than once")
+    if rows != store.num_rows:
+        problems.append(f"{rows} blocks in the shards, the manifest says {store.num_rows}")
+    return {"ok": not problems, "problems": problems, "rows": rows, "shards": len(store.manifest["shards"])}
+
+
+def cli_lm_store(action: str, uri: str) -> dict[str, Any]:
+    """``still store inspect|verify URI`` for a language-model store (``teacher_infer.store.cli_store``)."""
+    import sys
+
+    from teacher_infer.store import format_fidelity
+
+    if action == "inspect":
+        summary = inspect_lm_store(uri)
+        print(format_fidelity(summary["fidelity"], summary["fidelity_positions"]).replace(" rows ", " positions "),
+              flush=True)
+        return summary
+    if action == "verify":
+        result = verify_lm_store(uri)
+        if not result["ok"]:
+            for problem in result["problems"]:
+                print(f"still: problem: {uri}: {problem}", file=sys.stderr)
+            result["_exit_code"] = 1
+        result["store"] = uri
+        return result
+    raise StillError(f"unknown store action {action!r}; expected inspect or verify")

@@ -407,6 +407,10 @@ def open_store(uri: str) -> Store:
         manifest = manifest_loc.read_json()
     except (ValueError, OSError) as exc:
         raise StillError(f"store {uri!r} has an unreadable {MANIFEST_NAME} ({type(exc).__name__})") from None
+    if isinstance(manifest, dict) and manifest.get("format", "").startswith("still-lm-store"):
+        raise StillError(f"store {uri!r} is a language-model store (per-token targets of "
+                         f"{manifest.get('teacher', {}).get('uri')!r}): a classifier student cannot read it; train "
+                         "a language model from it (student.family=llama)")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StillError(f"{uri!r} is not a still store ({MANIFEST_NAME} lacks format {FORMAT_NAME!r})")
     version = manifest.get("format_version")
@@ -880,6 +884,11 @@ def cli_store(action: str, uri: str) -> dict[str, Any]:
         fidelity table is printed first;
         verify: ``{ok, problems, rows, shards}`` plus ``_exit_code: 1`` when not ok.
     """
+    from teacher_infer import lm_store
+
+    manifest = lm_store.read_manifest(uri) if resolve(uri).exists() else None
+    if manifest is not None and lm_store.is_lm_manifest(manifest):
+        return lm_store.cli_lm_store(action, uri)
     if action == "inspect":
         summary = inspect_store(uri)
         print(format_fidelity(summary["fidelity"], summary["fidelity_rows"]), flush=True)

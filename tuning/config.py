@@ -43,7 +43,7 @@ from student_train.config import (
 )
 
 # Metrics every trial reports once per epoch, with the direction that is better.
-METRICS: dict[str, str] = {"val_accuracy": "max", "val_nll": "min"}
+METRICS: dict[str, str] = {"val_accuracy": "max", "val_nll": "min", "val_ce": "min"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,8 @@ class TuneSection:
     num_samples: int = 8
     """Trials for random/optuna; repetitions of the whole grid for grid."""
     metric: str = "val_accuracy"
-    """The per-epoch metric that ASHA and the best-trial choice use: val_accuracy or val_nll."""
+    """The per-epoch metric that ASHA and the best-trial choice use: val_accuracy or val_nll
+    (classifiers), val_ce (language models: held-out cross-entropy, nats/token)."""
     mode: Literal["", "max", "min"] = ""
     """Whether the metric is better high or low; empty: the metric's natural mode."""
     scheduler: Literal["asha", "none"] = "asha"
@@ -127,6 +128,8 @@ class SpaceSection:
     """train.lr; default: not swept."""
     hint_weight: Any = None
     """kd.hint_weight (β of the hint terms, with kd.hints; 0 turns them off); default: not swept."""
+    depth: Any = None
+    """student.depth (layers); default: not swept. Integer values."""
 
 
 @dataclasses.dataclass(frozen=True)

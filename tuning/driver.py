@@ -101,11 +101,17 @@ def plan_sweep(config: TuneConfig) -> SweepPlan:
         raise StillError(f"tune.output_dir must be a local folder, got {config.output_dir!r}")
     output_dir = Path(config.output_dir).expanduser().resolve()
     store_uri, store_key = "", ""
-    from student_train.data import resolve_source
+    from student_train.data import resolve_lm_store_source, resolve_source
     from student_train.hints import keep_hinted_layers
 
-    source = resolve_source(config.store.uri, config.data, verify=config.train.verify_store)
-    source = keep_hinted_layers(source, config.kd.hints)  # the trials share what they read
+    if config.base_train_config().language_model:
+        if len(config.store.uri) != 1:
+            raise StillError("a language-model sweep (student.family=llama) runs over one store: set store.uri to "
+                             "the store of still infer with a language-model teacher")
+        source = resolve_lm_store_source(config.store.uri[0], config.data)
+    else:
+        source = resolve_source(config.store.uri, config.data, verify=config.train.verify_store)
+        source = keep_hinted_layers(source, config.kd.hints)  # the trials share what they read
     _check_temperatures(config, dims, source)
     input_shape, num_classes = tuple(source.input_shape), source.num_classes
     if config.store.uri:
@@ -279,7 +285,8 @@ def shared_data(config: TuneConfig, plan: SweepPlan) -> Any:
     from student_train.feed import load_split_arrays
 
     base = config.base_train_config()
-    if config.tune.trial_mode != "in_process" or choose_ingest(base, plan.source, 1) != "memory":
+    if (base.language_model or config.tune.trial_mode != "in_process"
+            or choose_ingest(base, plan.source, 1) != "memory"):
         return SharedData(plan.source)
     return SharedData(plan.source, ray.put(load_split_arrays(plan.source)))
 
@@ -370,16 +377,20 @@ def build_tuner(config: TuneConfig, plan: SweepPlan, parent: ParentRun, callback
 # ------------------------------------------------------------------ results
 
 
-def _student_params(config: TuneConfig, plan: SweepPlan, width: float, cache: dict) -> int:
+def _student_params(config: TuneConfig, plan: SweepPlan, params: Mapping[str, Any], cache: dict) -> int:
+    """Parameters of a trial's student (one whose trial stopped before reporting them)."""
     from still.models import build_model, count_parameters
 
-    if width not in cache:
-        args: dict[str, Any] = {"input_shape": plan.input_shape, "num_classes": plan.num_classes,
-                                "width": width, "depth": config.student.depth}
-        if config.student.family == "mlp":
-            args["dropout"] = config.student.dropout
-        cache[width] = count_parameters(build_model(config.student.family, **args))
-    return cache[width]
+    width, depth = params.get("width", config.student.width), int(params.get("depth", config.student.depth))
+    if (width, depth) not in cache:
+        if config.base_train_config().language_model:
+            args: dict[str, Any] = {"vocab_size": plan.num_classes, "max_positions": config.student.max_positions}
+        else:
+            args = {"input_shape": plan.input_shape, "num_classes": plan.num_classes}
+            if config.student.family == "mlp":
+                args["dropout"] = config.student.dropout
+        cache[(width, depth)] = count_parameters(build_model(config.student.family, width=width, depth=depth, **args))
+    return cache[(width, depth)]
 
 
 def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, Any]], int]:
@@ -418,7 +429,10 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
             "width": width,
             "lr": params.get("lr"),
             "hint_weight": params.get("hint_weight"),
-            "params": int(last.get("student_params") or _student_params(config, plan, width, size_cache)),
+            "depth": params.get("depth"),
+            "params": int(last.get("student_params") or _student_params(config, plan, params, size_cache)),
+            "val_ce": _num(last.get("val_ce")),
+            "val_agreement": _num(last.get("val_agreement")),
             "val_accuracy": _num(last.get("val_accuracy")),
             "val_nll": _num(last.get("val_nll")),
             "test_accuracy": _num(last.get("test_accuracy", last.get("student_test_accuracy"))),
@@ -611,13 +625,14 @@ def run_tune(config: TuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, 
             raise StillError(f"sweep {plan.name!r}: all {len(rows)} trial(s) failed; "
                              f"{rows[0]['trial']}: {rows[0]['error']}")
         best = pick_best(rows, plan.metric, plan.mode)
-        front = pareto_front(rows)
+        score, higher = _pareto_score(plan)
+        front = pareto_front(rows, score_key=score, higher_is_better=higher)
         table = format_table(rows, front=front, best=best)
         print(table, flush=True)
         table_path = plan.output_dir / "trials.txt"
         table_path.write_text(table + "\n")
-        plot_path = plot_pareto(rows, plan.output_dir / "pareto.png", title=f"{plan.name}: accuracy vs size",
-                                best=best)
+        plot_path = plot_pareto(rows, plan.output_dir / "pareto.png", title=f"{plan.name}: {score} vs size",
+                                score_key=score, best=best, higher_is_better=higher)
         best_summary = _best_summary(rows, best, plan.metric)
         summary: dict[str, Any] = {
             "parent_run_id": parent.run_id,
@@ -658,12 +673,20 @@ def run_tune(config: TuneConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, 
         parent.end(status)
 
 
+def _pareto_score(plan: SweepPlan) -> tuple[str, bool]:
+    """The score the Pareto front and plot use: held-out CE (lower is better) for language models."""
+    if plan.source is not None and plan.source.task == "causal_lm":
+        return "val_ce", False
+    return "val_accuracy", True
+
+
 def _best_summary(rows: list[dict[str, Any]], best: int | None, metric: str) -> dict[str, Any]:
     if best is None:
         return {}
     row = rows[best]
     config = {CONFIG_KEYS[k]: row[k] for k in CONFIG_KEYS if row.get(k) is not None}
-    metrics = {k: row[k] for k in ("val_accuracy", "val_nll", "test_accuracy", "params", "epochs")
+    metrics = {k: row[k] for k in ("val_accuracy", "val_nll", "val_ce", "val_agreement", "test_accuracy", "params",
+                                   "epochs")
                if row.get(k) is not None}
     result = {"trial": row["trial"], "config": config, "metrics": metrics, "metric": metric}
     if row.get("test_errors") is not None:

@@ -23,7 +23,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("width", "width", "{:.4g}"),
     ("lr", "lr", "{:.2g}"),
     ("hint_weight", "β", "{:.3g}"),
+    ("depth", "depth", "{}"),
     ("params", "params", "{:,}"),
+    ("val_ce", "val CE", "{:.4f}"),
+    ("val_agreement", "agree", "{:.4f}"),
     ("val_accuracy", "val acc", "{:.4f}"),
     ("test_accuracy", "test acc", "{:.4f}"),
     ("epochs", "epochs", "{}"),
@@ -36,12 +39,15 @@ def _finite(value: Any) -> bool:
 
 
 def pareto_front(rows: Sequence[Mapping[str, Any]], *, size_key: str = "params",
-                 score_key: str = "val_accuracy") -> list[int]:
-    """Returns the indices of the Pareto-optimal rows (small size, high score), by size.
+                 score_key: str = "val_accuracy", higher_is_better: bool = True) -> list[int]:
+    """Returns the indices of the Pareto-optimal rows (small size, best score), by size.
 
-    Rows without a finite size or score are never on the front.
+    Rows without a finite size or score are never on the front. ``higher_is_better``
+    False: a low score is better (cross-entropy).
     """
+    sign = 1 if higher_is_better else -1
     points = [(i, r.get(size_key), r.get(score_key)) for i, r in enumerate(rows)]
+    points = [(i, s, sign * a) if _finite(a) else (i, s, a) for i, s, a in points]
     points = [(i, s, a) for i, s, a in points if _finite(s) and _finite(a)]
     front = []
     for i, size, score in points:
@@ -82,8 +88,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, front: Sequence[int] = ()
 
 
 def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str,
-                score_key: str = "val_accuracy", best: int | None = None) -> Path:
-    """Plots accuracy against student size with the Pareto front marked; writes a PNG.
+                score_key: str = "val_accuracy", best: int | None = None, higher_is_better: bool = True) -> Path:
+    """Plots a score (accuracy, or held-out cross-entropy) against student size with the Pareto
+    front marked; writes a PNG.
 
     Args:
         rows: Trial rows with ``params`` and ``score_key`` (optionally ``test_accuracy``).
@@ -91,6 +98,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: s
         title: Figure title (the sweep name).
         score_key: The accuracy on the y axis (the front is computed on it).
         best: Index of the best trial, drawn as a star.
+        higher_is_better: False for a score that is better low (``val_ce``).
 
     Returns:
         The PNG path.
@@ -102,7 +110,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: s
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    front = pareto_front(rows, score_key=score_key)
+    front = pareto_front(rows, score_key=score_key, higher_is_better=higher_is_better)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     points = [(r.get("params"), r.get(score_key)) for r in rows]
     xs = [p for p, a in points if _finite(p) and _finite(a)]
@@ -123,10 +131,10 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: s
     if xs and min(xs) > 0:
         ax.set_xscale("log")
     ax.set_xlabel("student parameters")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(score_key.replace("_", " "))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right" if higher_is_better else "upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -30,13 +30,14 @@ CONFIG_KEYS: dict[str, str] = {
     "width": "student.width",
     "lr": "train.lr",
     "hint_weight": "kd.hint_weight",
+    "depth": "student.depth",
 }
 
 _DEFAULTS: dict[str, Any] = {
     "temperature": (1.0, 2.0, 4.0, 8.0),
     "weight": (0.5, 0.7, 0.9),
 }
-_DEFAULT_WIDTH = {"mlp": (32, 64, 128, 256), "cnn": (0.25, 0.5, 1.0)}
+_DEFAULT_WIDTH = {"mlp": (32, 64, 128, 256), "cnn": (0.25, 0.5, 1.0), "llama": (64, 128, 256)}
 
 
 def _in_domain(key: str, value: float) -> bool:
@@ -44,10 +45,13 @@ def _in_domain(key: str, value: float) -> bool:
         return 0.0 <= value <= 1.0
     if key == "hint_weight":
         return value >= 0
+    if key == "depth":
+        return value >= 1 and float(value).is_integer()
     return value > 0
 
 
-_DOMAIN_TEXT = {"temperature": "> 0", "weight": "in [0, 1]", "width": "> 0", "lr": "> 0", "hint_weight": ">= 0"}
+_DOMAIN_TEXT = {"temperature": "> 0", "weight": "in [0, 1]", "width": "> 0", "lr": "> 0", "hint_weight": ">= 0",
+                "depth": "a whole number >= 1"}
 
 
 @dataclasses.dataclass(frozen=True)
