@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from still.allocator import reuse_large_allocations
 from still.models import build_model
 from still.tracking import attach
 from student_train.config import TrainConfig
@@ -223,6 +224,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
     cfg = spec.cfg
     t = cfg.train
     device = session.device
+    reuse_large_allocations()  # the step's (tokens, vocabulary) arrays: see still.allocator
     torch.manual_seed(t.seed)
     net = build_model(cfg.student.family, **dict(spec.model_args))
     state = session.restore()

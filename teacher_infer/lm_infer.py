@@ -218,8 +218,10 @@ class Capturer:
                  chunk_positions: int, threads: int, seed: int, store_uri: str, vocab_size: int) -> None:
         import torch
 
+        from still.allocator import reuse_large_allocations
         from still.lm_models import load_causal_lm
 
+        reuse_large_allocations()  # the forward's (batch, seq, hidden) arrays: see still.allocator
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.lm = load_causal_lm(teacher_uri, device=self.device, with_tokenizer=False)
