@@ -190,7 +190,7 @@ def test_ragged_rows_taken_and_padded_match_the_python_lists():
 
 def test_bad_storage_and_loss_settings_fail_naming_the_key():
     with pytest.raises(StillError, match=r"store.samples must be >= 1"):
-        load_config(InferConfig, None, ["store.mode=sampled", "store.samples=0"])
+        load_config(InferConfig, None, ["store.mode=sampled", "store.samples=-1"])
     with pytest.raises(StillError, match=r"store.temperatures must be a non-empty list of values > 0"):
         load_config(InferConfig, None, ["store.temperatures=[1, -2]"])
     with pytest.raises(StillError, match=r"kd.tail must be one of 'uniform', 'bucket'; got 'gaussian'"):

@@ -77,7 +77,7 @@ CASES = {
     "teacher not a model": (["teacher.uri={base}/notes.txt"], "notes.txt"),
     "teacher output size": (["teacher.uri={teacher5}"], "outputs 5 classes"),
     "k > classes": (["teacher.uri={teacher}", "store.k=11"], "store.k=11"),
-    "no samples": (["teacher.uri={teacher}", "store.mode=sampled", "store.samples=0"], "store.samples must be >= 1"),
+    "no samples": (["teacher.uri={teacher}", "store.mode=sampled", "store.samples=-1"], "store.samples must be >= 1"),
     "top-k of multi-label data": (["data.source=builtin:digits-overlay", "teacher.uri={teacher}", "store.mode=topk"],
                                   "use store.mode=dense"),
     "GPUs no node has": (["teacher.uri={teacher}", "infer.num_gpus=1"],

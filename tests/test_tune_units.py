@@ -51,13 +51,13 @@ def test_defaults_and_sections():
     "override, message",
     [
         ("tune.searcher=bayes", "tune.searcher must be one of 'grid', 'random', 'optuna'; got 'bayes'"),
-        ("tune.metric=val_f1", "tune.metric must be one of val_accuracy, val_nll; got 'val_f1'"),
+        ("tune.metric=val_f1", "tune.metric must be one of val_accuracy, val_nll, val_ce; got 'val_f1'"),
         ("tune.num_samples=0", "tune.num_samples must be >= 1, got 0"),
         ("tune.reduction_factor=1", "tune.reduction_factor must be > 1"),
         ("tune.grace_period=20", "tune.grace_period (20) must be <= train.epochs (10)"),
         ("scaling.num_workers=2", "needs tune.trial_mode=trainer"),
         ("tune.nmu_samples=3", "unknown config key 'tune.nmu_samples'"),
-        ("space.depth=[1]", "unknown config key 'space.depth'"),
+        ("space.heads=[1]", "unknown config key 'space.heads'"),
     ],
 )
 def test_bad_tune_keys(override, message):
@@ -92,6 +92,7 @@ def test_store_is_required():
         ("space.temperature=[1, 1]", "space.temperature lists a value twice"),
         ("space.temperature=hot", "space.temperature must be a list of values or a range"),
         ("space.hint_weight=[0, -0.1]", "space.hint_weight values must be >= 0, got -0.1"),
+        ("space.depth=[2, 1.5]", "space.depth values must be a whole number >= 1, got 1.5"),
     ],
 )
 def test_bad_space(override, message):
