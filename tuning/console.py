@@ -75,8 +75,11 @@ def trial_line(name: str, config: dict[str, Any], result: dict[str, Any], status
                       for key, value in config.items() if key in _LABELS and value is not None)
     epochs = result.get("epochs") or result.get("epoch")
     after = f" after {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else ""
-    score = result.get("val_accuracy")
-    shown = f", val acc {score:.4f}" if isinstance(score, (int, float)) else ""
+    ce, accuracy = result.get("val_ce"), result.get("val_accuracy")
+    if isinstance(ce, (int, float)):  # a language model: held-out cross-entropy, nats/token
+        shown = f", val CE {ce:.4f}"
+    else:
+        shown = f", val acc {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
     return f"still tune: {name} {status}{after}{f' ({params})' if params else ''}{shown}"
 
 

@@ -83,7 +83,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, front: Sequence[int] = ()
     widths = [max(len(line[k]) for line in [header, *body]) for k in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("B = best trial, * = Pareto front (fewest params for its accuracy)")
+    score = "held-out CE" if any(r.get("val_ce") is not None for r in rows) else "accuracy"
+    lines.append(f"B = best trial, * = Pareto front (fewest params for its {score})")
     return "\n".join(lines)
 
 
