@@ -435,7 +435,8 @@ def drawn_view(sample: np.ndarray, views: int, seed: int) -> np.ndarray:
 
 def _lm_store_arrays(table: pa.Table, source: Source) -> dict[str, np.ndarray]:
     """Blocks of a language-model store (their tokens joined as ``input_ids``) as training arrays:
-    ``x`` the tokens, ``top1`` the teacher's likeliest next token per position, and the
+    ``x`` the tokens, ``top1`` the teacher's likeliest next token per position (for a sampled
+    store, the likeliest of the drawn ones), and the
     training columns of each position (``teacher_infer.targets.prepare``), one row per
     block: ``(n, P, w)`` for per-token lists, ``(n, P)`` for per-token values."""
     from still.datasets import column_matrix
