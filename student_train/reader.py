@@ -152,21 +152,19 @@ def _dataset_units(spec: Any) -> tuple[Unit, ...]:
 
 
 def _block_units(blocks: Any) -> tuple[Unit, ...]:
-    units = []
-    for index, path in enumerate(blocks.files):
-        pfile = pq.ParquetFile(path)
-        start = 0
-        for group in range(pfile.metadata.num_row_groups):
-            split = pfile.read_row_group(group, columns=["split"])["split"].to_numpy()
-            counts = np.bincount(split, minlength=3)[:3]
-            units.append(Unit(index, (group,), start, len(split), tuple(int(c) for c in counts)))
-            start += len(split)
-    return tuple(units)
+    from still.storage import resolve
+
+    return _row_group_units([resolve(path) for path in blocks.files])
 
 
 def _lm_store_units(store: Any) -> tuple[Unit, ...]:
+    return _row_group_units(store.shard_paths)
+
+
+def _row_group_units(locations: Sequence[Any]) -> tuple[Unit, ...]:
+    """One unit per row group of files with a ``split`` column (token blocks, language-model stores)."""
     units = []
-    for index, location in enumerate(store.shard_paths):
+    for index, location in enumerate(locations):
         with location.fs.open(location.path, "rb") as handle:
             pfile = pq.ParquetFile(handle)
             start = 0

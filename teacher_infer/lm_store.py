@@ -389,25 +389,3 @@ def verify_lm_store(uri: str) -> dict[str, Any]:
     if rows != store.num_rows:
         problems.append(f"{rows} blocks in the shards, the manifest says {store.num_rows}")
     return {"ok": not problems, "problems": problems, "rows": rows, "shards": len(store.manifest["shards"])}
-
-
-def cli_lm_store(action: str, uri: str) -> dict[str, Any]:
-    """``still store inspect|verify URI`` for a language-model store (``teacher_infer.store.cli_store``)."""
-    import sys
-
-    from teacher_infer.store import format_fidelity
-
-    if action == "inspect":
-        summary = inspect_lm_store(uri)
-        print(format_fidelity(summary["fidelity"], summary["fidelity_positions"]).replace(" rows ", " positions "),
-              flush=True)
-        return summary
-    if action == "verify":
-        result = verify_lm_store(uri)
-        if not result["ok"]:
-            for problem in result["problems"]:
-                print(f"still: problem: {uri}: {problem}", file=sys.stderr)
-            result["_exit_code"] = 1
-        result["store"] = uri
-        return result
-    raise StillError(f"unknown store action {action!r}; expected inspect or verify")

@@ -887,14 +887,18 @@ def cli_store(action: str, uri: str) -> dict[str, Any]:
     from teacher_infer import lm_store
 
     manifest = lm_store.read_manifest(uri) if resolve(uri).exists() else None
-    if manifest is not None and lm_store.is_lm_manifest(manifest):
-        return lm_store.cli_lm_store(action, uri)
+    language_model = manifest is not None and lm_store.is_lm_manifest(manifest)
     if action == "inspect":
+        if language_model:
+            summary = lm_store.inspect_lm_store(uri)
+            print(format_fidelity(summary["fidelity"], summary["fidelity_positions"]).replace(" rows ", " positions "),
+                  flush=True)
+            return summary
         summary = inspect_store(uri)
         print(format_fidelity(summary["fidelity"], summary["fidelity_rows"]), flush=True)
         return summary
     if action == "verify":
-        result = verify_store(uri)
+        result = lm_store.verify_lm_store(uri) if language_model else verify_store(uri)
         if not result["ok"]:
             for problem in result["problems"]:
                 print(f"still: problem: {uri}: {problem}", file=sys.stderr)
