@@ -67,6 +67,15 @@ class KDConfig:
     """How the loss treats a top-k store's tail, whose total mass at T is known but whose
     shape is not: ``bucket`` is a KL over the k classes plus one tail bin; ``uniform``
     spreads the tail mass evenly over the tail classes (student_train.losses)."""
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"
+    """The soft term: ``forward`` KL(teacher ‖ student) (the convention); ``reverse``
+    KL(student ‖ teacher); ``jsd``, the generalised Jensen–Shannon divergence with
+    ``kd.jsd_beta``. ``reverse`` and ``jsd`` are over the bins the store knows exactly
+    (a top-k store's k classes plus its tail bin: ``kd.tail=bucket``), not for sampled
+    or multi-label stores (student_train.losses)."""
+    jsd_beta: float = 0.5
+    """β of ``kd.divergence=jsd``, in (0, 1): ``β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)``,
+    ``m = β·p + (1 − β)·q`` (TRL's GKD convention, whose β = 0 and 1 stand for the forward and reverse KL)."""
     hint_weight: float = 0.0
     """β: weight of the hint terms, each the mean squared error between a projected student
     layer and the stored teacher layer it is paired with (``kd.hints``); 0: no hints."""
@@ -256,6 +265,11 @@ class TrainConfig:
             (self.kd.temperature > 0, f"kd.temperature must be > 0, got {self.kd.temperature}"),
             (0.0 <= self.kd.weight <= 1.0, f"kd.weight must be in [0, 1], got {self.kd.weight}"),
             (self.kd.hint_weight >= 0, f"kd.hint_weight must be >= 0, got {self.kd.hint_weight}"),
+            (0.0 < self.kd.jsd_beta < 1.0, f"kd.jsd_beta must be in (0, 1), got {self.kd.jsd_beta}: β = 0 and 1 "
+             "are the forward and reverse KL, kd.divergence=forward|reverse"),
+            (self.kd.divergence == "forward" or self.kd.tail == "bucket",
+             f"kd.divergence={self.kd.divergence} is computed over a top-k store's k classes and one tail bin: "
+             "it takes kd.tail=bucket, not uniform"),
             (self.student.width > 0, f"student.width must be > 0, got {self.student.width}"),
             (self.student.depth >= 0, f"student.depth must be >= 0, got {self.student.depth}"),
             (0.0 <= self.student.dropout < 1.0, f"student.dropout must be in [0, 1), got {self.student.dropout}"),

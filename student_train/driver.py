@@ -220,6 +220,7 @@ def prepare_job(cfg: TrainConfig, run_name: str, options: JobOptions) -> Job:
     else:
         source = resolve_source(cfg.store.uri, cfg.data, verify=cfg.train.verify_store)
     check_temperature_on_grid(cfg.kd.temperature, cfg.kd.weight, source)
+    check_divergence(cfg.kd.divergence, cfg.kd.weight, source)
     _warn_far_from_sample_temperature(cfg, source)
     check_augment(cfg, source)
     if cfg.student.num_classes and cfg.student.num_classes != source.num_classes:
@@ -366,6 +367,23 @@ def check_temperature_on_grid(temperature: float, kd_weight: float, source: Sour
                 check_temperature(temperature, spec.temperatures, key)
             except StillError as exc:
                 raise StillError(f"{exc} (store {store.uri!r})") from None
+
+
+def check_divergence(divergence: str, kd_weight: float, source: Source, key: str = "kd.divergence") -> None:
+    """Refuses ``reverse`` and ``jsd`` on a store that has no exact bins for them (student_train.losses).
+
+    Raises:
+        StillError: Naming ``key`` and the sampled or multi-label store.
+    """
+    if divergence == "forward" or kd_weight == 0:
+        return
+    if source.task == "multilabel":
+        raise StillError(f"{key}={divergence}: multi-label stores take the forward (binary) KL only "
+                         f"(store {source.name!r})")
+    for store, spec in zip(source.stores, source.teachers):
+        if spec.mode == "sampled":
+            raise StillError(f"{key}={divergence} needs a top-k or dense store: the sampled store {store.uri!r} "
+                             "estimates the forward KL's gradient only")
 
 
 def _warn_far_from_sample_temperature(cfg: TrainConfig, source: Source) -> None:

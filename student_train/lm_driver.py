@@ -42,7 +42,7 @@ def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
     """
     from still.lm_models import special_token_ids
     from still.text.tokenizer import load_tokenizer
-    from student_train.driver import Job, choose_ingest
+    from student_train.driver import Job, check_divergence, check_temperature_on_grid, choose_ingest
 
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking))
@@ -58,6 +58,8 @@ def prepare_lm_job(cfg: TrainConfig, run_name: str, options: Any) -> Any:
                          "store (ensembles are for classifier stores)")
     if cfg.store.uri:
         source = resolve_lm_store_source(cfg.store.uri[0], cfg.data)
+        check_temperature_on_grid(cfg.kd.temperature, cfg.kd.weight, source)
+        check_divergence(cfg.kd.divergence, cfg.kd.weight, source)
         tokenizer = load_tokenizer(source.blocks.tokenizer_uri)
     else:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -148,7 +150,8 @@ def store_summary(source: Source, cfg: TrainConfig, last: Mapping[str, Any]) -> 
             "bytes_per_token": m["bytes_per_token"], "teacher_uri": m["teacher"]["uri"],
             "teacher_val_ce": teacher_val.get("ce"), "teacher_val_ppl": teacher_val.get("ppl"),
             "teacher_val_accuracy": teacher_val.get("accuracy"), "val_agreement": last.get("val_agreement"),
-            "kd_temperature": cfg.kd.temperature, "kd_weight": cfg.kd.weight, "kd_tail": cfg.kd.tail}
+            "kd_temperature": cfg.kd.temperature, "kd_weight": cfg.kd.weight, "kd_tail": cfg.kd.tail,
+            "kd_divergence": cfg.kd.divergence}
 
 
 def lm_tags(source: Source, cfg: TrainConfig) -> dict[str, str]:

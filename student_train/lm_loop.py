@@ -75,7 +75,8 @@ def token_target(batch: Mapping[str, torch.Tensor], spec: Any, temperature: floa
 
 def distill_step_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], spec: Any, cfg: TrainConfig
                       ) -> dict[str, torch.Tensor | None]:
-    """``(1 − λ)·CE + λ·T²·KL`` over every position of the blocks (``student_train.losses.kd_loss``).
+    """``(1 − λ)·CE + λ·T²·D`` over every position of the blocks (``student_train.losses.kd_loss``;
+    D the forward KL, or ``kd.divergence``).
 
     Returns:
         ``{"loss", "ce", "kl"}`` (``kl`` None at λ = 0, where the teacher is not read).
@@ -84,7 +85,7 @@ def distill_step_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], s
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     kd = cfg.kd
     target = [token_target(batch, spec, kd.temperature)] if kd.weight > 0 else None
-    return kd_loss(flat, target, x[:, 1:].reshape(-1), kd.temperature, kd.weight, kd.tail)
+    return kd_loss(flat, target, x[:, 1:].reshape(-1), kd.temperature, kd.weight, kd.tail, kd.divergence, kd.jsd_beta)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

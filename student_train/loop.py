@@ -370,7 +370,7 @@ def train_epoch(spec: LoopSpec, placed: Model, feed: Feed, targets: Targets, aug
         batch = {**batch, "x": x}  # an online teacher sees the augmented input too
         logits, projected = placed.model(x)
         teacher = targets(batch) if targets.present and lam > 0 else None  # λ = 0: no teacher term at all
-        terms = loss_fn(logits, teacher, y, T, lam, cfg.kd.tail)
+        terms = loss_fn(logits, teacher, y, T, lam, cfg.kd.tail, cfg.kd.divergence, cfg.kd.jsd_beta)
         hints = hint_terms(pairs, projected, batch, hint_key)
         hint = torch.stack(hints).sum() if hints else zero
         loss = terms["loss"] + beta * hint if hints else terms["loss"]

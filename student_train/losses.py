@@ -46,6 +46,17 @@ No teacher-side tensor receives a gradient, and at λ = 0 no KL is computed at a
 
 Ensembles of stores average the members' probabilities at T (the mixture is rebuilt
 densely on the device). Rows whose label is missing (< 0) are left out of the hard term.
+
+The soft term's divergence (``kd.divergence``) is the forward KL above by default, the
+documented convention. ``reverse`` (``KL(q ‖ p)``, mode-seeking) and ``jsd`` (the
+generalised Jensen–Shannon divergence of Agarwal et al., 2024, "On-Policy Distillation
+of Language Models", arXiv:2306.13649, as TRL's GKD and DistillKit compute it:
+``β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)`` with ``m = β·p + (1 − β)·q``) are computed over the
+bins the target knows exactly: every class of a dense target, the k classes plus one
+tail bin of a top-k target (the ``bucket`` view: p's tail bin is its exact tail mass,
+q's the student's). They take the same T² factor. A sampled target has no such
+bins (its estimate is unbiased for the forward KL's gradient only), so it takes the
+forward KL alone; multi-label targets too.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ import torch.nn.functional as F
 from teacher_infer.targets import DenseTarget, SampledAtT, SampledTarget, TeacherTarget, TopKAtT, TopKTarget
 
 TAILS = ("uniform", "bucket")
+DIVERGENCES = ("forward", "reverse", "jsd")
 Teacher = torch.Tensor | TeacherTarget | Sequence[TeacherTarget] | None
 
 
@@ -69,6 +81,8 @@ def kd_loss(
     temperature: float,
     kd_weight: float,
     tail: str = "bucket",
+    divergence: str = "forward",
+    jsd_beta: float = 0.5,
 ) -> dict[str, torch.Tensor | None]:
     """Hinton et al. (2015) distillation loss for single-label classification.
 
@@ -84,16 +98,22 @@ def kd_loss(
         temperature: T > 0.
         kd_weight: λ in [0, 1].
         tail: ``uniform`` or ``bucket``: the KL of a top-k target (module docstring).
+        divergence: ``forward`` (the KL above), ``reverse`` or ``jsd`` (module docstring).
+        jsd_beta: β of ``jsd``, in (0, 1).
 
     Returns:
         ``{"loss", "ce", "kl"}``: the total and the two unweighted terms (``kl`` is
-        the plain KL at temperature T, before the T² factor; None when not computed:
-        no teacher, or λ = 0).
+        the soft term's divergence at temperature T, before the T² factor: the plain
+        KL unless ``divergence`` says otherwise; None when not computed: no teacher,
+        or λ = 0).
     """
     ce = masked_cross_entropy(student_logits, labels)
     if teacher is None or kd_weight == 0.0:
         return {"loss": ce, "ce": ce, "kl": None}
-    kl = soft_kl(student_logits, teacher, temperature, tail)
+    if divergence == "forward":
+        kl = soft_kl(student_logits, teacher, temperature, tail)
+    else:
+        kl = binned_divergence(student_logits, teacher, temperature, divergence, jsd_beta)
     loss = (1.0 - kd_weight) * ce + kd_weight * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
 
@@ -127,6 +147,72 @@ def soft_kl(student_logits: torch.Tensor, teacher: Teacher, temperature: float, 
     with torch.no_grad():
         log_p = teacher.dense_log_probs(temperature)
     return _DenseKL.apply(student_logits, log_p, temperature)
+
+
+def binned_divergence(student_logits: torch.Tensor, teacher: Teacher, temperature: float, divergence: str,
+                      jsd_beta: float = 0.5) -> torch.Tensor:
+    """The reverse KL or generalised JSD at T over the bins a target knows exactly, mean over the batch.
+
+    Bins: every class of a dense target (and of an ensemble's mixture), the k classes
+    plus one tail bin of a top-k target. With p the teacher's and q the student's
+    probabilities over those bins: ``reverse`` is ``Σ q(log q − log p)``; ``jsd`` is
+    ``β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)`` with ``m = β·p + (1 − β)·q``.
+
+    Args:
+        student_logits: ``(n, C)``.
+        teacher: As for :func:`kd_loss` (not None; not a sampled target).
+        temperature: T > 0.
+        divergence: ``reverse`` or ``jsd``.
+        jsd_beta: β of ``jsd``, in (0, 1).
+
+    Raises:
+        ValueError: An unknown divergence, β outside (0, 1), or a sampled target.
+    """
+    if divergence not in ("reverse", "jsd"):
+        raise ValueError(f"kd.divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"kd.jsd_beta must be in (0, 1), got {jsd_beta}")
+    log_p, log_q = _bins(student_logits, teacher, temperature)
+    if divergence == "reverse":
+        return _kl_rows(log_q, log_p).mean()
+    log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
+    return (jsd_beta * _kl_rows(log_p, log_m) + (1.0 - jsd_beta) * _kl_rows(log_q, log_m)).mean()
+
+
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``Σ a(log a − log b)`` per row, 0 where a is."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(dim=1)
+
+
+def _bins(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's (constant) and the student's (differentiable) log-probabilities over a target's exact bins."""
+    if isinstance(teacher, (list, tuple)):
+        if len(teacher) > 1:
+            log_p = _mixture_log_probs(teacher, temperature)
+            return log_p, torch.log_softmax(_promoted(student_logits) / temperature, dim=1)
+        teacher = teacher[0]
+    if isinstance(teacher, torch.Tensor):
+        teacher = DenseTarget(teacher)
+    if isinstance(teacher, (TopKTarget, SampledTarget)):
+        teacher = teacher.at(temperature)
+    if isinstance(teacher, SampledAtT):
+        raise ValueError("a sampled store's estimate is unbiased for the forward KL's gradient only: "
+                         "kd.divergence=reverse|jsd needs a top-k or dense store")
+    if isinstance(teacher, TopKAtT):
+        _same_temperature(teacher.temperature, temperature)
+        log_q = _TopKBins.apply(student_logits, teacher.idx, temperature)
+        log_p = teacher.log_p.to(log_q.dtype)
+        if teacher.tail_classes:
+            log_p = torch.cat([log_p, teacher.log_tail.to(log_q.dtype)[:, None]], dim=1)
+        return log_p, log_q
+    with torch.no_grad():
+        log_p = teacher.dense_log_probs(temperature).float()
+    return log_p, torch.log_softmax(_promoted(student_logits) / temperature, dim=1)
+
+
+def _promoted(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _same_temperature(bound: float, asked: float) -> None:
@@ -195,6 +281,49 @@ class _TopKKL(torch.autograd.Function):
         return out.to(ctx.dtype), None, None, None, None, None
 
 
+class _TopKBins(torch.autograd.Function):
+    """The student's log-probabilities at T over a top-k target's bins: its k classes, then
+    (when there are other classes) their total, ``(n, k + 1)``; the tail summed from its own
+    maximum, as in :class:`_TopKKL`.
+
+    The gradient of ``log q_b`` is ``[c ∈ b]·π(c | b) − q_c`` (π the student's distribution
+    within bin b), so an upstream ``g`` gives ``g_i − q_i·Σg`` on a top class and
+    ``r_c·(g_tail − q_tail·Σg)`` on a tail class (r the student's tail distribution), all over T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, idx, temperature):  # noqa: D102
+        z = _scaled(logits, temperature)
+        z_top = z.gather(1, idx)
+        r = None
+        if idx.shape[1] == z.shape[1]:
+            log_q = z_top - torch.logsumexp(z_top, dim=1, keepdim=True)
+        else:
+            masked = z.scatter(1, idx, -math.inf)
+            peak = masked.amax(dim=1, keepdim=True)
+            r = masked.sub_(peak).exp_()
+            total = r.sum(dim=1, keepdim=True)
+            r.div_(total)
+            log_q = torch.cat([z_top, peak + total.log()], dim=1)
+            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+        ctx.save_for_backward(idx, log_q, r)
+        ctx.temperature, ctx.dtype, ctx.shape = temperature, logits.dtype, z.shape
+        return log_q
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        idx, log_q, r = ctx.saved_tensors
+        q = log_q.exp()
+        local = grad - q * grad.sum(dim=1, keepdim=True)
+        k = idx.shape[1]
+        if r is None:
+            out = torch.zeros(ctx.shape, dtype=q.dtype, device=q.device)
+        else:
+            out = r * local[:, k:]
+        out.scatter_(1, idx, local[:, :k])
+        return (out / ctx.temperature).to(ctx.dtype), None, None
+
+
 class _SampledKL(torch.autograd.Function):
     """KL of a sampled target's Horvitz–Thompson estimate at T (its gradient unbiased on the grid)."""
 
@@ -251,6 +380,8 @@ def multilabel_kd_loss(
     temperature: float,
     kd_weight: float,
     tail: str = "bucket",
+    divergence: str = "forward",
+    jsd_beta: float = 0.5,
 ) -> dict[str, torch.Tensor | None]:
     """Distillation for multi-label tasks: per-class sigmoid targets, BCE at temperature T.
 
@@ -268,10 +399,14 @@ def multilabel_kd_loss(
         temperature: T > 0.
         kd_weight: λ in [0, 1].
         tail: Unused (multi-label stores are dense); the same signature as :func:`kd_loss`.
+        divergence: ``forward`` only (the binary KL).
+        jsd_beta: Unused.
 
     Returns:
         ``{"loss", "ce", "kl"}`` as for :func:`kd_loss`.
     """
+    if divergence != "forward":
+        raise ValueError(f"multi-label distillation takes the forward (binary) KL only, not kd.divergence={divergence}")
     labels = labels.to(student_logits.dtype)
     labelled = (labels >= 0).all(dim=1)
     per_row = F.binary_cross_entropy_with_logits(student_logits, labels.clamp_min(0), reduction="none").mean(dim=1)

@@ -174,11 +174,16 @@ def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
     sweep = _json(still_cli(["tune", f"store.uri={lm['topk']['store']}", f"data.source={lm['text']}", *SEQ,
                              *[a for a in STUDENT if not a.startswith("scaling")], "train.epochs=1",
                              "tune.searcher=grid", "tune.num_samples=1", "tune.metric=val_ce", "tune.name=lm-sweep",
-                             "space.temperature=[1,2]", "space.weight=[0.5]", "space.width=[32]", "--json"],
+                             "space.temperature=[2]", "space.weight=[0.5]", "space.width=[32]",
+                             "space.divergence=[forward, jsd]", "kd.jsd_beta=0.3", "tune.retrain_best=true", "--json"],
                             tmp_path, timeout=600, env=lm["env"]))
     assert [row["status"] for row in sweep["trials"]] == ["completed", "completed"]
+    assert [row["divergence"] for row in sweep["trials"]] == ["forward", "jsd"]
     assert all(row["val_ce"] < uniform for row in sweep["trials"]) and sweep["best"]["metrics"]["val_ce"] > 0
     assert Path(sweep["plot"]).is_file()
+    retrained = sweep["retrained"]  # the best trial's config, on train + val blocks
+    assert retrained["kd_divergence"] == sweep["best"]["config"]["kd.divergence"]
+    assert retrained["val_ce"] < uniform and (Path(retrained["output_dir"]) / "model" / "config.json").is_file()
 
 
 @pytest.mark.timeout(900)
@@ -226,6 +231,9 @@ def test_bad_input_is_refused_by_name_before_anything_is_written(lm, tmp_path):
     first.write_text(first.read_text() + " And a verse that was never there.")
     train_changed = ["train", f"store.uri={store}", f"data.source={changed}", *SEQ, *STUDENT, "train.epochs=1"]
     assert "the corpus changed" in error(still_cli(train_changed, tmp_path, env=lm["env"]))
+    assert "kd.divergence=reverse needs a top-k or dense store: the sampled store" in error(still_cli(
+        ["train", f"store.uri={lm['sampled']['store']}", f"data.source={lm['text']}", *SEQ, *STUDENT,
+         "train.epochs=1", "kd.divergence=reverse"], tmp_path, env=lm["env"]))
     assert "is a language-model store" in error(still_cli(
         ["train", f"store.uri={store}", "student.family=mlp", "train.epochs=1"], tmp_path, env=lm["env"]))
 

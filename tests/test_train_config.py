@@ -63,11 +63,15 @@ def test_per_worker_resources_and_placement():
                                         "scaling.use_gpu), got 1.5: a worker trains on one device"),
         ("scaling.resources_per_worker={GPU: 0.5}", "scaling.resources_per_worker.GPU: set scaling.gpus_per_worker"),
         ("train.shuffle_buffer=-1", "train.shuffle_buffer must be >= 0, got -1"),
+        ("kd.divergence=backward", "kd.divergence must be one of"),
+        ("kd.jsd_beta=1", "kd.jsd_beta must be in (0, 1), got 1"),
+        (("kd.divergence=reverse", "kd.tail=uniform"), "kd.divergence=reverse is computed over a top-k store's k classes "
+                                                  "and one tail bin: it takes kd.tail=bucket"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(StillError, match=None) as info:
-        load_config(TrainConfig, None, [override])
+        load_config(TrainConfig, None, list(override) if isinstance(override, tuple) else [override])
     assert message in str(info.value)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student_train.losses import hint_loss, kd_loss, multilabel_kd_loss, soft_kl
+from student_train.losses import binned_divergence, hint_loss, kd_loss, multilabel_kd_loss, soft_kl
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "losses" / "kd_golden.json").read_text())
 CASES = GOLDEN["cases"]
@@ -141,6 +141,83 @@ def test_fused_kl_matches_autograd_of_its_formula(mode, tail, temperature):
     reference.backward()
     assert kl.item() == pytest.approx(reference.item(), rel=1e-9)
     torch.testing.assert_close(s.grad, s2.grad, rtol=1e-7, atol=1e-12)
+
+
+def _confident_teacher(n: int, classes: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = 1.5 * torch.randn(n, classes, generator=g, dtype=torch.float64)
+    t[torch.arange(n), torch.randint(0, classes, (n,), generator=g)] += 8 + 8 * torch.rand(n, generator=g, dtype=torch.float64)
+    return t
+
+
+@pytest.mark.parametrize("mode", ["dense", "topk"])
+@pytest.mark.parametrize("divergence,beta", [("reverse", 0.5), ("jsd", 0.5), ("jsd", 0.1)])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_reverse_kl_and_jsd_match_the_teachers_full_softmax_over_bins(mode, divergence, beta, temperature):
+    """Value and gradient of ``kd.divergence=reverse|jsd`` against a written-out derivation from the teacher's
+    full logits (not the store's columns): the k classes the teacher ranks highest plus one tail bin (all
+    classes for a dense target), a confident teacher, 300 classes, k = 12, T ≠ 1, unlabelled rows."""
+    n, classes, k = 24, 300, 12
+    t = _confident_teacher(n, classes, seed=7)
+    g = torch.Generator().manual_seed(8)
+    s = (2 * torch.randn(n, classes, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, classes, (n,), generator=g)
+    y[::5] = -1
+    teacher = t if mode == "dense" else _store_target(t, "topk", temperature, k=k)
+    out = kd_loss(s, teacher, y, temperature, 0.6, divergence=divergence, jsd_beta=beta)
+    out["loss"].backward()
+
+    s2 = s.detach().clone().requires_grad_()
+    log_p, log_q = torch.log_softmax(t / temperature, 1), torch.log_softmax(s2 / temperature, 1)
+    if mode == "topk":
+        top = t.topk(k, dim=1).indices
+        def binned(log_probs):
+            return torch.cat([log_probs.gather(1, top),
+                              torch.logsumexp(log_probs.scatter(1, top, -math.inf), 1, keepdim=True)], 1)
+        log_p, log_q = binned(log_p), binned(log_q)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "reverse":
+        d = (q * (log_q - log_p)).sum(1).mean()
+    else:
+        m = beta * p + (1 - beta) * q
+        d = (beta * (p * (log_p - m.log())).sum(1) + (1 - beta) * (q * (log_q - m.log())).sum(1)).mean()
+    labelled = y >= 0
+    ce = F.cross_entropy(s2[labelled], y[labelled])
+    reference = 0.4 * ce + 0.6 * temperature**2 * d
+    reference.backward()
+    assert out["kl"].item() == pytest.approx(d.item(), rel=1e-5)  # the store keeps float32 values
+    assert out["loss"].item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_jsd_approaches_the_forward_and_reverse_kl_at_its_ends():
+    """β·KL(p ‖ m) + (1 − β)·KL(q ‖ m) ≈ β·KL(p ‖ q) as β → 0 and (1 − β)·KL(q ‖ p) as β → 1."""
+    t = _confident_teacher(8, 100, seed=9)
+    s = torch.randn(8, 100, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    target = _store_target(t, "topk", 2.0, k=10)
+    forward = soft_kl(s, target, 2.0, "bucket").item()
+    reverse = binned_divergence(s, target, 2.0, "reverse").item()
+    assert forward != pytest.approx(reverse, rel=0.05)
+    assert binned_divergence(s, target, 2.0, "jsd", 1e-6).item() / 1e-6 == pytest.approx(forward, rel=1e-3)
+    assert binned_divergence(s, target, 2.0, "jsd", 1 - 1e-6).item() / 1e-6 == pytest.approx(reverse, rel=1e-3)
+
+
+def test_reverse_kl_and_jsd_refuse_a_sampled_target():
+    target = _store_target(_confident_teacher(4, 50, seed=11), "sampled", 1.0)
+    with pytest.raises(ValueError, match="sampled store's estimate is unbiased for the forward KL's gradient only"):
+        kd_loss(torch.zeros(4, 50), target, torch.zeros(4, dtype=torch.long), 1.0, 0.5, divergence="reverse")
+
+
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_a_confident_student_gets_a_finite_reverse_kl_and_jsd(divergence):
+    target = _store_target(4 * torch.randn(4, 50, generator=torch.Generator().manual_seed(6), dtype=torch.float64),
+                           "topk", 1.0)
+    s = torch.zeros(4, 50)
+    s[:, 0] = 300.0
+    s.requires_grad_()
+    out = kd_loss(s, target, torch.tensor([0, 1, -1, 3]), 1.0, 0.9, divergence=divergence)
+    out["loss"].backward()
+    assert math.isfinite(out["loss"].item()) and torch.isfinite(s.grad).all()
 
 
 def test_a_confident_student_gets_a_finite_loss_and_gradient():

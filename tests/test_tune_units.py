@@ -93,6 +93,9 @@ def test_store_is_required():
         ("space.temperature=hot", "space.temperature must be a list of values or a range"),
         ("space.hint_weight=[0, -0.1]", "space.hint_weight values must be >= 0, got -0.1"),
         ("space.depth=[2, 1.5]", "space.depth values must be a whole number >= 1, got 1.5"),
+        ("space.divergence=[forward, backward]", "space.divergence: 'backward' is not one of forward, reverse, jsd"),
+        ("space.divergence={low: 0, high: 1}", "space.divergence must be a list of names"),
+        ("space.divergence=[jsd, jsd]", "space.divergence lists a value twice"),
     ],
 )
 def test_bad_space(override, message):
@@ -128,6 +131,9 @@ def test_space_resolution_and_tune_objects():
     assert sp.num_trials(dims, "optuna", 7) == 7
     hinted = sp.resolve_space(_cfg("space.hint_weight=[0, 0.1]").space, "grid", "mlp")
     assert hinted["hint_weight"].values == (0.0, 0.1) and sp.CONFIG_KEYS["hint_weight"] == "kd.hint_weight"
+    divergences = sp.resolve_space(_cfg("space.divergence=[forward, jsd]").space, "grid", "mlp")["divergence"]
+    assert divergences.values == ("forward", "jsd") and divergences.describe() == "[forward, jsd]"
+    assert sp.param_space({"divergence": divergences}, "grid")["divergence"] == tune.grid_search(["forward", "jsd"])
 
 
 def test_searchers_build():
@@ -274,7 +280,9 @@ def test_trial_train_config(tmp_path):
     cfg = _cfg("kd.temperature=3")
     spec = TrialSpec(base=to_dict(cfg.base_train_config()), sweep_name="s", parent_run_id="p",
                      trial_mode="in_process", models_dir=str(tmp_path))
-    trial = trial_train_config(spec, {"temperature": 7.0, "weight": 0.3, "width": 48}, "trial-0002")
+    trial = trial_train_config(spec, {"temperature": 7.0, "weight": 0.3, "width": 48, "divergence": "jsd"},
+                               "trial-0002")
     assert (trial.kd.temperature, trial.kd.weight, trial.student.width) == (7.0, 0.3, 48)
+    assert trial.kd.divergence == "jsd"
     assert trial.train.name == "s-trial-0002" and trial.scaling.num_workers == (0,)
     assert trial.train.output_dir == str(tmp_path / "trial-0002")

@@ -130,6 +130,8 @@ class SpaceSection:
     """kd.hint_weight (β of the hint terms, with kd.hints; 0 turns them off); default: not swept."""
     depth: Any = None
     """student.depth (layers); default: not swept. Integer values."""
+    divergence: Any = None
+    """kd.divergence: a list of ``forward``, ``reverse``, ``jsd``; default: not swept."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,6 +113,7 @@ def plan_sweep(config: TuneConfig) -> SweepPlan:
         source = resolve_source(config.store.uri, config.data, verify=config.train.verify_store)
         source = keep_hinted_layers(source, config.kd.hints)  # the trials share what they read
     _check_temperatures(config, dims, source)
+    _check_divergences(config, dims, source)
     input_shape, num_classes = tuple(source.input_shape), source.num_classes
     if config.store.uri:
         store_uri, store_key = config.store.uri[0], ",".join(m["key"] for m in source.manifests)
@@ -255,6 +256,22 @@ def _check_temperatures(config: TuneConfig, swept: Mapping[str, Dimension], sour
     weight = swept.get("weight")
     heaviest = (max(weight.values) if weight.values is not None else weight.high) if weight else config.kd.weight
     check_temperature_on_grid(lowest, heaviest, source, "space.temperature" if temperature else "kd.temperature")
+
+
+def _check_divergences(config: TuneConfig, swept: Mapping[str, Dimension], source: Any) -> None:
+    """Refuses swept divergences the store or ``kd.tail`` cannot take (before any trial)."""
+    from student_train.driver import check_divergence
+
+    divergence = swept.get("divergence")
+    if divergence is None:
+        return
+    weight = swept.get("weight")
+    heaviest = (max(weight.values) if weight.values is not None else weight.high) if weight else config.kd.weight
+    for name in divergence.values:
+        if name != "forward" and config.kd.tail != "bucket":
+            raise StillError(f"space.divergence={name} is computed over a top-k store's k classes and one tail bin: "
+                             "it takes kd.tail=bucket, not uniform")
+        check_divergence(name, heaviest, source, "space.divergence")
 
 
 def trial_base(config: TuneConfig, plan: SweepPlan, parent: "ParentRun") -> dict[str, Any]:
@@ -430,6 +447,7 @@ def collect_rows(config: TuneConfig, plan: SweepPlan) -> tuple[list[dict[str, An
             "lr": params.get("lr"),
             "hint_weight": params.get("hint_weight"),
             "depth": params.get("depth"),
+            "divergence": params.get("divergence"),
             "params": int(last.get("student_params") or _student_params(config, plan, params, size_cache)),
             "val_ce": _num(last.get("val_ce")),
             "val_agreement": _num(last.get("val_agreement")),

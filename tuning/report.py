@@ -24,6 +24,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("lr", "lr", "{:.2g}"),
     ("hint_weight", "β", "{:.3g}"),
     ("depth", "depth", "{}"),
+    ("divergence", "divergence", "{}"),
     ("params", "params", "{:,}"),
     ("val_ce", "val CE", "{:.4f}"),
     ("val_agreement", "agree", "{:.4f}"),

@@ -11,8 +11,10 @@ the grid searcher) and returns plain :class:`Dimension` records; ``param_space``
 | ``random`` | ``tune.choice`` | ``tune.uniform`` / ``tune.randint`` | ``loguniform`` / ``lograndint`` |
 | ``optuna`` | ``tune.choice`` | the same (OptunaSearch converts them to Optuna distributions) | the same |
 
-Trial config keys are the space names (``temperature``, ``weight``, ``width``, ``lr``, ``hint_weight``);
-:data:`CONFIG_KEYS` maps them to the dotted TrainConfig keys.
+Trial config keys are the space names (``temperature``, ``weight``, ``width``, ``lr``, ``hint_weight``,
+``depth``, ``divergence``); :data:`CONFIG_KEYS` maps them to the dotted TrainConfig keys.
+``divergence`` is the one categorical key: a list of names from
+``student_train.losses.DIVERGENCES``, never a range.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ CONFIG_KEYS: dict[str, str] = {
     "lr": "train.lr",
     "hint_weight": "kd.hint_weight",
     "depth": "student.depth",
+    "divergence": "kd.divergence",
 }
 
 _DEFAULTS: dict[str, Any] = {
@@ -59,8 +62,8 @@ class Dimension:
     """One swept key, checked.
 
     Attributes:
-        key: ``temperature``, ``weight``, ``width``, ``lr`` or ``hint_weight``.
-        values: The list of values, or None for a range.
+        key: A key of :data:`CONFIG_KEYS`.
+        values: The list of values (names for ``divergence``), or None for a range.
         low: Range lower bound (inclusive).
         high: Range upper bound (inclusive for integers, exclusive-ish for floats).
         log: Sample the range log-uniformly.
@@ -77,7 +80,7 @@ class Dimension:
     def describe(self) -> str:
         """A short human description, e.g. ``[1, 2, 4]`` or ``log[1, 20]``."""
         if self.values is not None:
-            return "[" + ", ".join(f"{v:g}" for v in self.values) + "]"
+            return "[" + ", ".join(v if isinstance(v, str) else f"{v:g}" for v in self.values) + "]"
         kind = ("int" if self.integer else "") + ("log" if self.log else "")
         return f"{kind}[{self.low:g}, {self.high:g}]"
 
@@ -88,8 +91,24 @@ def _number(key: str, value: Any) -> float:
     return value
 
 
+def _divergences(raw: Any) -> Dimension:
+    from student_train.losses import DIVERGENCES
+
+    names = (raw,) if isinstance(raw, str) else raw
+    if not isinstance(names, (list, tuple)) or not names:
+        raise StillError(f"space.divergence must be a list of names from {', '.join(DIVERGENCES)}, got {raw!r}")
+    bad = [name for name in names if name not in DIVERGENCES]
+    if bad:
+        raise StillError(f"space.divergence: {bad[0]!r} is not one of {', '.join(DIVERGENCES)}")
+    if len(set(names)) != len(names):
+        raise StillError(f"space.divergence lists a value twice: {list(names)}")
+    return Dimension("divergence", values=tuple(names))
+
+
 def _dimension(key: str, raw: Any, searcher: str) -> Dimension:
     where = f"space.{key}"
+    if key == "divergence":
+        return _divergences(raw)
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         raw = (raw,)
     if isinstance(raw, (list, tuple)):
