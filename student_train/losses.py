@@ -206,12 +206,14 @@ def _bins(student_logits: torch.Tensor, teacher: Teacher, temperature: float) ->
         if teacher.tail_classes:
             log_p = torch.cat([log_p, teacher.log_tail.to(log_q.dtype)[:, None]], dim=1)
         return log_p, log_q
+    log_q = torch.log_softmax(_promoted(student_logits) / temperature, dim=1)
     with torch.no_grad():
-        log_p = teacher.dense_log_probs(temperature).float()
-    return log_p, torch.log_softmax(_promoted(student_logits) / temperature, dim=1)
+        log_p = teacher.dense_log_probs(temperature).to(log_q.dtype)
+    return log_p, log_q
 
 
 def _promoted(logits: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits of autocast are promoted)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -369,7 +371,7 @@ class _DenseKL(torch.autograd.Function):
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``s / T`` in at least float32 (bf16/fp16 logits of autocast are promoted), detached."""
-    z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+    z = _promoted(logits.detach())
     return z / temperature if temperature != 1.0 else z
 
 

@@ -116,12 +116,17 @@ def token_columns(logits: torch.Tensor, spec: SoftLabelSpec, generator: torch.Ge
         k = spec.k
         top_z, idx = torch.topk(z, min(k + 1, z.shape[1]), dim=1)
         peak = top_z[:, :1]
-        lse = peak + _log_sums(z, peak, [1.0], scratch)[:, :1]
         if top_z.shape[1] > k:
             tail_peak = top_z[:, k:k + 1]  # the largest logit outside the top-k
-            tail_lognorm = _log_sums(z, tail_peak, [1.0 / t for t in spec.temperatures], scratch,
-                                     exclude=idx[:, :k]) + (tail_peak - lse) * _betas(spec, z)
+            grid = len(spec.temperatures)
+            tail_sums = _log_sums(z, tail_peak, [1.0 / t for t in spec.temperatures] + [1.0], scratch,
+                                  exclude=idx[:, :k])
+            # the log-normaliser from the top-k and the tail's sum at β = 1: no pass over the vocabulary of its own
+            lse = peak + torch.logsumexp(torch.cat([top_z[:, :k] - peak, tail_peak - peak + tail_sums[:, grid:]], 1),
+                                         dim=1, keepdim=True)
+            tail_lognorm = tail_sums[:, :grid] + (tail_peak - lse) * _betas(spec, z)
         else:  # k = V: nothing outside the top-k
+            lse = peak + _log_sums(z, peak, [1.0], scratch)[:, :1]
             tail_lognorm = torch.full((len(z), len(spec.temperatures)), -torch.inf, device=z.device)
         columns = {"topk_idx": idx[:, :k].cpu().numpy().astype(ids),
                    "topk_logit": (top_z[:, :k] - lse).cpu().numpy().astype(spec.dtype),
