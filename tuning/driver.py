@@ -253,9 +253,14 @@ def _check_temperatures(config: TuneConfig, swept: Mapping[str, Dimension], sour
     temperature = swept.get("temperature")
     lowest = (min(temperature.values) if temperature.values is not None else temperature.low) if temperature \
         else config.kd.temperature
+    check_temperature_on_grid(lowest, _heaviest_weight(config, swept), source,
+                              "space.temperature" if temperature else "kd.temperature")
+
+
+def _heaviest_weight(config: TuneConfig, swept: Mapping[str, Dimension]) -> float:
+    """The largest λ any trial takes (0 means no trial reads the teacher)."""
     weight = swept.get("weight")
-    heaviest = (max(weight.values) if weight.values is not None else weight.high) if weight else config.kd.weight
-    check_temperature_on_grid(lowest, heaviest, source, "space.temperature" if temperature else "kd.temperature")
+    return (max(weight.values) if weight.values is not None else weight.high) if weight else config.kd.weight
 
 
 def _check_divergences(config: TuneConfig, swept: Mapping[str, Dimension], source: Any) -> None:
@@ -265,8 +270,7 @@ def _check_divergences(config: TuneConfig, swept: Mapping[str, Dimension], sourc
     divergence = swept.get("divergence")
     if divergence is None:
         return
-    weight = swept.get("weight")
-    heaviest = (max(weight.values) if weight.values is not None else weight.high) if weight else config.kd.weight
+    heaviest = _heaviest_weight(config, swept)
     for name in divergence.values:
         if name != "forward" and config.kd.tail != "bucket":
             raise StillError(f"space.divergence={name} is computed over a top-k store's k classes and one tail bin: "
