@@ -158,9 +158,10 @@ def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
 
     distilled = train(lm["topk"], "kd", "kd.temperature=2", "kd.weight=0.9")
     ce_only = train(lm["topk"], "ce", "kd.weight=0")
-    # two Ray Train workers: equal steps on both ranks (no hang under the timeout), gradients all-reduced
+    # two Ray Train workers: equal steps on both ranks (no hang under the timeout), gradients all-reduced;
+    # train.batch_size is the global batch, so the run takes the steps of one worker
     sampled = train(lm["sampled"], "sampled", "kd.temperature=2", "kd.weight=0.9", "scaling.num_workers=2")
-    assert sampled["history"][-1]["world_size"] == 2 and sampled["steps"] < distilled["steps"]
+    assert sampled["history"][-1]["world_size"] == 2 and sampled["steps"] == distilled["steps"]
     for out in (distilled, sampled):
         kl = [h["train_kl"] for h in out["history"]]
         assert kl[-1] < kl[0]  # the student moves toward the teacher
