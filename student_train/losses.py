@@ -129,24 +129,31 @@ def soft_kl(student_logits: torch.Tensor, teacher: Teacher, temperature: float, 
     """
     if tail not in TAILS:
         raise ValueError(f"kd.tail must be one of {', '.join(TAILS)}; got {tail!r}")
+    target = _target_at(teacher, temperature)
+    if isinstance(target, TopKAtT):
+        return _TopKKL.apply(student_logits, target.idx, target.log_p, target.log_tail, temperature,
+                             tail == "uniform")
+    if isinstance(target, SampledAtT):
+        return _SampledKL.apply(student_logits, target.idx, target.log_w, temperature)
+    return _DenseKL.apply(student_logits, target, temperature)
+
+
+def _target_at(teacher: Teacher, temperature: float) -> TopKAtT | SampledAtT | torch.Tensor:
+    """Any teacher bound at T: a top-k or sampled target, or dense ``(n, C)`` log-probabilities
+    (dense logits, dense targets and ensembles' mixtures), no gradient on the teacher side."""
     if isinstance(teacher, (list, tuple)):
         if len(teacher) > 1:
-            return _DenseKL.apply(student_logits, _mixture_log_probs(teacher, temperature), temperature)
+            return _mixture_log_probs(teacher, temperature)
         teacher = teacher[0]
     if isinstance(teacher, torch.Tensor):
         teacher = DenseTarget(teacher)
     if isinstance(teacher, (TopKTarget, SampledTarget)):
         teacher = teacher.at(temperature)
-    if isinstance(teacher, TopKAtT):
+    if isinstance(teacher, (TopKAtT, SampledAtT)):
         _same_temperature(teacher.temperature, temperature)
-        return _TopKKL.apply(student_logits, teacher.idx, teacher.log_p, teacher.log_tail, temperature,
-                             tail == "uniform")
-    if isinstance(teacher, SampledAtT):
-        _same_temperature(teacher.temperature, temperature)
-        return _SampledKL.apply(student_logits, teacher.idx, teacher.log_w, temperature)
+        return teacher
     with torch.no_grad():
-        log_p = teacher.dense_log_probs(temperature)
-    return _DenseKL.apply(student_logits, log_p, temperature)
+        return teacher.dense_log_probs(temperature)
 
 
 def binned_divergence(student_logits: torch.Tensor, teacher: Teacher, temperature: float, divergence: str,
@@ -187,29 +194,18 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 def _bins(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's (constant) and the student's (differentiable) log-probabilities over a target's exact bins."""
-    if isinstance(teacher, (list, tuple)):
-        if len(teacher) > 1:
-            log_p = _mixture_log_probs(teacher, temperature)
-            return log_p, torch.log_softmax(_promoted(student_logits) / temperature, dim=1)
-        teacher = teacher[0]
-    if isinstance(teacher, torch.Tensor):
-        teacher = DenseTarget(teacher)
-    if isinstance(teacher, (TopKTarget, SampledTarget)):
-        teacher = teacher.at(temperature)
-    if isinstance(teacher, SampledAtT):
+    target = _target_at(teacher, temperature)
+    if isinstance(target, SampledAtT):
         raise ValueError("a sampled store's estimate is unbiased for the forward KL's gradient only: "
                          "kd.divergence=reverse|jsd needs a top-k or dense store")
-    if isinstance(teacher, TopKAtT):
-        _same_temperature(teacher.temperature, temperature)
-        log_q = _TopKBins.apply(student_logits, teacher.idx, temperature)
-        log_p = teacher.log_p.to(log_q.dtype)
-        if teacher.tail_classes:
-            log_p = torch.cat([log_p, teacher.log_tail.to(log_q.dtype)[:, None]], dim=1)
+    if isinstance(target, TopKAtT):
+        log_q = _TopKBins.apply(student_logits, target.idx, temperature)
+        log_p = target.log_p.to(log_q.dtype)
+        if target.tail_classes:
+            log_p = torch.cat([log_p, target.log_tail.to(log_q.dtype)[:, None]], dim=1)
         return log_p, log_q
     log_q = torch.log_softmax(_promoted(student_logits) / temperature, dim=1)
-    with torch.no_grad():
-        log_p = teacher.dense_log_probs(temperature).to(log_q.dtype)
-    return log_p, log_q
+    return target.to(log_q.dtype), log_q
 
 
 def _promoted(logits: torch.Tensor) -> torch.Tensor:
