@@ -44,7 +44,7 @@ def plain_loop(blocks, width: int, depth: int, batch: int, steps: int, lr: float
 
     from still.lm_models import load_lm_tokenizer, special_token_ids
     from still.models import build_model
-    from student_train.lm_loop import causal_lm_loss, decay_groups
+    from student_train.lm_loop import causal_lm_loss, decay_groups, next_token_logits
 
     tokenizer = load_lm_tokenizer(TOKENIZER)
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def plain_loop(blocks, width: int, depth: int, batch: int, steps: int, lr: float
     tokens = 0
     for step in range(steps):
         x = blocks.index_select(0, order[step * batch:(step + 1) * batch])
-        loss = causal_lm_loss(model(input_ids=x).logits, x)
+        loss = causal_lm_loss(next_token_logits(model, x), x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -67,14 +67,29 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Ports are picked between Ray's worker ports (10002-19999 by default) and the kernel's
+# ephemeral range: a port the kernel hands out as the source port of some outgoing
+# connection (Ray opens many while a node starts) can be taken again before the node binds it.
+PICKED_PORTS = range(20000, 32768)
+
+
 def _free_port(taken: set[int]) -> int:
+    low, high = PICKED_PORTS.start, PICKED_PORTS.stop
+    if _ephemeral_start() > low + 1000:
+        high = min(high, _ephemeral_start())
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        if port not in taken:
+        port = secrets.choice(range(low, high))
+        if port not in taken and _port_free(port):
             taken.add(port)
             return port
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _temp_dir_for(state_dir: Path) -> str:

@@ -51,15 +51,27 @@ def train_lm_per_worker(config: dict[str, Any]) -> None:
     run_lm_loop(start_worker(config), RaySession())
 
 
-def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats/token): position t predicts token t + 1 of each block.
+def next_token_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq_len − 1, vocab)``: the logits of positions 0 … seq_len − 2, position t predicting
+    token t + 1 of its block. The last position predicts nothing inside the block, so its logits are
+    never computed (transformers' ``logits_to_keep``): no copy of the largest array of the step to
+    drop them, and none in the backward to pad them back.
 
     Args:
-        logits: ``(batch, seq_len, vocab)``.
+        model: A transformers causal LM (or one wrapped in DDP).
+        x: ``(batch, seq_len)`` int64 token blocks.
+    """
+    return model(input_ids=x, logits_to_keep=torch.arange(x.shape[1] - 1, device=x.device)).logits
+
+
+def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token).
+
+    Args:
+        logits: ``(batch, seq_len − 1, vocab)``, :func:`next_token_logits`.
         tokens: ``(batch, seq_len)`` int64, the blocks the logits were computed on.
     """
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
 def token_target(batch: Mapping[str, torch.Tensor], spec: Any, temperature: float) -> Any:
@@ -76,13 +88,13 @@ def token_target(batch: Mapping[str, torch.Tensor], spec: Any, temperature: floa
 def distill_step_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor], spec: Any, cfg: TrainConfig
                       ) -> dict[str, torch.Tensor | None]:
     """``(1 − λ)·CE + λ·T²·D`` over every position of the blocks (``student_train.losses.kd_loss``;
-    D the forward KL, or ``kd.divergence``).
+    D the forward KL, or ``kd.divergence``), from :func:`next_token_logits`.
 
     Returns:
         ``{"loss", "ce", "kl"}`` (``kl`` None at λ = 0, where the teacher is not read).
     """
     x = batch["x"]
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    flat = logits.reshape(-1, logits.shape[-1])
     kd = cfg.kd
     target = [token_target(batch, spec, kd.temperature)] if kd.weight > 0 else None
     return kd_loss(flat, target, x[:, 1:].reshape(-1), kd.temperature, kd.weight, kd.tail, kd.divergence, kd.jsd_beta)
@@ -135,7 +147,7 @@ def evaluate_lm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
     """Held-out next-token metrics of ``model`` (put in eval mode, restored after).
 
     Args:
-        model: A causal LM (``model(input_ids=x).logits``).
+        model: A transformers causal LM (:func:`next_token_logits`).
         batches: Mappings with ``x``: ``(batch, seq_len)`` int64 token blocks on the model's device.
         dtype: Autocast dtype (None: fp32).
 
@@ -154,8 +166,8 @@ def evaluate_lm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
         for batch in batches:
             x = batch["x"]
             with _autocast(x.device, dtype):
-                logits = model(input_ids=x).logits
-            predicted, target = logits[:, :-1].float(), x[:, 1:]
+                predicted = next_token_logits(model, x).float()
+            target = x[:, 1:]
             nll += F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1),
                                    reduction="sum").double().cpu()
             guess = predicted.argmax(dim=-1)
@@ -285,7 +297,7 @@ def run_lm_loop(spec: LoopSpec, session: Any) -> dict[str, Any]:
                 x = batch["x"]
                 sync = m == micro - 1 or not hasattr(model, "no_sync")
                 with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, dtype):
-                    logits = model(input_ids=x).logits
+                    logits = next_token_logits(model, x)
                     if teacher is None:
                         loss = causal_lm_loss(logits, x)
                         terms = {"loss": loss, "ce": loss, "kl": None}

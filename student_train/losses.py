@@ -38,11 +38,15 @@ Each KL is one ``torch.autograd.Function`` that computes its value and its gradi
 with respect to the student's logits in a few passes over ``(n, C)``, from the target
 bound at T where rows are made (``teacher_infer.targets.at_temperature``): with
 ``z = s/T`` and ``q = softmax(z)``, the gradient of a KL whose target is ``p̃`` is
-``(W·q − p̃)/T`` (W = Σ p̃, 1 but for sampled estimates). For a top-k row ``p̃`` is p
+``(W·q − p̃)/T`` (W = Σ p̃: 1 up to the stored values' rounding, but for sampled estimates). For a top-k row ``p̃`` is p
 on the top-k and, on the tail, ``p_tail·r`` (``bucket``, r the student's own tail
 distribution) or ``p_tail/(C − k)`` (``uniform``); the student's tail is summed from its
 own maximum, so a confident student's tail mass never underflows into an infinite loss.
-No teacher-side tensor receives a gradient, and at λ = 0 no KL is computed at all.
+No teacher-side tensor receives a gradient, and at λ = 0 no KL is computed at all. For a
+top-k target the hard term is computed in the same function (:func:`cross_entropy_and_kl`):
+the student's log-normaliser is the top-k's and the tail's combined, and the gradient of
+both terms is written into one ``(n, C)`` buffer, so at T = 1 a distillation step makes
+fewer passes over the logits than PyTorch's own cross-entropy alone.
 
 Ensembles of stores average the members' probabilities at T (the mixture is rebuilt
 densely on the device). Rows whose label is missing (< 0) are left out of the hard term.
@@ -107,12 +111,13 @@ def kd_loss(
         KL unless ``divergence`` says otherwise; None when not computed: no teacher,
         or λ = 0).
     """
-    ce = masked_cross_entropy(student_logits, labels)
     if teacher is None or kd_weight == 0.0:
+        ce = masked_cross_entropy(student_logits, labels)
         return {"loss": ce, "ce": ce, "kl": None}
     if divergence == "forward":
-        kl = soft_kl(student_logits, teacher, temperature, tail)
+        ce, kl = cross_entropy_and_kl(student_logits, labels, teacher, temperature, tail)
     else:
+        ce = masked_cross_entropy(student_logits, labels)
         kl = binned_divergence(student_logits, teacher, temperature, divergence, jsd_beta)
     loss = (1.0 - kd_weight) * ce + kd_weight * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
@@ -127,12 +132,44 @@ def soft_kl(student_logits: torch.Tensor, teacher: Teacher, temperature: float, 
         temperature: T > 0.
         tail: ``uniform`` or ``bucket`` (top-k targets only).
     """
-    if tail not in TAILS:
-        raise ValueError(f"kd.tail must be one of {', '.join(TAILS)}; got {tail!r}")
+    _check_tail(tail)
+    return _kl_at(student_logits, _target_at(teacher, temperature), temperature, tail == "uniform")
+
+
+def cross_entropy_and_kl(student_logits: torch.Tensor, labels: torch.Tensor, teacher: Teacher, temperature: float,
+                         tail: str = "bucket") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`masked_cross_entropy` and :func:`soft_kl` together: for a top-k target in one pass over
+    ``(n, C)`` each way (the two terms share the student's softmax; at T = 1 entirely).
+
+    Args:
+        student_logits: ``(n, C)``.
+        labels: ``(n,)`` int64 class ids; negative means unlabelled.
+        teacher: As for :func:`kd_loss` (not None).
+        temperature: T > 0.
+        tail: ``uniform`` or ``bucket`` (top-k targets only).
+
+    Returns:
+        ``(ce, kl)``.
+    """
+    _check_tail(tail)
     target = _target_at(teacher, temperature)
     if isinstance(target, TopKAtT):
-        return _TopKKL.apply(student_logits, target.idx, target.log_p, target.log_tail, temperature,
-                             tail == "uniform")
+        return _TopKDistill.apply(student_logits, labels, target.idx, target.log_p, target.log_tail, temperature,
+                                  tail == "uniform")
+    return masked_cross_entropy(student_logits, labels), _kl_at(student_logits, target, temperature, tail == "uniform")
+
+
+def _check_tail(tail: str) -> None:
+    if tail not in TAILS:
+        raise ValueError(f"kd.tail must be one of {', '.join(TAILS)}; got {tail!r}")
+
+
+def _kl_at(student_logits: torch.Tensor, target: TopKAtT | SampledAtT | torch.Tensor, temperature: float,
+           uniform: bool) -> torch.Tensor:
+    """The forward KL of a target bound at T (:func:`_target_at`)."""
+    if isinstance(target, TopKAtT):
+        return _TopKDistill.apply(student_logits, None, target.idx, target.log_p, target.log_tail, temperature,
+                                  uniform)[1]
     if isinstance(target, SampledAtT):
         return _SampledKL.apply(student_logits, target.idx, target.log_w, temperature)
     return _DenseKL.apply(student_logits, target, temperature)
@@ -225,64 +262,93 @@ def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> 
     return total / (labels >= 0).sum().clamp_min(1)
 
 
-class _TopKKL(torch.autograd.Function):
-    """KL of a top-k target at T over k + 1 bins (bucket) or with its tail spread evenly (uniform)."""
+class _TopKDistill(torch.autograd.Function):
+    """The cross-entropy with the labels and the KL of a top-k target at T, in one pass each way.
+
+    The KL is over k + 1 bins (bucket) or with the tail spread evenly (uniform). One
+    ``(n, C)`` buffer holds the student's tail weights ``w = exp(z − peak)`` (z = s/T, the
+    tail summed from its own maximum, so a confident student's tail mass never underflows);
+    the full log-normaliser is the top-k's and the tail's combined, so at T = 1 the
+    cross-entropy takes no pass of its own. The backward turns that buffer in place into the
+    gradient of both terms: on a tail class c both are a per-row multiple of ``w_c``. With
+    ``labels`` None only the KL is computed (its first output is 0).
+    """
 
     @staticmethod
-    def forward(ctx, logits, idx, log_p, log_tail, temperature, uniform):  # noqa: D102
-        z = _scaled(logits, temperature)
+    def forward(ctx, logits, labels, idx, log_p, log_tail, temperature, uniform):  # noqa: D102
+        z = _promoted(logits.detach())
         n, classes = z.shape
         tail_classes = classes - idx.shape[1]
         log_p, log_tail = log_p.to(z.dtype), log_tail.to(z.dtype)
         p_top, p_tail = log_p.exp(), log_tail.exp()
-        z_top = z.gather(1, idx)
-        if tail_classes == 0:
-            lse = torch.logsumexp(z_top, dim=1)
-            r = q_tail = None
-            kl = (p_top * (log_p - z_top + lse[:, None])).sum(dim=1)
-        else:
-            # the student's tail from its own maximum: its distribution r and log-mass, exact however small
-            masked = z.scatter(1, idx, -math.inf)
-            peak = masked.amax(dim=1, keepdim=True)
-            r = masked.sub_(peak).exp_()  # in place: one (n, C) array fewer a step
-            total = r.sum(dim=1, keepdim=True)
-            r.div_(total)
-            lse_tail = peak[:, 0] + total[:, 0].log()
-            lse = torch.logaddexp(torch.logsumexp(z_top, dim=1), lse_tail)
+        z_top = z.gather(1, idx) / temperature
+        lse = torch.logsumexp(z_top, dim=1)
+        w = total = q_tail = term = None
+        if tail_classes:
+            w = (z / temperature if temperature != 1.0 else z.clone()).scatter_(1, idx, -math.inf)
+            peak = w.amax(dim=1, keepdim=True)
+            w.sub_(peak).exp_()
+            total = w.sum(dim=1)
+            lse_tail = peak[:, 0] + total.log()
+            lse = torch.logaddexp(lse, lse_tail)
             log_q_tail = lse_tail - lse
             q_tail = log_q_tail.exp()
-            kl = (p_top * (log_p - z_top + lse[:, None])).sum(dim=1)
             if uniform:  # Σ_tail u(log u − log q_j) = p_tail·(log u + lse − mean_tail z)
-                tail_mean = (z.sum(dim=1) - z_top.sum(dim=1)) / tail_classes
+                tail_mean = (z.sum(dim=1) / temperature - z_top.sum(dim=1)) / tail_classes
                 term = p_tail * (log_tail - math.log(tail_classes) + lse - tail_mean)
             else:
                 term = p_tail * (log_tail - log_q_tail)
+        kl = (p_top * (log_p - z_top + lse[:, None])).sum(dim=1)
+        if term is not None:
             kl = kl + torch.where(p_tail > 0, term, torch.zeros_like(term))
         q_top = (z_top - lse[:, None]).exp()
-        ctx.save_for_backward(idx, p_top, p_tail, q_top, r, q_tail)
+        ce = torch.zeros((), dtype=z.dtype, device=z.device)
+        row_weight = lse_ce = None
+        if labels is not None:
+            labelled = labels >= 0
+            labels = labels.long().clamp_min(0)
+            row_weight = labelled.to(z.dtype) / labelled.sum().clamp_min(1)  # each row's weight in the mean, no host sync
+            lse_ce = lse if temperature == 1.0 else torch.logsumexp(z, dim=1)
+            ce = ((lse_ce - z.gather(1, labels[:, None])[:, 0]) * row_weight).sum()
+        mass = p_top.sum(dim=1) + (p_tail if tail_classes else 0.0)  # 1 up to the target's rounding
+        ctx.save_for_backward(idx, p_top, p_tail, mass, q_top, w, total, q_tail, labels, row_weight, lse_ce,
+                              z if labels is not None and temperature != 1.0 else None)
         ctx.temperature, ctx.uniform, ctx.tail_classes, ctx.shape = temperature, uniform, tail_classes, (n, classes)
         ctx.dtype = logits.dtype
-        return kl.mean()
+        return ce, kl.mean()
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        idx, p_top, p_tail, q_top, r, q_tail = ctx.saved_tensors
+    def backward(ctx, grad_ce, grad_kl):  # noqa: D102
+        idx, p_top, p_tail, mass, q_top, w, total, q_tail, labels, row_weight, lse_ce, z = ctx.saved_tensors
         n, classes = ctx.shape
-        if r is None:
+        temperature = ctx.temperature
+        kl_scale = grad_kl / (n * temperature)
+        ce_rows = None if labels is None else grad_ce * row_weight
+        shared = ce_rows is not None and temperature == 1.0  # the CE's softmax is the KL's: one buffer
+        top = kl_scale * (mass[:, None] * q_top - p_top)
+        if shared:
+            top = top + ce_rows[:, None] * q_top
+        if w is None:
             out = torch.zeros(n, classes, dtype=p_top.dtype, device=p_top.device)
-        elif ctx.uniform:
-            out = r * q_tail[:, None] - (p_tail / ctx.tail_classes)[:, None]
         else:
-            out = r * (q_tail - p_tail)[:, None]
-        out.scatter_(1, idx, q_top - p_top)
-        out.mul_(grad / (n * ctx.temperature))
-        return out.to(ctx.dtype), None, None, None, None, None
+            per_row = kl_scale * (mass * q_tail - (0.0 if ctx.uniform else p_tail))
+            if shared:
+                per_row = per_row + ce_rows * q_tail
+            out = w.mul_((per_row / total)[:, None])  # the saved buffer, consumed: a second backward fails loudly
+            if ctx.uniform:
+                out.sub_((kl_scale * p_tail / ctx.tail_classes)[:, None])
+        out.scatter_(1, idx, top)
+        if ce_rows is not None:
+            if not shared:
+                out.add_((z - lse_ce[:, None]).exp_().mul_(ce_rows[:, None]))
+            out.scatter_add_(1, labels[:, None], -ce_rows[:, None])
+        return out.to(ctx.dtype), None, None, None, None, None, None
 
 
 class _TopKBins(torch.autograd.Function):
     """The student's log-probabilities at T over a top-k target's bins: its k classes, then
     (when there are other classes) their total, ``(n, k + 1)``; the tail summed from its own
-    maximum, as in :class:`_TopKKL`.
+    maximum, as in :class:`_TopKDistill`.
 
     The gradient of ``log q_b`` is ``[c ∈ b]·π(c | b) − q_c`` (π the student's distribution
     within bin b), so an upstream ``g`` gives ``g_i − q_i·Σg`` on a top class and

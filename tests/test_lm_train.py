@@ -155,7 +155,7 @@ def test_schedule_decay_groups_and_loss():
 
     from still.config import load_config
     from student_train.config import TrainConfig
-    from student_train.lm_loop import causal_lm_loss, decay_groups, scheduled_lr
+    from student_train.lm_loop import causal_lm_loss, decay_groups, next_token_logits, scheduled_lr
 
     cfg = load_config(TrainConfig, None, ["train.lr=0.01", "train.warmup_steps=4", "train.lr_schedule=cosine"])
     assert [scheduled_lr(cfg, s, 104) for s in range(4)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
@@ -175,4 +175,6 @@ def test_schedule_decay_groups_and_loss():
     logits, tokens = torch.randn(2, 5, 50) * 4, torch.randint(0, 50, (2, 5))
     log_p = torch.log_softmax(logits, dim=-1)
     expected = -sum(log_p[b, t, tokens[b, t + 1]] for b in range(2) for t in range(4)) / 8
-    assert float(causal_lm_loss(logits, tokens)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(causal_lm_loss(logits[:, :-1], tokens)) == pytest.approx(float(expected), rel=1e-6)
+    x = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(next_token_logits(model, x), model(input_ids=x).logits[:, :-1])

@@ -124,22 +124,52 @@ def test_fused_kl_matches_autograd_of_its_formula(mode, tail, temperature):
     kl = soft_kl(s, target, temperature, tail)
     kl.backward()
     s2 = s.detach().clone().requires_grad_()
-    log_q = torch.log_softmax(s2 / temperature, dim=1)
-    if mode == "sampled":
-        w = target.log_w.exp()
-        reference = (w * (target.log_w.clamp_min(-1e300) - log_q.gather(1, target.idx))).sum(1).mean()
-    else:
-        p_top, p_tail = target.log_p.exp(), target.log_tail.exp()
-        reference = (p_top * (target.log_p - log_q.gather(1, target.idx))).sum(1)
-        tail_log_q = log_q.scatter(1, target.idx, -math.inf)
-        if tail == "bucket":
-            reference = reference + p_tail * (target.log_tail - torch.logsumexp(tail_log_q, 1))
-        else:
-            u = p_tail / (classes - 10)
-            reference = reference + (u[:, None] * (u.log()[:, None] - log_q)).scatter(1, target.idx, 0.0).sum(1)
-        reference = reference.mean()
+    reference = _kl_by_formula(s2, target, mode, tail, temperature)
     reference.backward()
     assert kl.item() == pytest.approx(reference.item(), rel=1e-9)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-7, atol=1e-12)
+
+
+def _kl_by_formula(s, target, mode, tail, temperature):
+    """The forward KL of a bound store target, written out over the student's full log-softmax."""
+    log_q = torch.log_softmax(s / temperature, dim=1)
+    if mode == "sampled":
+        w = target.log_w.exp()
+        return (w * (target.log_w.clamp_min(-1e300) - log_q.gather(1, target.idx))).sum(1).mean()
+    p_top, p_tail = target.log_p.exp(), target.log_tail.exp()
+    kl = (p_top * (target.log_p - log_q.gather(1, target.idx))).sum(1)
+    tail_log_q = log_q.scatter(1, target.idx, -math.inf)
+    if tail == "bucket":
+        return (kl + p_tail * (target.log_tail - torch.logsumexp(tail_log_q, 1))).mean()
+    u = p_tail / (s.shape[1] - target.idx.shape[1])
+    return (kl + (u[:, None] * (u.log()[:, None] - log_q)).scatter(1, target.idx, 0.0).sum(1)).mean()
+
+
+@pytest.mark.parametrize("tail", ["bucket", "uniform"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_one_pass_cross_entropy_and_kl_match_autograd_of_their_formula(tail, temperature):
+    """kd_loss on a top-k target computes CE and KL in one kernel: its loss, both terms and its gradient
+    against autograd through ``(1 − λ)·CE + λ·T²·KL`` written out, with a confident teacher, 200 classes,
+    k = 10, T ≠ 1, a confident student row and unlabelled rows."""
+    t = _confident_teacher(32, 200, seed=8)
+    target = _store_target(t, "topk", temperature, k=10)
+    g = torch.Generator().manual_seed(9)
+    s = 2 * torch.randn(32, 200, generator=g, dtype=torch.float64)
+    s[0, 3] = 150.0  # sure of one class: its tail mass underflows a shift by the global maximum
+    s.requires_grad_()
+    labels = torch.randint(0, 200, (32,), generator=g)
+    labels[::3] = -1
+    out = kd_loss(s, target, labels, temperature, 0.3, tail)
+    out["loss"].backward()
+    s2 = s.detach().clone().requires_grad_()
+    labelled = labels >= 0
+    ce = F.cross_entropy(s2[labelled], labels[labelled])
+    kl = _kl_by_formula(s2, target, "topk", tail, temperature)
+    reference = 0.7 * ce + 0.3 * temperature**2 * kl
+    reference.backward()
+    assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-10)
+    assert out["kl"].item() == pytest.approx(kl.item(), rel=1e-9)
+    assert out["loss"].item() == pytest.approx(reference.item(), rel=1e-9)
     torch.testing.assert_close(s.grad, s2.grad, rtol=1e-7, atol=1e-12)
 
 
