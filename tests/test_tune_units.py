@@ -286,3 +286,6 @@ def test_trial_train_config(tmp_path):
     assert trial.kd.divergence == "jsd"
     assert trial.train.name == "s-trial-0002" and trial.scaling.num_workers == (0,)
     assert trial.train.output_dir == str(tmp_path / "trial-0002")
+    hinted = TrialSpec(base=to_dict(_cfg("kd.hints=[pool2]").base_train_config()), sweep_name="s", parent_run_id="p",
+                       trial_mode="in_process", models_dir=str(tmp_path))
+    assert trial_train_config(hinted, {"hint_weight": 0.1}, "trial-0003").kd.hint_weight == 0.1
