@@ -38,10 +38,11 @@ Each KL is one ``torch.autograd.Function`` that computes its value and its gradi
 with respect to the student's logits in a few passes over ``(n, C)``, from the target
 bound at T where rows are made (``teacher_infer.targets.at_temperature``): with
 ``z = s/T`` and ``q = softmax(z)``, the gradient of a KL whose target is ``p̃`` is
-``(W·q − p̃)/T`` (W = Σ p̃: 1 up to the stored values' rounding, but for sampled estimates). For a top-k row ``p̃`` is p
-on the top-k and, on the tail, ``p_tail·r`` (``bucket``, r the student's own tail
-distribution) or ``p_tail/(C − k)`` (``uniform``); the student's tail is summed from its
-own maximum, so a confident student's tail mass never underflows into an infinite loss.
+``(W·q − p̃)/T`` (W = Σ p̃: 1 up to the stored values' rounding, but for sampled
+estimates). For a top-k row ``p̃`` is p on the top-k and, on the tail, ``p_tail·r``
+(``bucket``, r the student's own tail distribution) or ``p_tail/(C − k)`` (``uniform``);
+the student's tail is summed from its own maximum, so a confident student's tail mass
+never underflows into an infinite loss.
 No teacher-side tensor receives a gradient, and at λ = 0 no KL is computed at all. For a
 top-k target the hard term is computed in the same function (:func:`cross_entropy_and_kl`):
 the student's log-normaliser is the top-k's and the tail's combined, and the gradient of
