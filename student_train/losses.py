@@ -44,10 +44,11 @@ estimates). For a top-k row ``p̃`` is p on the top-k and, on the tail, ``p_tail
 the student's tail is summed from its own maximum, so a confident student's tail mass
 never underflows into an infinite loss.
 No teacher-side tensor receives a gradient, and at λ = 0 no KL is computed at all. For a
-top-k target the hard term is computed in the same function (:func:`cross_entropy_and_kl`):
-the student's log-normaliser is the top-k's and the tail's combined, and the gradient of
-both terms is written into one ``(n, C)`` buffer, so at T = 1 a distillation step makes
-fewer passes over the logits than PyTorch's own cross-entropy alone.
+top-k or sampled target the hard term is computed in the same function
+(:func:`cross_entropy_and_kl`): the student's log-normaliser is shared (a top-k target's
+is the top-k's and the tail's combined), and the gradient of both terms is written into
+one ``(n, C)`` buffer, so at T = 1 a distillation step makes fewer passes over the logits
+than PyTorch's own cross-entropy alone.
 
 Ensembles of stores average the members' probabilities at T (the mixture is rebuilt
 densely on the device). Rows whose label is missing (< 0) are left out of the hard term.
@@ -139,8 +140,8 @@ def soft_kl(student_logits: torch.Tensor, teacher: Teacher, temperature: float, 
 
 def cross_entropy_and_kl(student_logits: torch.Tensor, labels: torch.Tensor, teacher: Teacher, temperature: float,
                          tail: str = "bucket") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`masked_cross_entropy` and :func:`soft_kl` together: for a top-k target in one pass over
-    ``(n, C)`` each way (the two terms share the student's softmax; at T = 1 entirely).
+    """:func:`masked_cross_entropy` and :func:`soft_kl` together: for a top-k or sampled target in one
+    pass over ``(n, C)`` each way (the two terms share the student's softmax; at T = 1 entirely).
 
     Args:
         student_logits: ``(n, C)``.
@@ -157,6 +158,8 @@ def cross_entropy_and_kl(student_logits: torch.Tensor, labels: torch.Tensor, tea
     if isinstance(target, TopKAtT):
         return _TopKDistill.apply(student_logits, labels, target.idx, target.log_p, target.log_tail, temperature,
                                   tail == "uniform")
+    if isinstance(target, SampledAtT):
+        return _SampledDistill.apply(student_logits, labels, target.idx, target.log_w, temperature)
     return masked_cross_entropy(student_logits, labels), _kl_at(student_logits, target, temperature, tail == "uniform")
 
 
@@ -172,7 +175,7 @@ def _kl_at(student_logits: torch.Tensor, target: TopKAtT | SampledAtT | torch.Te
         return _TopKDistill.apply(student_logits, None, target.idx, target.log_p, target.log_tail, temperature,
                                   uniform)[1]
     if isinstance(target, SampledAtT):
-        return _SampledKL.apply(student_logits, target.idx, target.log_w, temperature)
+        return _SampledDistill.apply(student_logits, None, target.idx, target.log_w, temperature)[1]
     return _DenseKL.apply(student_logits, target, temperature)
 
 
@@ -303,14 +306,7 @@ class _TopKDistill(torch.autograd.Function):
         if term is not None:
             kl = kl + torch.where(p_tail > 0, term, torch.zeros_like(term))
         q_top = (z_top - lse[:, None]).exp()
-        ce = torch.zeros((), dtype=z.dtype, device=z.device)
-        row_weight = lse_ce = None
-        if labels is not None:
-            labelled = labels >= 0
-            labels = labels.long().clamp_min(0)
-            row_weight = labelled.to(z.dtype) / labelled.sum().clamp_min(1)  # each row's weight in the mean, no host sync
-            lse_ce = lse if temperature == 1.0 else torch.logsumexp(z, dim=1)
-            ce = ((lse_ce - z.gather(1, labels[:, None])[:, 0]) * row_weight).sum()
+        ce, labels, row_weight, lse_ce = _hard_term(z, labels, lse, temperature)
         mass = p_top.sum(dim=1) + (p_tail if tail_classes else 0.0)  # 1 up to the target's rounding
         ctx.save_for_backward(idx, p_top, p_tail, mass, q_top, w, total, q_tail, labels, row_weight, lse_ce,
                               z if labels is not None and temperature != 1.0 else None)
@@ -339,11 +335,36 @@ class _TopKDistill(torch.autograd.Function):
             if ctx.uniform:
                 out.sub_((kl_scale * p_tail / ctx.tail_classes)[:, None])
         out.scatter_(1, idx, top)
-        if ce_rows is not None:
-            if not shared:
-                out.add_((z - lse_ce[:, None]).exp_().mul_(ce_rows[:, None]))
-            out.scatter_add_(1, labels[:, None], -ce_rows[:, None])
+        _add_hard_gradient(out, z, labels, ce_rows, lse_ce, shared)
         return out.to(ctx.dtype), None, None, None, None, None, None
+
+
+def _hard_term(z: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tensor, temperature: float
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The masked cross-entropy of float logits ``z`` from the log-normaliser at T (its own at T = 1).
+
+    Returns:
+        ``(ce, labels clamped to ≥ 0, each row's weight in the mean, the log-normaliser at T = 1)``;
+        ``(0, None, None, None)`` without labels.
+    """
+    if labels is None:
+        return torch.zeros((), dtype=z.dtype, device=z.device), None, None, None
+    labelled = labels >= 0
+    labels = labels.long().clamp_min(0)
+    row_weight = labelled.to(z.dtype) / labelled.sum().clamp_min(1)  # no host sync
+    lse_ce = lse if temperature == 1.0 else torch.logsumexp(z, dim=1)
+    return ((lse_ce - z.gather(1, labels[:, None])[:, 0]) * row_weight).sum(), labels, row_weight, lse_ce
+
+
+def _add_hard_gradient(out: torch.Tensor, z: torch.Tensor | None, labels: torch.Tensor | None,
+                       ce_rows: torch.Tensor | None, lse_ce: torch.Tensor | None, shared: bool) -> None:
+    """Adds the cross-entropy's gradient ``ce_rows·(softmax(z) − onehot)`` to ``out`` in place; its softmax
+    part only when the caller has not folded it in already (``shared``: T = 1)."""
+    if ce_rows is None:
+        return
+    if not shared:
+        out.add_((z - lse_ce[:, None]).exp_().mul_(ce_rows[:, None]))
+    out.scatter_add_(1, labels[:, None], -ce_rows[:, None])
 
 
 class _TopKBins(torch.autograd.Function):
@@ -389,26 +410,45 @@ class _TopKBins(torch.autograd.Function):
         return (out / ctx.temperature).to(ctx.dtype), None, None
 
 
-class _SampledKL(torch.autograd.Function):
-    """KL of a sampled target's Horvitz–Thompson estimate at T (its gradient unbiased on the grid)."""
+class _SampledDistill(torch.autograd.Function):
+    """The cross-entropy with the labels and the KL of a sampled target's Horvitz–Thompson
+    estimate at T (its gradient unbiased on the grid), in one pass each way.
+
+    One ``(n, C)`` buffer holds ``exp(z − max z)`` (z = s/T): the student's softmax at T up
+    to its sum, which at T = 1 is the cross-entropy's too. The backward turns it into the
+    gradient of both terms in place. With ``labels`` None only the KL is computed (its
+    first output is 0).
+    """
 
     @staticmethod
-    def forward(ctx, logits, idx, log_w, temperature):  # noqa: D102
-        z = _scaled(logits, temperature)
-        log_q = torch.log_softmax(z, dim=1)
+    def forward(ctx, logits, labels, idx, log_w, temperature):  # noqa: D102
+        z = _promoted(logits.detach())
+        buffer = z / temperature if temperature != 1.0 else z.clone()
+        peak = buffer.amax(dim=1, keepdim=True)
+        buffer.sub_(peak).exp_()
+        total = buffer.sum(dim=1)
+        lse = peak[:, 0] + total.log()
         log_w = log_w.to(z.dtype)
         w = log_w.exp()
-        kl = torch.where(w > 0, w * (log_w - log_q.gather(1, idx)), torch.zeros_like(w)).sum(dim=1)
-        ctx.save_for_backward(idx, w, log_q)
+        drawn = z.gather(1, idx) / temperature
+        kl = torch.where(w > 0, w * (log_w - drawn + lse[:, None]), torch.zeros_like(w)).sum(dim=1)
+        ce, labels, row_weight, lse_ce = _hard_term(z, labels, lse, temperature)
+        ctx.save_for_backward(idx, w, buffer, total, labels, row_weight, lse_ce,
+                              z if labels is not None and temperature != 1.0 else None)
         ctx.temperature, ctx.dtype = temperature, logits.dtype
-        return kl.mean()
+        return ce, kl.mean()
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        idx, w, log_q = ctx.saved_tensors
-        out = log_q.exp().mul_(w.sum(dim=1, keepdim=True)).scatter_add_(1, idx, -w)
-        out.mul_(grad / (len(out) * ctx.temperature))
-        return out.to(ctx.dtype), None, None, None
+    def backward(ctx, grad_ce, grad_kl):  # noqa: D102
+        idx, w, buffer, total, labels, row_weight, lse_ce, z = ctx.saved_tensors
+        kl_scale = grad_kl / (len(buffer) * ctx.temperature)
+        ce_rows = None if labels is None else grad_ce * row_weight
+        shared = ce_rows is not None and ctx.temperature == 1.0
+        per_row = kl_scale * w.sum(dim=1) + (ce_rows if shared else 0.0)
+        out = buffer.mul_((per_row / total)[:, None])  # the saved buffer, consumed: a second backward fails loudly
+        out.scatter_add_(1, idx, -kl_scale * w)
+        _add_hard_gradient(out, z, labels, ce_rows, lse_ce, shared)
+        return out.to(ctx.dtype), None, None, None, None
 
 
 class _DenseKL(torch.autograd.Function):

@@ -145,14 +145,14 @@ def _kl_by_formula(s, target, mode, tail, temperature):
     return (kl + (u[:, None] * (u.log()[:, None] - log_q)).scatter(1, target.idx, 0.0).sum(1)).mean()
 
 
-@pytest.mark.parametrize("tail", ["bucket", "uniform"])
+@pytest.mark.parametrize("mode,tail", [("topk", "bucket"), ("topk", "uniform"), ("sampled", "bucket")])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_one_pass_cross_entropy_and_kl_match_autograd_of_their_formula(tail, temperature):
-    """kd_loss on a top-k target computes CE and KL in one kernel: its loss, both terms and its gradient
-    against autograd through ``(1 − λ)·CE + λ·T²·KL`` written out, with a confident teacher, 200 classes,
-    k = 10, T ≠ 1, a confident student row and unlabelled rows."""
+def test_one_pass_cross_entropy_and_kl_match_autograd_of_their_formula(mode, tail, temperature):
+    """kd_loss on a top-k or sampled target computes CE and KL in one kernel: its loss, both terms and its
+    gradient against autograd through ``(1 − λ)·CE + λ·T²·KL`` written out, with a confident teacher, 200
+    classes, k = 10, T ≠ 1, a confident student row and unlabelled rows."""
     t = _confident_teacher(32, 200, seed=8)
-    target = _store_target(t, "topk", temperature, k=10)
+    target = _store_target(t, mode, temperature, k=10)
     g = torch.Generator().manual_seed(9)
     s = 2 * torch.randn(32, 200, generator=g, dtype=torch.float64)
     s[0, 3] = 150.0  # sure of one class: its tail mass underflows a shift by the global maximum
@@ -164,7 +164,7 @@ def test_one_pass_cross_entropy_and_kl_match_autograd_of_their_formula(tail, tem
     s2 = s.detach().clone().requires_grad_()
     labelled = labels >= 0
     ce = F.cross_entropy(s2[labelled], labels[labelled])
-    kl = _kl_by_formula(s2, target, "topk", tail, temperature)
+    kl = _kl_by_formula(s2, target, mode, tail, temperature)
     reference = 0.7 * ce + 0.3 * temperature**2 * kl
     reference.backward()
     assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-10)
