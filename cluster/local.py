@@ -74,9 +74,9 @@ PICKED_PORTS = range(20000, 32768)
 
 
 def _free_port(taken: set[int]) -> int:
-    low, high = PICKED_PORTS.start, PICKED_PORTS.stop
-    if _ephemeral_start() > low + 1000:
-        high = min(high, _ephemeral_start())
+    low, high, ephemeral = PICKED_PORTS.start, PICKED_PORTS.stop, _ephemeral_start()
+    if ephemeral > low + 1000:
+        high = min(high, ephemeral)
     while True:
         port = secrets.choice(range(low, high))
         if port not in taken and _port_free(port):
