@@ -289,11 +289,7 @@ class _TopKDistill(torch.autograd.Function):
         lse = torch.logsumexp(z_top, dim=1)
         w = total = q_tail = term = None
         if tail_classes:
-            w = (z / temperature if temperature != 1.0 else z.clone()).scatter_(1, idx, -math.inf)
-            peak = w.amax(dim=1, keepdim=True)
-            w.sub_(peak).exp_()
-            total = w.sum(dim=1)
-            lse_tail = peak[:, 0] + total.log()
+            w, total, lse_tail = _exp_buffer(z, temperature, leave_out=idx)
             lse = torch.logaddexp(lse, lse_tail)
             log_q_tail = lse_tail - lse
             q_tail = log_q_tail.exp()
@@ -337,6 +333,19 @@ class _TopKDistill(torch.autograd.Function):
         out.scatter_(1, idx, top)
         _add_hard_gradient(out, z, labels, ce_rows, lse_ce, shared)
         return out.to(ctx.dtype), None, None, None, None, None, None
+
+
+def _exp_buffer(z: torch.Tensor, temperature: float, leave_out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``exp(z/T − peak)`` in a new ``(n, C)`` buffer (the classes ``leave_out`` at 0), its row sums
+    and ``peak + log(sum)``: the log-normaliser at T of the classes kept, from their own maximum."""
+    buffer = z / temperature if temperature != 1.0 else z.clone()
+    if leave_out is not None:
+        buffer.scatter_(1, leave_out, -math.inf)
+    peak = buffer.amax(dim=1, keepdim=True)
+    buffer.sub_(peak).exp_()
+    total = buffer.sum(dim=1)
+    return buffer, total, peak[:, 0] + total.log()
 
 
 def _hard_term(z: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tensor, temperature: float
@@ -423,11 +432,7 @@ class _SampledDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, idx, log_w, temperature):  # noqa: D102
         z = _promoted(logits.detach())
-        buffer = z / temperature if temperature != 1.0 else z.clone()
-        peak = buffer.amax(dim=1, keepdim=True)
-        buffer.sub_(peak).exp_()
-        total = buffer.sum(dim=1)
-        lse = peak[:, 0] + total.log()
+        buffer, total, lse = _exp_buffer(z, temperature)
         log_w = log_w.to(z.dtype)
         w = log_w.exp()
         drawn = z.gather(1, idx) / temperature
