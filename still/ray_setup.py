@@ -13,7 +13,8 @@ from several processes, each set up apart:
   and actors in still infer): the environment of :func:`console_env`, which
   :func:`init_ray` hands to ``ray.init(runtime_env={"env_vars": ...})``;
 - Ray Train's ``ray.train`` loggers: :func:`train_logging_config` in the ``RunConfig``;
-- a Train worker: :func:`quiet_worker_console`, first thing in the worker function.
+- a Train worker: :func:`quiet_worker_console`, first thing in the worker function;
+- a Tune trial, a Train worker: :func:`quiet_termination` (Ray's SIGTERM at their end).
 
 ``ray.verbose=true`` leaves all of it at Ray's defaults. Either way Ray's session logs
 (``/tmp/ray/session_*/logs``) keep Ray Train's system logs at every level; Ray Data's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Mapping
 
 from still.config import RayConfig
@@ -48,6 +50,8 @@ _QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 _QUIET_LEVEL = logging.WARNING
+# The unraisable-exception hook quiet_termination found, which gets every other report.
+_previous_unraisablehook = sys.__unraisablehook__
 # What every process of an embedded cluster gets, quiet or not. Its one node is this
 # machine, which no cloud provider reclaims: Ray Train's PreemptionWatcher actor (one per
 # training run) has nothing to watch, and creating it logged a core-worker error on the
@@ -121,6 +125,29 @@ def _drop_notices(drop: bool) -> None:
             logging.getLogger(name).addFilter(notice)
 
 
+def quiet_termination(verbose: bool) -> None:
+    """Keeps a Ray worker's termination off the console; call it in the worker (a Tune
+    trial, a Train worker). Nothing when ``verbose``.
+
+    Ray stops a finished trial's actor with SIGTERM, and its handler raises ``SystemExit``
+    wherever the worker's Python happens to be. Inside a finalizer (a weakref callback,
+    a ``__del__``) Python cannot raise it and instead prints "Exception ignored in ..."
+    with Ray's traceback, about a worker meant to exit. Those reports are dropped here;
+    every other unraisable exception still reaches the previous hook.
+    """
+    global _previous_unraisablehook
+    if verbose or sys.unraisablehook is _drop_exit_reports:
+        return
+    _previous_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _drop_exit_reports
+
+
+def _drop_exit_reports(unraisable: Any) -> None:
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit):
+        return
+    _previous_unraisablehook(unraisable)
+
+
 def quiet_worker_console(verbose: bool) -> None:
     """What Ray prints from a Ray Train worker process; call it first thing in the worker
     function (``train_loop_per_worker``), before the first ``ray.train.report``.
@@ -131,6 +158,7 @@ def quiet_worker_console(verbose: bool) -> None:
     that :func:`train_logging_config` does not reach it.
     """
     apply_console_settings(verbose)
+    quiet_termination(verbose)
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # a Ray without that module: nothing to quiet there

@@ -10,6 +10,9 @@ run in tests/test_train_scale.py. The unit tests check the settings of
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -103,3 +106,31 @@ def test_train_logging_config_level():
 
     assert train_logging_config(verbose=False).log_level == "WARNING"
     assert train_logging_config(verbose=True).log_level == "INFO"
+
+
+def test_quiet_termination_drops_only_the_exit_a_finalizer_swallowed():
+    # Ray's SIGTERM handler raises SystemExit; raised inside a finalizer, Python prints
+    # it as "Exception ignored in ..." instead. Other unraisable errors must still show.
+    script = textwrap.dedent("""
+        import sys
+        from still.ray_setup import quiet_termination
+
+        class Finalized:
+            def __init__(self, error):
+                self.error = error
+
+            def __del__(self):
+                raise self.error
+
+        quiet_termination(sys.argv[1] == "verbose")
+        quiet_termination(sys.argv[1] == "verbose")  # a reused actor calls it again
+        Finalized(SystemExit(1))
+        Finalized(ValueError("a real error"))
+        print("still running")
+    """)
+    for mode, exits_shown in (("quiet", 0), ("verbose", 1)):
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == "still running\n", done
+        assert done.stderr.count("Exception ignored in") == 1 + exits_shown, done.stderr
+        assert "ValueError: a real error" in done.stderr
+        assert done.stderr.count("SystemExit") == exits_shown, done.stderr

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from still.config import build_dataclass, replace
+from still.ray_setup import quiet_termination
 
 from tuning.space import CONFIG_KEYS
 
@@ -148,6 +149,7 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_name = tune.get_context().get_trial_name()
     cfg = trial_train_config(spec, params, trial_name)
+    quiet_termination(cfg.ray.verbose)
     summary = train_job(cfg, run_name=cfg.train.name, options=JobOptions(
         parent_run_id=spec.parent_run_id, report_to_tune=True, in_process=spec.trial_mode == "in_process",
         quiet=True, load_teacher=False, log_model=False, shared=spec.shared))
