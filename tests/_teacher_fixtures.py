@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -89,6 +91,40 @@ def still_cli(args: list[str], cwd: Path, timeout: float = 120, env: dict | None
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "still_cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def still_in_process(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``still ARGS`` in this process, as :func:`still_cli` does in a subprocess: the same
+    parsing, config resolution, output and exit status, with tracking into cwd's sqlite.
+
+    For tests whose subject is what a verb does, not the process that runs it: the
+    imports (torch, transformers, MLflow: 10-15 s a command on 2 cores) are paid once
+    per session, and a verb that uses Ray joins the session's cluster (take the
+    ``ray_cluster`` fixture first, or the verb starts an embedded one that then outlives
+    the test). ``env`` is set for the call only.
+    """
+    from still_cli.main import main
+
+    overrides = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env or {})}
+    saved = {key: os.environ.get(key) for key in overrides}
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.environ.update(overrides)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["still", *args], code, out.getvalue(), err.getvalue())
 
 
 def kill_infer_mid_run(command: list[str], cwd: Path, env: dict, store_root: Path | None = None,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from _lm_fixtures import write_text_folder, write_tokenizer
-from _teacher_fixtures import kill_infer_mid_run, still_cli
+from _teacher_fixtures import kill_infer_mid_run, still_cli, still_in_process
 
 VOCAB = 512
 SEQ = ["data.seq_len=32"]
@@ -31,17 +31,17 @@ GRID = "store.temperatures=[1,2,4]"
 
 def _json(result) -> dict:
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def _infer(setup: dict, cwd: Path, *extra: str, teacher: str | None = None, timeout: float = 300):
-    return still_cli(["infer", f"data.source={setup['text']}", *SEQ, f"teacher.uri={teacher or setup['teacher']}",
+def _infer(setup: dict, cwd: Path, *extra: str, teacher: str | None = None):
+    return still_in_process(["infer", f"data.source={setup['text']}", *SEQ, f"teacher.uri={teacher or setup['teacher']}",
                       f"store.root={setup['root'] / 'stores'}", "infer.shard_rows=16", GRID, *extra, "--json"],
-                     cwd, timeout=timeout, env=setup["env"])
+                     cwd, env=setup["env"])
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
+def lm(ray_cluster, tmp_path_factory):
     """Text, tokenizer, a teacher trained by ``still train`` (its export), and its two stores."""
     from still.text.bible import SWORD_MODULE_DIR
 
@@ -51,11 +51,11 @@ def lm(tmp_path_factory):
     text = write_text_folder(root / "text")
     tokenizer = write_tokenizer(root / "tokenizer", [p.read_text() for p in sorted(text.glob("*.txt"))], VOCAB)
     env = {"STILL_CACHE_DIR": str(root / "cache")}
-    teacher = _json(still_cli(["train", f"data.source={text}", f"data.tokenizer={tokenizer}", *SEQ,
+    teacher = _json(still_in_process(["train", f"data.source={text}", f"data.tokenizer={tokenizer}", *SEQ,
                                "student.family=llama", "student.width=64", "student.depth=2", "train.batch_size=8",
                                "train.lr=0.003", "train.optimizer=adamw", "train.epochs=3", "train.seed=0",
                                "scaling.num_workers=0", "train.name=teacher", "--json"],
-                              root, timeout=600, env=env))
+                              root, env=env))
     setup = {"root": root, "text": text, "tokenizer": tokenizer, "env": env, "teacher": teacher["checkpoint"],
              "teacher_val_ce": teacher["val_ce"]}
     setup["topk"] = _json(_infer(setup, root, "store.mode=topk", "store.k=8"))
@@ -144,24 +144,27 @@ def test_stored_targets_equal_the_teachers_full_softmax(lm):
     expected, sd = 16 * q_best.sum(), math.sqrt((16 * q_best * (1 - q_best)).sum())
     assert abs(drawn_best - expected) < 5 * sd, (drawn_best, expected, sd)
 
-    inspect = _json(still_cli(["store", "inspect", lm["topk"]["store"], "--json"], lm["root"]))
+    inspect = _json(still_in_process(["store", "inspect", lm["topk"]["store"], "--json"], lm["root"]))
     assert inspect["task"] == "causal_lm" and inspect["k"] == 8 and inspect["seq_len"] == 32
-    assert _json(still_cli(["store", "verify", lm["topk"]["store"], "--json"], lm["root"]))["ok"]
+    assert _json(still_in_process(["store", "verify", lm["topk"]["store"], "--json"], lm["root"]))["ok"]
 
 
 @pytest.mark.timeout(1200)
 def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
     def train(store: dict, name: str, *extra: str) -> dict:
-        return _json(still_cli(["train", f"store.uri={store['store']}", f"data.source={lm['text']}", *SEQ, *STUDENT,
+        return _json(still_in_process(["train", f"store.uri={store['store']}", f"data.source={lm['text']}", *SEQ, *STUDENT,
                                 "train.epochs=2", f"train.name={name}", *extra, "--json"],
-                               tmp_path, timeout=600, env=lm["env"]))
+                               tmp_path, env=lm["env"]))
 
     distilled = train(lm["topk"], "kd", "kd.temperature=2", "kd.weight=0.9")
     ce_only = train(lm["topk"], "ce", "kd.weight=0")
-    # two Ray Train workers: equal steps on both ranks (no hang under the timeout), gradients all-reduced;
-    # train.batch_size is the global batch, so the run takes the steps of one worker
-    sampled = train(lm["sampled"], "sampled", "kd.temperature=2", "kd.weight=0.9", "scaling.num_workers=2")
-    assert sampled["history"][-1]["world_size"] == 2 and sampled["steps"] == distilled["steps"]
+    # two Ray Train workers streaming the blocks through a pool smaller than a row group: equal steps on
+    # both ranks (no hang under the timeout), gradients all-reduced; train.batch_size is the global
+    # batch, so the run takes the steps of one worker
+    sampled = train(lm["sampled"], "sampled", "kd.temperature=2", "kd.weight=0.9", "scaling.num_workers=2",
+                    "train.ingest=stream", "train.shuffle_buffer=16")
+    assert sampled["history"][-1]["world_size"] == 2 and sampled["ingest"] == "stream"
+    assert sampled["steps"] == distilled["steps"]
     for out in (distilled, sampled):
         kl = [h["train_kl"] for h in out["history"]]
         assert kl[-1] < kl[0]  # the student moves toward the teacher
@@ -174,12 +177,12 @@ def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
     # student learns alone, and the two land within 0.01 nats; configs/lm.yaml compares them at scale.)
     assert distilled["val_agreement"] > ce_only["val_agreement"]
 
-    sweep = _json(still_cli(["tune", f"store.uri={lm['topk']['store']}", f"data.source={lm['text']}", *SEQ,
+    sweep = _json(still_in_process(["tune", f"store.uri={lm['topk']['store']}", f"data.source={lm['text']}", *SEQ,
                              *[a for a in STUDENT if not a.startswith("scaling")], "train.epochs=1",
                              "tune.searcher=grid", "tune.num_samples=1", "tune.metric=val_ce", "tune.name=lm-sweep",
                              "space.temperature=[2]", "space.weight=[0.5]", "space.width=[32]",
                              "space.divergence=[forward, jsd]", "kd.jsd_beta=0.3", "tune.retrain_best=true", "--json"],
-                            tmp_path, timeout=600, env=lm["env"]))
+                            tmp_path, env=lm["env"]))
     assert [row["status"] for row in sweep["trials"]] == ["completed", "completed"]
     assert [row["divergence"] for row in sweep["trials"]] == ["forward", "jsd"]
     assert all(row["val_ce"] < uniform for row in sweep["trials"]) and sweep["best"]["metrics"]["val_ce"] > 0
@@ -223,27 +226,27 @@ def test_bad_input_is_refused_by_name_before_anything_is_written(lm, tmp_path):
         _infer(lm, tmp_path, "store.mode=topk", "store.k=600", f"store.root={tmp_path / 'big-k'}"))
     assert not (tmp_path / "big-k").exists() or not list((tmp_path / "big-k").rglob("*.parquet"))
     train = ["train", f"store.uri={store}", f"data.source={lm['text']}", *STUDENT, "train.epochs=1"]
-    assert "data.seq_len=16 does not match store" in error(still_cli([*train, "data.seq_len=16"], tmp_path,
+    assert "data.seq_len=16 does not match store" in error(still_in_process([*train, "data.seq_len=16"], tmp_path,
                                                                          env=lm["env"]))
     other = write_tokenizer(tmp_path / "other-tokenizer", ["a different corpus " * 50, "of few words " * 40], 300)
-    assert "is not the tokenizer of store" in error(still_cli([*train, *SEQ, f"data.tokenizer={other}"], tmp_path,
+    assert "is not the tokenizer of store" in error(still_in_process([*train, *SEQ, f"data.tokenizer={other}"], tmp_path,
                                                               env=lm["env"]))
     changed = tmp_path / "changed"
     shutil.copytree(lm["text"], changed)
     first = sorted(changed.glob("*.txt"))[0]
     first.write_text(first.read_text() + " And a verse that was never there.")
     train_changed = ["train", f"store.uri={store}", f"data.source={changed}", *SEQ, *STUDENT, "train.epochs=1"]
-    assert "the corpus changed" in error(still_cli(train_changed, tmp_path, env=lm["env"]))
-    assert "kd.divergence=reverse needs a top-k or dense store: the sampled store" in error(still_cli(
+    assert "the corpus changed" in error(still_in_process(train_changed, tmp_path, env=lm["env"]))
+    assert "kd.divergence=reverse needs a top-k or dense store: the sampled store" in error(still_in_process(
         ["train", f"store.uri={lm['sampled']['store']}", f"data.source={lm['text']}", *SEQ, *STUDENT,
          "train.epochs=1", "kd.divergence=reverse"], tmp_path, env=lm["env"]))
-    assert "is a language-model store" in error(still_cli(
+    assert "is a language-model store" in error(still_in_process(
         ["train", f"store.uri={store}", "student.family=mlp", "train.epochs=1"], tmp_path, env=lm["env"]))
 
 
 @pytest.mark.timeout(600)
 def test_a_classifier_store_is_refused_by_a_language_model_student(digits_store, lm, tmp_path):
-    result = still_cli(["train", f"store.uri={digits_store}", *SEQ, *STUDENT, "train.epochs=1"], tmp_path,
+    result = still_in_process(["train", f"store.uri={digits_store}", *SEQ, *STUDENT, "train.epochs=1"], tmp_path,
                        env=lm["env"])
     assert result.returncode != 0 and "is a classifier store, not a language-model store" in result.stderr
 
