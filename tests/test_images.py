@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _teacher_fixtures import mnist_digits, still_cli, train_pixel_teacher
+from _teacher_fixtures import mnist_digits, still_in_process, train_pixel_teacher
 from still.config import DataConfig, ImageConfig, load_config
 from still.datasets import load_arrays, resolve_dataset
 from still.errors import StillError
@@ -93,18 +93,18 @@ def test_png_column_and_folder_give_the_numbers_logits(ray_cluster, mnist_pngs):
 
     # through the still command: a labels-only fp16 top-3 store of the PNGs, and a student at T = 4 that
     # decodes them again from the source
-    infer = still_cli(["infer", f"data.source={pngs}", "data.feature_column=image", f"teacher.uri={teacher}",
-                       f"store.root={root}", "store.include_inputs=false", "store.mode=topk", "store.k=3",
-                       "--json"], cwd=base, timeout=300)
+    infer = still_in_process(["infer", f"data.source={pngs}", "data.feature_column=image", f"teacher.uri={teacher}",
+                              f"store.root={root}", "store.include_inputs=false", "store.mode=topk", "store.k=3",
+                              "--json"], cwd=base)
     assert infer.returncode == 0, infer.stderr[-2000:]
-    labels_only = json.loads(infer.stdout.strip().splitlines()[-1])
+    labels_only = json.loads([line for line in infer.stdout.splitlines() if line.startswith("{")][-1])
     assert labels_only["bytes_per_row"] < 0.5 * from_png["bytes_per_row"]
     assert "input" not in st.open_store(labels_only["store"]).manifest["columns"]
-    train = still_cli(["train", f"store.uri={labels_only['store']}", "student.width=64", "train.epochs=15",
-                       "kd.temperature=4", "scaling.num_workers=0", f"train.output_dir={base / 'student'}", "--json"],
-                      cwd=base, timeout=300)
+    train = still_in_process(["train", f"store.uri={labels_only['store']}", "student.width=64", "train.epochs=15",
+                              "kd.temperature=4", "scaling.num_workers=0", f"train.output_dir={base / 'student'}",
+                              "--json"], cwd=base)
     assert train.returncode == 0, train.stderr[-2000:]
-    student = json.loads(train.stdout.strip().splitlines()[-1])
+    student = json.loads([line for line in train.stdout.splitlines() if line.startswith("{")][-1])
     assert student["student_test_accuracy"] > 0.6, student["student_test_accuracy"]
 
 

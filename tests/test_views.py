@@ -7,6 +7,7 @@ far more than fp16 rounding: a replay that is off by anything cannot pass.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from _teacher_fixtures import mnist_digits, still_cli, train_pixel_teacher
+from _teacher_fixtures import mnist_digits, still_cli, still_in_process, train_pixel_teacher
 from still.augment import AugmentConfig, apply_augment, param_names, random_params, view_params
 from still.config import DataConfig, load_config
 from still.errors import StillError
@@ -228,7 +229,7 @@ def test_cli_trains_on_views_and_refuses_bad_views(ray_cluster, digits_28, tmp_p
     data, teacher_uri = digits_28
     common = [f"data.source={data}", f"teacher.uri={teacher_uri}", f"store.root={tmp_path / 'stores'}"]
 
-    result = still_cli(["infer", *common, "store.views=0"], tmp_path)
+    result = still_in_process(["infer", *common, "store.views=0"], tmp_path)
     assert result.returncode != 0 and "store.views must be >= 1" in result.stderr
     with pytest.raises(StillError, match=r"store.views=3 needs an augmentation"):
         _infer(data, teacher_uri, tmp_path / "stores", "store.views=3")
@@ -242,7 +243,7 @@ def test_cli_trains_on_views_and_refuses_bad_views(ray_cluster, digits_28, tmp_p
 
     train = ["train", f"store.uri={uri}", "student.width=128", "train.epochs=6", "train.lr=0.003",
              "scaling.num_workers=0", f"train.output_dir={tmp_path / 'student'}"]
-    result = still_cli([*train, "train.augment.jitter=1", "--json"], tmp_path)
+    result = still_in_process([*train, "train.augment.jitter=1", "--json"], tmp_path)
     assert result.returncode != 0
     assert "train.augment={'jitter': 1, 'crop': 0, 'flip': False} differs" in result.stderr
     assert "store.augment={'jitter': 2, 'crop': 24, 'flip': True}" in result.stderr
@@ -251,13 +252,14 @@ def test_cli_trains_on_views_and_refuses_bad_views(ray_cluster, digits_28, tmp_p
     # Two Ray Train workers, one view per sample per epoch (the default), held in memory and streamed from the
     # labels-only store (inputs joined from the source) through a pool of 50 rows, far smaller than a unit: each
     # must end (they hung before: ranks took different step counts) and learn (the teacher is right on these
-    # digits; six short epochs of a student are far above chance, 0.1).
+    # digits; six short epochs of a student are far above chance, 0.1). The streamed run is a real `still`
+    # process on its own embedded 2-CPU cluster, as a user's first run is; the memory one joins the session's.
     two = [t for t in train if t != "scaling.num_workers=0"] + ["scaling.num_workers=2"]
-    for ingest, extra in (("memory", []), ("stream", ["train.shuffle_buffer=50"])):
-        result = still_cli([*two, f"train.ingest={ingest}", *extra, f"train.name=two-{ingest}", "--json"], tmp_path,
-                           timeout=300)
+    streamed = functools.partial(still_cli, timeout=300)
+    for ingest, extra, run in (("memory", [], still_in_process), ("stream", ["train.shuffle_buffer=50"], streamed)):
+        result = run([*two, f"train.ingest={ingest}", *extra, f"train.name=two-{ingest}", "--json"], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
-        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        summary = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
         assert summary["ingest"] == ingest and summary["history"][-1]["world_size"] == 2
         assert summary["student_test_accuracy"] > 0.75, (ingest, summary["student_test_accuracy"])
 
