@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from _teacher_fixtures import mnist_digits, still_cli
+from _teacher_fixtures import mnist_digits, still_in_process
 from still.checkpoints import save_checkpoint
 from still.config import load_config
 from still.errors import StillError
@@ -48,7 +48,7 @@ def digits_28(tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-def test_cli_pipeline_distills_with_hints_on_two_layers(digits_28, tmp_path):
+def test_cli_pipeline_distills_with_hints_on_two_layers(ray_cluster, digits_28, tmp_path):
     student = {"family": "cnn", "width": 0.25}
     train = {"epochs": 3, "lr": 0.003, "seed": 0}
     pipeline = {
@@ -77,9 +77,9 @@ def test_cli_pipeline_distills_with_hints_on_two_layers(digits_28, tmp_path):
     }
     path = tmp_path / "hints.yaml"
     path.write_text(yaml.safe_dump(pipeline))
-    result = still_cli(["run", str(path), "--json"], tmp_path, timeout=560)
+    result = still_in_process(["run", str(path), "--json"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
 
     store = json.loads((tmp_path / "stores" / out["store"]["key"] / "manifest.json").read_text())
     assert store["storage"]["feature_shapes"] == {"pool2": [32, 7, 7], "features": [64]}

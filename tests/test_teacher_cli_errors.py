@@ -1,7 +1,8 @@
 """Bad inputs to still infer / still store through the real CLI: one-line errors, nothing lost.
 
-Every case runs ``still`` in a subprocess and checks: non-zero exit, one stderr line that
-names the bad input, and an existing good store in the same root untouched.
+Every case runs the ``still`` command (in this process: ``still_in_process``) and checks:
+non-zero exit, one stderr line that names the bad input, and an existing good store in
+the same root untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _teacher_fixtures import still_cli, synthetic_parquet, train_digits_teacher
+from _teacher_fixtures import still_in_process, synthetic_parquet, train_digits_teacher
 from teacher_infer import store as st
 from _teacher_fixtures import write_small_store
 
@@ -90,14 +91,14 @@ CASES = {
 
 
 @pytest.mark.timeout(200)
-def test_bad_infer_inputs(workspace):
+def test_bad_infer_inputs(ray_cluster, workspace):
     base, teacher, teacher5, root = workspace
     before = _tree_digest(root)
     for name, (overrides, expected) in CASES.items():
         args = [o.format(base=base, teacher=teacher, teacher5=teacher5) for o in overrides]
         if not any(a.startswith("data.source=") for a in args):
             args.append("data.source=builtin:digits")
-        result = still_cli(["infer", *args, f"store.root={root}", "tracking.enabled=false"], cwd=base)
+        result = still_in_process(["infer", *args, f"store.root={root}", "tracking.enabled=false"], cwd=base)
         line = _error_line(result)
         assert expected in line, (name, line)
         assert _tree_digest(root) == before, f"{name}: the store root changed"
@@ -114,7 +115,7 @@ def test_bad_store_uris(workspace):
     for uri, expected in ((base / "notastore", "not a store"), (incomplete, "incomplete"),
                           (base / "absent", "does not exist")):
         for action in ("inspect", "verify"):
-            result = still_cli(["store", action, str(uri)], cwd=base)
+            result = still_in_process(["store", action, str(uri)], cwd=base)
             assert result.returncode != 0
             line = result.stderr.strip().splitlines()[-1] if action == "inspect" else result.stderr
             assert str(uri) in line and expected in line, (action, result.stderr)
@@ -124,10 +125,10 @@ def test_bad_store_uris(workspace):
     raw = bytearray(shard.read_bytes())
     raw[100:110] = b"\x00" * 10
     shard.write_bytes(bytes(raw))
-    result = still_cli(["store", "verify", str(corrupt), "--json"], cwd=base)
+    result = still_in_process(["store", "verify", str(corrupt), "--json"], cwd=base)
     assert result.returncode == 1
     assert str(corrupt) in result.stderr and "checksum" in result.stderr
-    good = still_cli(["store", "verify", str(root / "goodstore"), "--json"], cwd=base)
+    good = still_in_process(["store", "verify", str(root / "goodstore"), "--json"], cwd=base)
     assert good.returncode == 0 and '"ok": true' in good.stdout.splitlines()[-1]
-    inspect = still_cli(["store", "inspect", str(root / "goodstore")], cwd=base)
+    inspect = still_in_process(["store", "inspect", str(root / "goodstore")], cwd=base)
     assert inspect.returncode == 0 and "rows: 10" in inspect.stdout
