@@ -109,8 +109,9 @@ def test_the_same_seed_gives_the_same_losses_again_and_after_a_kill_and_resume(d
               "train.batch_size=8", "student.width=32", "student.depth=1", "student.dropout=0.3", "train.lr=0.003",
               "kd.temperature=3", "kd.weight=0.6", "train.seed=4", "train.shuffle_buffer=300",
               "train.lr_schedule=cosine", "scaling.cpus_per_worker=1", "tracking.enabled=false"]
-    runs = [_summary(_still_train([*common, f"train.output_dir={tmp_path / name}", f"train.name={name}"], tmp_path))
-            for name in ("a", "b")]
+    # the three processes at once (one torch thread each): two to compare, one to kill after its first epoch
+    started = [_still_train([*common, f"train.output_dir={tmp_path / name}", f"train.name={name}"], tmp_path)
+               for name in ("a", "b")]
     cut = [*common, f"train.output_dir={tmp_path / 'cut'}", "train.name=cut"]
     proc = _still_train(cut, tmp_path)
     state = tmp_path / "cut" / "ray" / "cut" / "state.pt"
@@ -121,6 +122,7 @@ def test_the_same_seed_gives_the_same_losses_again_and_after_a_kill_and_resume(d
     finally:
         proc.kill()
         proc.communicate(timeout=60)
+    runs = [_summary(run) for run in started]
     resumed = _summary(_still_train([*cut, "train.resume=true"], tmp_path))
     assert 1 <= resumed["resumed_from"] < 12, resumed["resumed_from"]  # killed mid-run, resumed from its checkpoint
 
