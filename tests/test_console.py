@@ -129,7 +129,8 @@ def test_quiet_termination_drops_only_the_exit_a_finalizer_swallowed():
         print("still running")
     """)
     for mode, exits_shown in (("quiet", 0), ("verbose", 1)):
-        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                              timeout=60)
         assert done.returncode == 0 and done.stdout == "still running\n", done
         assert done.stderr.count("Exception ignored in") == 1 + exits_shown, done.stderr
         assert "ValueError: a real error" in done.stderr

@@ -93,16 +93,16 @@ def test_png_column_and_folder_give_the_numbers_logits(ray_cluster, mnist_pngs):
 
     # through the still command: a labels-only fp16 top-3 store of the PNGs, and a student at T = 4 that
     # decodes them again from the source
-    infer = still_in_process(["infer", f"data.source={pngs}", "data.feature_column=image", f"teacher.uri={teacher}",
-                              f"store.root={root}", "store.include_inputs=false", "store.mode=topk", "store.k=3",
-                              "--json"], cwd=base)
+    infer = still_in_process(["infer", f"data.source={pngs}", "data.feature_column=image",
+                              f"teacher.uri={teacher}", f"store.root={root}", "store.include_inputs=false",
+                              "store.mode=topk", "store.k=3", "--json"], cwd=base)
     assert infer.returncode == 0, infer.stderr[-2000:]
     labels_only = json.loads([line for line in infer.stdout.splitlines() if line.startswith("{")][-1])
     assert labels_only["bytes_per_row"] < 0.5 * from_png["bytes_per_row"]
     assert "input" not in st.open_store(labels_only["store"]).manifest["columns"]
-    train = still_in_process(["train", f"store.uri={labels_only['store']}", "student.width=64", "train.epochs=15",
-                              "kd.temperature=4", "scaling.num_workers=0", f"train.output_dir={base / 'student'}",
-                              "--json"], cwd=base)
+    train = still_in_process(["train", f"store.uri={labels_only['store']}", "student.width=64",
+                              "train.epochs=15", "kd.temperature=4", "scaling.num_workers=0",
+                              f"train.output_dir={base / 'student'}", "--json"], cwd=base)
     assert train.returncode == 0, train.stderr[-2000:]
     student = json.loads([line for line in train.stdout.splitlines() if line.startswith("{")][-1])
     assert student["student_test_accuracy"] > 0.6, student["student_test_accuracy"]

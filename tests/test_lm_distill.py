@@ -35,9 +35,10 @@ def _json(result) -> dict:
 
 
 def _infer(setup: dict, cwd: Path, *extra: str, teacher: str | None = None):
-    return still_in_process(["infer", f"data.source={setup['text']}", *SEQ, f"teacher.uri={teacher or setup['teacher']}",
-                      f"store.root={setup['root'] / 'stores'}", "infer.shard_rows=16", GRID, *extra, "--json"],
-                     cwd, env=setup["env"])
+    return still_in_process(["infer", f"data.source={setup['text']}", *SEQ,
+                             f"teacher.uri={teacher or setup['teacher']}",
+                             f"store.root={setup['root'] / 'stores'}", "infer.shard_rows=16", GRID, *extra,
+                             "--json"], cwd, env=setup["env"])
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,10 @@ def lm(ray_cluster, tmp_path_factory):
     tokenizer = write_tokenizer(root / "tokenizer", [p.read_text() for p in sorted(text.glob("*.txt"))], VOCAB)
     env = {"STILL_CACHE_DIR": str(root / "cache")}
     teacher = _json(still_in_process(["train", f"data.source={text}", f"data.tokenizer={tokenizer}", *SEQ,
-                               "student.family=llama", "student.width=64", "student.depth=2", "train.batch_size=8",
-                               "train.lr=0.003", "train.optimizer=adamw", "train.epochs=3", "train.seed=0",
-                               "scaling.num_workers=0", "train.name=teacher", "--json"],
-                              root, env=env))
+                                      "student.family=llama", "student.width=64", "student.depth=2",
+                                      "train.batch_size=8", "train.lr=0.003", "train.optimizer=adamw",
+                                      "train.epochs=3", "train.seed=0", "scaling.num_workers=0",
+                                      "train.name=teacher", "--json"], root, env=env))
     setup = {"root": root, "text": text, "tokenizer": tokenizer, "env": env, "teacher": teacher["checkpoint"],
              "teacher_val_ce": teacher["val_ce"]}
     setup["topk"] = _json(_infer(setup, root, "store.mode=topk", "store.k=8"))
@@ -152,9 +153,9 @@ def test_stored_targets_equal_the_teachers_full_softmax(lm):
 @pytest.mark.timeout(1200)
 def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
     def train(store: dict, name: str, *extra: str) -> dict:
-        return _json(still_in_process(["train", f"store.uri={store['store']}", f"data.source={lm['text']}", *SEQ, *STUDENT,
-                                "train.epochs=2", f"train.name={name}", *extra, "--json"],
-                               tmp_path, env=lm["env"]))
+        return _json(still_in_process(
+            ["train", f"store.uri={store['store']}", f"data.source={lm['text']}", *SEQ, *STUDENT, "train.epochs=2",
+             f"train.name={name}", *extra, "--json"], tmp_path, env=lm["env"]))
 
     distilled = train(lm["topk"], "kd", "kd.temperature=2", "kd.weight=0.9")
     ce_only = train(lm["topk"], "ce", "kd.weight=0")
@@ -177,12 +178,12 @@ def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
     # student learns alone, and the two land within 0.01 nats; configs/lm.yaml compares them at scale.)
     assert distilled["val_agreement"] > ce_only["val_agreement"]
 
-    sweep = _json(still_in_process(["tune", f"store.uri={lm['topk']['store']}", f"data.source={lm['text']}", *SEQ,
-                             *[a for a in STUDENT if not a.startswith("scaling")], "train.epochs=1",
-                             "tune.searcher=grid", "tune.num_samples=1", "tune.metric=val_ce", "tune.name=lm-sweep",
-                             "space.temperature=[2]", "space.weight=[0.5]", "space.width=[32]",
-                             "space.divergence=[forward, jsd]", "kd.jsd_beta=0.3", "tune.retrain_best=true", "--json"],
-                            tmp_path, env=lm["env"]))
+    sweep = _json(still_in_process(
+        ["tune", f"store.uri={lm['topk']['store']}", f"data.source={lm['text']}", *SEQ,
+         *[a for a in STUDENT if not a.startswith("scaling")], "train.epochs=1", "tune.searcher=grid",
+         "tune.num_samples=1", "tune.metric=val_ce", "tune.name=lm-sweep", "space.temperature=[2]",
+         "space.weight=[0.5]", "space.width=[32]", "space.divergence=[forward, jsd]", "kd.jsd_beta=0.3",
+         "tune.retrain_best=true", "--json"], tmp_path, env=lm["env"]))
     assert [row["status"] for row in sweep["trials"]] == ["completed", "completed"]
     assert [row["divergence"] for row in sweep["trials"]] == ["forward", "jsd"]
     assert all(row["val_ce"] < uniform for row in sweep["trials"]) and sweep["best"]["metrics"]["val_ce"] > 0
@@ -226,11 +227,11 @@ def test_bad_input_is_refused_by_name_before_anything_is_written(lm, tmp_path):
         _infer(lm, tmp_path, "store.mode=topk", "store.k=600", f"store.root={tmp_path / 'big-k'}"))
     assert not (tmp_path / "big-k").exists() or not list((tmp_path / "big-k").rglob("*.parquet"))
     train = ["train", f"store.uri={store}", f"data.source={lm['text']}", *STUDENT, "train.epochs=1"]
-    assert "data.seq_len=16 does not match store" in error(still_in_process([*train, "data.seq_len=16"], tmp_path,
-                                                                         env=lm["env"]))
+    assert "data.seq_len=16 does not match store" in error(
+        still_in_process([*train, "data.seq_len=16"], tmp_path, env=lm["env"]))
     other = write_tokenizer(tmp_path / "other-tokenizer", ["a different corpus " * 50, "of few words " * 40], 300)
-    assert "is not the tokenizer of store" in error(still_in_process([*train, *SEQ, f"data.tokenizer={other}"], tmp_path,
-                                                              env=lm["env"]))
+    assert "is not the tokenizer of store" in error(
+        still_in_process([*train, *SEQ, f"data.tokenizer={other}"], tmp_path, env=lm["env"]))
     changed = tmp_path / "changed"
     shutil.copytree(lm["text"], changed)
     first = sorted(changed.glob("*.txt"))[0]
@@ -246,8 +247,8 @@ def test_bad_input_is_refused_by_name_before_anything_is_written(lm, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_a_classifier_store_is_refused_by_a_language_model_student(digits_store, lm, tmp_path):
-    result = still_in_process(["train", f"store.uri={digits_store}", *SEQ, *STUDENT, "train.epochs=1"], tmp_path,
-                       env=lm["env"])
+    result = still_in_process(["train", f"store.uri={digits_store}", *SEQ, *STUDENT, "train.epochs=1"],
+                              tmp_path, env=lm["env"])
     assert result.returncode != 0 and "is a classifier store, not a language-model store" in result.stderr
 
 

@@ -42,9 +42,9 @@ def _json(result) -> dict:
 @pytest.mark.timeout(600)
 def test_cli_trains_a_tiny_llama_whose_export_loads_without_still(ray_cluster, corpus, tmp_path):
     out = _json(still_in_process(
-        ["train", f"data.source={corpus['text']}", f"data.tokenizer={corpus['tokenizer']}", *TINY, "train.epochs=2",
-         "train.warmup_steps=5", "train.lr_schedule=cosine", "train.grad_clip=1.0", "train.log_every=5",
-         "scaling.num_workers=0", "train.name=tiny-lm", "--json"], tmp_path, env=corpus["env"]))
+        ["train", f"data.source={corpus['text']}", f"data.tokenizer={corpus['tokenizer']}", *TINY,
+         "train.epochs=2", "train.warmup_steps=5", "train.lr_schedule=cosine", "train.grad_clip=1.0",
+         "train.log_every=5", "scaling.num_workers=0", "train.name=tiny-lm", "--json"], tmp_path, env=corpus["env"]))
     uniform = math.log(VOCAB)
     history = out["history"]
     assert [h["epoch"] for h in history] == [1, 2]

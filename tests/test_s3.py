@@ -90,11 +90,11 @@ def test_labels_only_store_on_s3_from_a_source_on_s3(s3_env, digits_teacher, tmp
 @pytest.mark.timeout(600)
 def test_kill_dash_nine_on_s3_then_resume(s3_env, tmp_path):
     env, fs = s3_env
-    data = synthetic_parquet(tmp_path / "data", rows=20_000, features=784)
+    data = synthetic_parquet(tmp_path / "data", rows=10_000, features=784)
     teacher = wide_mlp_teacher(tmp_path / "teacher.pt")
     args = ["infer", f"data.source={data}", f"teacher.uri={teacher}", "store.root=s3://still/killed",
-            "store.mode=topk", "store.k=5", "infer.shard_rows=500", "infer.batch_size=500", "tracking.enabled=false",
-            "ray.num_cpus=2"]
+            "store.mode=topk", "store.k=5", "infer.shard_rows=250", "infer.batch_size=250",
+            "tracking.enabled=false", "ray.num_cpus=2"]
     full = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
 
     def shards_on_s3():
@@ -108,13 +108,13 @@ def test_kill_dash_nine_on_s3_then_resume(s3_env, tmp_path):
     assert not fs.exists(f"{store_dir}/manifest.json") and 4 <= len(killed) < 40
     for part in killed:  # whole shards only, under their final names
         with fs.open(part, "rb") as handle:
-            assert pq.ParquetFile(handle).metadata.num_rows == 500
+            assert pq.ParquetFile(handle).metadata.num_rows == 250
 
     summary = _still(args + ["--json"], tmp_path, env)
-    assert summary["rows"] == 20_000 and summary["shards_resumed"] >= len(killed)
+    assert summary["rows"] == 10_000 and summary["shards_resumed"] >= len(killed)
     assert summary["shards_written"] + summary["shards_resumed"] == 40
     fs.invalidate_cache()
     ids = np.concatenate([pq.read_table(fs.open(p, "rb"), columns=["id"])["id"].to_numpy()
                           for p in sorted(fs.glob(f"{store_dir}/part-*.parquet"))])
-    assert np.array_equal(np.sort(ids), np.arange(20_000))  # every id exactly once
+    assert np.array_equal(np.sort(ids), np.arange(10_000))  # every id exactly once
     assert _still(["store", "verify", f"s3://{store_dir}", "--json"], tmp_path, env)["ok"]

@@ -24,8 +24,8 @@ def _json(result) -> dict:
 def test_topk_and_sampled_stores_train_students_from_the_cli(ray_cluster, tmp_path, digits_teacher):
     common = ["data.source=builtin:digits", f"teacher.uri={digits_teacher}", f"store.root={tmp_path / 'stores'}"]
     stores = {
-        "topk": _json(still_in_process(["infer", *common, "store.mode=topk", "store.k=3", "store.dtype=float16",
-                                        "--json"], cwd=tmp_path)),
+        "topk": _json(still_in_process(["infer", *common, "store.mode=topk", "store.k=3",
+                                        "store.dtype=float16", "--json"], cwd=tmp_path)),
         "sampled": _json(still_in_process(["infer", *common, "store.mode=sampled", "store.samples=16",
                                            "store.sample_temperature=4", "--json"], cwd=tmp_path)),
     }
@@ -39,9 +39,9 @@ def test_topk_and_sampled_stores_train_students_from_the_cli(ray_cluster, tmp_pa
 
     for mode, tail in (("topk", "uniform"), ("sampled", "bucket")):
         student = _json(still_in_process(
-            ["train", f"store.uri={stores[mode]['store']}", "student.width=64", "student.depth=1", "kd.temperature=4",
-             "kd.weight=0.7", f"kd.tail={tail}", "train.epochs=15", "train.lr=0.003", "scaling.num_workers=0",
-             f"train.output_dir={tmp_path / mode}", "--json"], cwd=tmp_path))
+            ["train", f"store.uri={stores[mode]['store']}", "student.width=64", "student.depth=1",
+             "kd.temperature=4", "kd.weight=0.7", f"kd.tail={tail}", "train.epochs=15", "train.lr=0.003",
+             "scaling.num_workers=0", f"train.output_dir={tmp_path / mode}", "--json"], cwd=tmp_path))
         history = student["history"]
         assert history[-1]["train_kl"] < 0.5 * history[0]["train_kl"], mode  # the KL to the teacher falls
         assert student["student_test_accuracy"] > 0.9 and student["test_agreement"] > 0.9, (mode, student)

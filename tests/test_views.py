@@ -256,7 +256,8 @@ def test_cli_trains_on_views_and_refuses_bad_views(ray_cluster, digits_28, tmp_p
     # process on its own embedded 2-CPU cluster, as a user's first run is; the memory one joins the session's.
     two = [t for t in train if t != "scaling.num_workers=0"] + ["scaling.num_workers=2"]
     streamed = functools.partial(still_cli, timeout=300)
-    for ingest, extra, run in (("memory", [], still_in_process), ("stream", ["train.shuffle_buffer=50"], streamed)):
+    for ingest, extra, run in (("memory", [], still_in_process),
+                               ("stream", ["train.shuffle_buffer=50"], streamed)):
         result = run([*two, f"train.ingest={ingest}", *extra, f"train.name=two-{ingest}", "--json"], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         summary = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
