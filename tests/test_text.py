@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -211,6 +212,14 @@ def test_packing_accounting_layout_and_cache(ray_cluster, tiny_tokenizer, bible,
     # The tokenizer Ray's tasks build from JSON encodes as the loaded one does.
     assert tokenizer_from_json(tokenizer.serialized).encode_batch(texts[:3], add_special_tokens=False)[2].ids == \
         tokenizer.encode_batch(texts[2:3])[0]
+    # The same tokenizer in another folder finds the build too, and names the folder it was given: the
+    # one that made the build may be gone (a deleted temporary folder broke a sweep's trials this way).
+    moved = tmp_path / "moved-tokenizer"
+    shutil.copytree(tiny_tokenizer, moved)
+    elsewhere = token_blocks(cfg, str(moved))
+    assert elsewhere.key == blocks.key and elsewhere.tokenizer_uri == str(moved)
+    assert open_blocks(blocks.path).tokenizer_uri == tiny_tokenizer  # the build itself is unchanged
+
     # A second call finds the build: no tokenizing, no tokenizer load.
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized again")

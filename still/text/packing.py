@@ -109,13 +109,16 @@ def token_blocks(data_cfg: DataConfig, tokenizer_uri: str | None = None,
     if fingerprint:
         directory = root / blocks_key(corpus.fingerprint, fingerprint, data_cfg.seq_len)
         if (directory / MANIFEST).is_file():
-            return open_blocks(directory)
+            # A build keeps the URI that made it, which may be gone since; the tokenizer with its
+            # fingerprint is the one given here.
+            return dataclasses.replace(open_blocks(directory), tokenizer_uri=uri)
     tokenizer = load_tokenizer(uri)
     _remember_fingerprint(root, uri, tokenizer.fingerprint)
     key = blocks_key(corpus.fingerprint, tokenizer.fingerprint, data_cfg.seq_len)
-    if not (root / key / MANIFEST).is_file():
-        tokens = tokenize_documents([doc.text for doc in corpus.documents], tokenizer, ray_cfg)
-        _write_build(root / key, _build(corpus, tokens, tokenizer, data_cfg.seq_len, key))
+    if (root / key / MANIFEST).is_file():
+        return dataclasses.replace(open_blocks(root / key), tokenizer_uri=uri)
+    tokens = tokenize_documents([doc.text for doc in corpus.documents], tokenizer, ray_cfg)
+    _write_build(root / key, _build(corpus, tokens, tokenizer, data_cfg.seq_len, key))
     return dataclasses.replace(open_blocks(root / key), cache_hit=False)
 
 
