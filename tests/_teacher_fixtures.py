@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,13 @@ def still_cli(args: list[str], cwd: Path, timeout: float = 120, env: dict | None
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "still_cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def summary_json(result: subprocess.CompletedProcess) -> dict:
+    """The ``--json`` summary of a ``still`` run that succeeded: its last JSON line on stdout
+    (in process, Ray's worker lines share that stdout and may come after it)."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def still_in_process(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

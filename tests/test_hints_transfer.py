@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from _teacher_fixtures import mnist_digits, still_in_process
+from _teacher_fixtures import mnist_digits, still_in_process, summary_json
 from still.checkpoints import save_checkpoint
 from still.config import load_config
 from still.errors import StillError
@@ -79,7 +79,7 @@ def test_cli_pipeline_distills_with_hints_on_two_layers(ray_cluster, digits_28, 
     path.write_text(yaml.safe_dump(pipeline))
     result = still_in_process(["run", str(path), "--json"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+    out = summary_json(result)
 
     store = json.loads((tmp_path / "stores" / out["store"]["key"] / "manifest.json").read_text())
     assert store["storage"]["feature_shapes"] == {"pool2": [32, 7, 7], "features": [64]}

@@ -8,7 +8,6 @@ over the same digits as numbers; cropping a padded folder must too. Bad images
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _teacher_fixtures import mnist_digits, still_in_process, train_pixel_teacher
+from _teacher_fixtures import mnist_digits, still_in_process, summary_json, train_pixel_teacher
 from still.config import DataConfig, ImageConfig, load_config
 from still.datasets import load_arrays, resolve_dataset
 from still.errors import StillError
@@ -97,14 +96,14 @@ def test_png_column_and_folder_give_the_numbers_logits(ray_cluster, mnist_pngs):
                               f"teacher.uri={teacher}", f"store.root={root}", "store.include_inputs=false",
                               "store.mode=topk", "store.k=3", "--json"], cwd=base)
     assert infer.returncode == 0, infer.stderr[-2000:]
-    labels_only = json.loads([line for line in infer.stdout.splitlines() if line.startswith("{")][-1])
+    labels_only = summary_json(infer)
     assert labels_only["bytes_per_row"] < 0.5 * from_png["bytes_per_row"]
     assert "input" not in st.open_store(labels_only["store"]).manifest["columns"]
     train = still_in_process(["train", f"store.uri={labels_only['store']}", "student.width=64",
                               "train.epochs=15", "kd.temperature=4", "scaling.num_workers=0",
                               f"train.output_dir={base / 'student'}", "--json"], cwd=base)
     assert train.returncode == 0, train.stderr[-2000:]
-    student = json.loads([line for line in train.stdout.splitlines() if line.startswith("{")][-1])
+    student = summary_json(train)
     assert student["student_test_accuracy"] > 0.6, student["student_test_accuracy"]
 
 

@@ -20,18 +20,13 @@ import pytest
 import torch
 
 from _lm_fixtures import write_text_folder, write_tokenizer
-from _teacher_fixtures import kill_infer_mid_run, still_cli, still_in_process
+from _teacher_fixtures import kill_infer_mid_run, still_cli, still_in_process, summary_json
 
 VOCAB = 512
 SEQ = ["data.seq_len=32"]
 STUDENT = ["student.family=llama", "student.width=32", "student.depth=1", "train.batch_size=8", "train.lr=0.003",
            "train.optimizer=adamw", "train.seed=0", "scaling.num_workers=0", "train.log_every=0"]
 GRID = "store.temperatures=[1,2,4]"
-
-
-def _json(result) -> dict:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def _infer(setup: dict, cwd: Path, *extra: str, teacher: str | None = None):
@@ -52,15 +47,15 @@ def lm(ray_cluster, tmp_path_factory):
     text = write_text_folder(root / "text")
     tokenizer = write_tokenizer(root / "tokenizer", [p.read_text() for p in sorted(text.glob("*.txt"))], VOCAB)
     env = {"STILL_CACHE_DIR": str(root / "cache")}
-    teacher = _json(still_in_process(["train", f"data.source={text}", f"data.tokenizer={tokenizer}", *SEQ,
-                                      "student.family=llama", "student.width=64", "student.depth=2",
-                                      "train.batch_size=8", "train.lr=0.003", "train.optimizer=adamw",
-                                      "train.epochs=3", "train.seed=0", "scaling.num_workers=0",
-                                      "train.name=teacher", "--json"], root, env=env))
+    teacher = summary_json(still_in_process(
+        ["train", f"data.source={text}", f"data.tokenizer={tokenizer}", *SEQ, "student.family=llama",
+         "student.width=64", "student.depth=2", "train.batch_size=8", "train.lr=0.003",
+         "train.optimizer=adamw", "train.epochs=3", "train.seed=0", "scaling.num_workers=0", "train.name=teacher",
+         "--json"], root, env=env))
     setup = {"root": root, "text": text, "tokenizer": tokenizer, "env": env, "teacher": teacher["checkpoint"],
              "teacher_val_ce": teacher["val_ce"]}
-    setup["topk"] = _json(_infer(setup, root, "store.mode=topk", "store.k=8"))
-    setup["sampled"] = _json(_infer(setup, root, "store.mode=sampled", "store.samples=16",
+    setup["topk"] = summary_json(_infer(setup, root, "store.mode=topk", "store.k=8"))
+    setup["sampled"] = summary_json(_infer(setup, root, "store.mode=sampled", "store.samples=16",
                                     "store.sample_temperature=2"))
     return setup
 
@@ -145,15 +140,16 @@ def test_stored_targets_equal_the_teachers_full_softmax(lm):
     expected, sd = 16 * q_best.sum(), math.sqrt((16 * q_best * (1 - q_best)).sum())
     assert abs(drawn_best - expected) < 5 * sd, (drawn_best, expected, sd)
 
-    inspect = _json(still_in_process(["store", "inspect", lm["topk"]["store"], "--json"], lm["root"]))
+    inspect = summary_json(still_in_process(["store", "inspect", lm["topk"]["store"], "--json"], lm["root"]))
     assert inspect["task"] == "causal_lm" and inspect["k"] == 8 and inspect["seq_len"] == 32
-    assert _json(still_in_process(["store", "verify", lm["topk"]["store"], "--json"], lm["root"]))["ok"]
+    verified = summary_json(still_in_process(["store", "verify", lm["topk"]["store"], "--json"], lm["root"]))
+    assert verified["ok"]
 
 
 @pytest.mark.timeout(1200)
 def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
     def train(store: dict, name: str, *extra: str) -> dict:
-        return _json(still_in_process(
+        return summary_json(still_in_process(
             ["train", f"store.uri={store['store']}", f"data.source={lm['text']}", *SEQ, *STUDENT, "train.epochs=2",
              f"train.name={name}", *extra, "--json"], tmp_path, env=lm["env"]))
 
@@ -178,7 +174,7 @@ def test_students_distil_from_the_stores_through_the_cli(lm, tmp_path):
     # student learns alone, and the two land within 0.01 nats; configs/lm.yaml compares them at scale.)
     assert distilled["val_agreement"] > ce_only["val_agreement"]
 
-    sweep = _json(still_in_process(
+    sweep = summary_json(still_in_process(
         ["tune", f"store.uri={lm['topk']['store']}", f"data.source={lm['text']}", *SEQ,
          *[a for a in STUDENT if not a.startswith("scaling")], "train.epochs=1", "tune.searcher=grid",
          "tune.num_samples=1", "tune.metric=val_ce", "tune.name=lm-sweep", "space.temperature=[2]",
@@ -204,7 +200,8 @@ def test_capture_resumes_after_kill_9_with_the_same_bytes(lm, tmp_path):
     seen = kill_infer_mid_run([sys.executable, "-m", "still_cli", *args, f"store.root={killed_root}"], tmp_path,
                               env, store_root=killed_root, min_shards=3)
     assert seen
-    resumed = _json(still_cli([*args, f"store.root={killed_root}", "--json"], tmp_path, timeout=300, env=lm["env"]))
+    resumed = summary_json(still_cli([*args, f"store.root={killed_root}", "--json"], tmp_path, timeout=300,
+                                     env=lm["env"]))
     clean = lm["topk"]
     assert resumed["shards_resumed"] >= 1 and resumed["shards_written"] >= 1
     assert clean["key"] == resumed["key"] and clean["rows"] == resumed["rows"]
@@ -277,7 +274,7 @@ def test_blocks_with_non_finite_teacher_logits_are_named_and_left_out(lm, tmp_pa
     broken.save_pretrained(directory)
     AutoTokenizer.from_pretrained(lm["teacher"]).save_pretrained(directory)
 
-    out = _json(_infer(lm, tmp_path, "store.mode=topk", "store.k=8", "infer.splits=[train]",
+    out = summary_json(_infer(lm, tmp_path, "store.mode=topk", "store.k=8", "infer.splits=[train]",
                        f"store.root={tmp_path / 'stores'}", teacher=str(directory)))
     manifest = json.loads((Path(out["store"]) / "manifest.json").read_text())
     poisoned = set(blocks["id"].to_numpy()[presence[:, token]].tolist())

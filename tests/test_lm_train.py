@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from _lm_fixtures import write_text_folder, write_tokenizer
-from _teacher_fixtures import still_cli, still_in_process
+from _teacher_fixtures import still_cli, still_in_process, summary_json
 
 VOCAB = 512
 TINY = ["student.family=llama", "student.width=32", "student.depth=2", "data.seq_len=32", "train.batch_size=8",
@@ -34,14 +34,9 @@ def corpus(tmp_path_factory):
     return {"root": root, "text": text, "tokenizer": tokenizer, "env": {"STILL_CACHE_DIR": str(root / "cache")}}
 
 
-def _json(result) -> dict:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-
-
 @pytest.mark.timeout(600)
 def test_cli_trains_a_tiny_llama_whose_export_loads_without_still(ray_cluster, corpus, tmp_path):
-    out = _json(still_in_process(
+    out = summary_json(still_in_process(
         ["train", f"data.source={corpus['text']}", f"data.tokenizer={corpus['tokenizer']}", *TINY,
          "train.epochs=2", "train.warmup_steps=5", "train.lr_schedule=cosine", "train.grad_clip=1.0",
          "train.log_every=5", "scaling.num_workers=0", "train.name=tiny-lm", "--json"], tmp_path, env=corpus["env"]))
@@ -88,7 +83,7 @@ def test_cli_trains_a_tiny_llama_whose_export_loads_without_still(ray_cluster, c
     assert loaded["ce"] == pytest.approx(out["test_ce"], rel=1e-4)
 
     # still eval of the exported model on the same source scores what training reported
-    evaluated = _json(still_in_process(["eval", f"model.uri={export}", f"data.source={corpus['text']}",
+    evaluated = summary_json(still_in_process(["eval", f"model.uri={export}", f"data.source={corpus['text']}",
                                         "data.seq_len=32", "--json"], tmp_path, env=corpus["env"]))
     assert evaluated["val_ce"] == pytest.approx(out["val_ce"], rel=1e-4)
     assert evaluated["test_ce"] == pytest.approx(out["test_ce"], rel=1e-4)

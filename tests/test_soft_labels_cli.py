@@ -7,30 +7,24 @@ fp16, the non-default ``kd.tail=uniform`` for the top-k one).
 
 from __future__ import annotations
 
-import json
 
 import mlflow
 import pytest
 
-from _teacher_fixtures import still_in_process
-
-
-def _json(result) -> dict:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+from _teacher_fixtures import still_in_process, summary_json
 
 
 @pytest.mark.timeout(400)
 def test_topk_and_sampled_stores_train_students_from_the_cli(ray_cluster, tmp_path, digits_teacher):
     common = ["data.source=builtin:digits", f"teacher.uri={digits_teacher}", f"store.root={tmp_path / 'stores'}"]
     stores = {
-        "topk": _json(still_in_process(["infer", *common, "store.mode=topk", "store.k=3",
+        "topk": summary_json(still_in_process(["infer", *common, "store.mode=topk", "store.k=3",
                                         "store.dtype=float16", "--json"], cwd=tmp_path)),
-        "sampled": _json(still_in_process(["infer", *common, "store.mode=sampled", "store.samples=16",
+        "sampled": summary_json(still_in_process(["infer", *common, "store.mode=sampled", "store.samples=16",
                                            "store.sample_temperature=4", "--json"], cwd=tmp_path)),
     }
     inspect = still_in_process(["store", "inspect", stores["topk"]["store"], "--json"], cwd=tmp_path)
-    summary = _json(inspect)
+    summary = summary_json(inspect)
     assert "fidelity: the stored target vs the full teacher output, on 1797 rows" in inspect.stdout
     assert summary["mode"] == "topk" and summary["k"] == 3 and summary["dtype"] == "float16"
     assert summary["fidelity"] == stores["topk"]["fidelity"]
@@ -38,7 +32,7 @@ def test_topk_and_sampled_stores_train_students_from_the_cli(ray_cluster, tmp_pa
     assert summary["temperatures"] == [1.0, 2.0, 4.0, 8.0]
 
     for mode, tail in (("topk", "uniform"), ("sampled", "bucket")):
-        student = _json(still_in_process(
+        student = summary_json(still_in_process(
             ["train", f"store.uri={stores[mode]['store']}", "student.width=64", "student.depth=1",
              "kd.temperature=4", "kd.weight=0.7", f"kd.tail={tail}", "train.epochs=15", "train.lr=0.003",
              "scaling.num_workers=0", f"train.output_dir={tmp_path / mode}", "--json"], cwd=tmp_path))

@@ -8,7 +8,6 @@ far more than fp16 rounding: a replay that is off by anything cannot pass.
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from _teacher_fixtures import mnist_digits, still_cli, still_in_process, train_pixel_teacher
+from _teacher_fixtures import mnist_digits, still_cli, still_in_process, summary_json, train_pixel_teacher
 from still.augment import AugmentConfig, apply_augment, param_names, random_params, view_params
 from still.config import DataConfig, load_config
 from still.errors import StillError
@@ -260,7 +259,7 @@ def test_cli_trains_on_views_and_refuses_bad_views(ray_cluster, digits_28, tmp_p
                                ("stream", ["train.shuffle_buffer=50"], streamed)):
         result = run([*two, f"train.ingest={ingest}", *extra, f"train.name=two-{ingest}", "--json"], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
-        summary = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+        summary = summary_json(result)
         assert summary["ingest"] == ingest and summary["history"][-1]["world_size"] == 2
         assert summary["student_test_accuracy"] > 0.75, (ingest, summary["student_test_accuracy"])
 
