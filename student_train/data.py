@@ -59,6 +59,11 @@ class TokenIds:
         """``x`` as int64 (what embeddings and cross-entropy take)."""
         return x.long()
 
+    @staticmethod
+    def apply_numpy(x: np.ndarray) -> np.ndarray:
+        """:meth:`apply` for numpy rows."""
+        return x.astype(np.int64)
+
 
 TOKEN_IDS = TokenIds()
 

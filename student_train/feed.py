@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from student_train.data import SPLITS, Source, is_teacher_column, split_codes
-from student_train.prefetch import EpochPrefetcher, group_batches
+from student_train.prefetch import EpochPrefetcher, group_batches, slot_bytes
 from student_train.reader import (
     POOL_BYTES,
     Piece,
@@ -149,11 +149,23 @@ class Feed:
             yield from self._memory_epoch(epoch, derive_seed(s.seed, epoch, VIEW_DRAW))
             return
         if self._prefetcher is None:
-            self._prefetcher = EpochPrefetcher(self.streamed_epoch, len(self.sizes),
-                                               group_batches(self.sizes, self.source.row_bytes()),
+            row_bytes = self.source.row_bytes()
+            group = group_batches(self.sizes, row_bytes)
+            self._prefetcher = EpochPrefetcher(self._reader_epoch, len(self.sizes), group,
+                                               slot_bytes(self.sizes, row_bytes, group),
                                                derive_seed(s.seed, self.rank, READER))
         for batch in self._prefetcher.epoch(epoch):
-            yield self.to_device(batch)
+            yield self.to_device(batch, normalised=self.device.type == "cpu")
+
+    def _reader_epoch(self, epoch: int) -> Iterator[Mapping[str, np.ndarray]]:
+        """What the reader process makes: :meth:`streamed_epoch`, and for a CPU device the model input
+        too (there the reader's core makes it, not the training one; a GPU gets raw rows, fewer bytes)."""
+        batches = self.streamed_epoch(epoch)
+        if self.device.type != "cpu":
+            yield from batches
+            return
+        for batch in batches:
+            yield {**batch, "x": self.source.normalisation.apply_numpy(batch["x"])}
 
     def streamed_epoch(self, epoch: int) -> StreamedEpoch:
         """Epoch ``epoch`` of streamed ingest as numpy batches: the rank's units in a fresh seeded order,
@@ -264,18 +276,26 @@ class Feed:
 
     # ------------------------------------------------------------------ device
 
-    def to_device(self, batch: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A batch (numpy or host tensors) on the device, its raw ``x`` normalised into the model input there."""
-        cuda = self.device.type == "cuda"
-        out = {}
-        with warnings.catch_warnings():
-            # arrays shared through Ray's object store are read-only; training never writes to them
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for name, values in batch.items():
-                tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(values))
-                out[name] = (tensor.pin_memory() if cuda else tensor).to(self.device, non_blocking=cuda)
-        out["x"] = self.source.normalisation.apply(out["x"])
+    def to_device(self, batch: Mapping[str, np.ndarray | torch.Tensor], normalised: bool = False
+                  ) -> dict[str, torch.Tensor]:
+        """A batch (numpy or host tensors) on the device, its raw ``x`` normalised into the model input there
+        (unless ``normalised``: ``x`` is the model input already)."""
+        out = {name: values if isinstance(values, torch.Tensor) else _host_tensor(values)
+               for name, values in batch.items()}
+        if self.device.type != "cpu":
+            cuda = self.device.type == "cuda"
+            out = {name: (t.pin_memory() if cuda else t).to(self.device, non_blocking=cuda) for name, t in out.items()}
+        if not normalised:
+            out["x"] = self.source.normalisation.apply(out["x"])
         return out
+
+
+def _host_tensor(values: np.ndarray) -> torch.Tensor:
+    """A numpy column as a host tensor, without a copy where it is contiguous."""
+    with warnings.catch_warnings():
+        # arrays shared through Ray's object store are read-only; training never writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def _first_items(counts: Sequence[int], order: Sequence[int], limit: int) -> list[Piece]:

@@ -1,24 +1,36 @@
-"""Streamed epochs made in a reader process and handed to the training process through shared memory.
+"""Streamed epochs made in a reader process and handed to the training process through a shared ring.
 
 Reading a streamed epoch (Parquet decode, joining the source rows, binding the teacher
-columns, mixing in the shuffle pool, cutting batches) costs about a microsecond a row
-in numpy and pyarrow. In a thread of the training process it holds the GIL against
-the training step for much of that time; in its own process it runs beside the step
-on another core. :class:`EpochPrefetcher` runs it in one PyTorch ``DataLoader`` worker
-(forked, so nothing is pickled and nothing is imported anew) for the whole run: the
-worker makes epoch after epoch, so the next epoch's pool fills while the current one's
-validation runs.
+columns, mixing in the shuffle pool, cutting batches, and on a CPU device making the
+model input) costs about a microsecond and a half a row in numpy and pyarrow. In a thread
+of the training process it holds the GIL against the training step; in its own process
+it runs beside the step on another core. :class:`EpochPrefetcher` runs it in one PyTorch
+``DataLoader`` worker (forked, so nothing is pickled and nothing is imported anew) for
+the whole run: the worker makes epoch after epoch, so the next epoch's pool fills while
+the current one's validation runs.
 
-Batches cross in groups of about ``GROUP_BYTES`` (one shared-memory segment per column
-a group, not per batch) and are cut back into the epoch's exact batches here. A group
-never spans two epochs. What each batch holds is unchanged: the same function of the
-seed, the epoch and the rank as when read in a thread.
+The two processes share a ring of slots of anonymous shared memory, mapped once before
+the fork. The worker packs a group of whole batches (about ``GROUP_BYTES``) into the
+next slot and hands the ``DataLoader`` only the slot's number and layout; the trainer
+copies the group out and cuts it into the epoch's exact batches. A slot is written again
+only after the trainer has copied it: the ``DataLoader`` lets its worker run at most
+``PREFETCH`` groups ahead of the group the trainer last received, and the ring has more
+slots than that. No shared-memory segment is made, passed or faulted in per transfer
+(the ``DataLoader``'s own transport did that for every column of every group, each
+through a socket handshake with the busy worker: 5 to 12 ms of the trainer's time a
+group), and nothing is left in ``/dev/shm`` when either process is killed. A group too
+large for a slot travels the ``DataLoader``'s way instead. A group never spans two epochs.
+
+What each batch holds is unchanged: the same function of the seed, the epoch and the
+rank as when read in a thread.
 """
 
 from __future__ import annotations
 
 import itertools
+import mmap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,25 +39,43 @@ from torch.utils.data import DataLoader, IterableDataset
 from still.errors import StillError
 
 GROUP_BYTES = 4 << 20  # rows a transfer carries: large enough that the per-transfer cost vanishes
-SIZES, ERROR = "__sizes__", "__error__"
+PREFETCH = 4  # groups the worker may make ahead of the trainer
+SLOTS = PREFETCH + 2  # more than the groups in flight: a slot is never written while it is read
+ALIGN = 64
+ERROR = "__error__"
+
+Batch = Mapping[str, np.ndarray]
+Layout = list[tuple[str, str, tuple[int, ...], int]]  # (column, dtype, shape, offset in the slot)
 
 
 class _Epochs(IterableDataset):
-    """Every epoch from ``first`` on, in groups of whole batches (runs in the reader process)."""
+    """Every epoch from ``first`` on, in groups of whole batches written into the ring (runs in the worker)."""
 
-    def __init__(self, make_epoch: Callable[[int], Iterable[Mapping[str, np.ndarray]]], first: int,
-                 group: int) -> None:
+    def __init__(self, make_epoch: Callable[[int], Iterable[Batch]], first: int, group: int, ring: mmap.mmap,
+                 slot_bytes: int) -> None:
         self.make_epoch, self.first, self.group = make_epoch, first, group
+        self.ring, self.slot_bytes = ring, slot_bytes
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slots = itertools.cycle(range(SLOTS))
         try:
             for epoch in itertools.count(self.first):
                 batches = iter(self.make_epoch(epoch))
                 while chunk := list(itertools.islice(batches, self.group)):
-                    joined = {k: np.concatenate([b[k] for b in chunk]) if len(chunk) > 1 else chunk[0][k]
-                              for k in chunk[0]}
-                    joined[SIZES] = np.array([len(next(iter(b.values()))) for b in chunk], dtype=np.int64)
-                    yield joined
+                    joined = {k: np.ascontiguousarray(np.concatenate([b[k] for b in chunk]) if len(chunk) > 1
+                                                      else chunk[0][k]) for k in chunk[0]}
+                    sizes = [len(next(iter(b.values()))) for b in chunk]
+                    layout = pack_layout(joined)
+                    name, _, _, offset = layout[-1]
+                    if offset + joined[name].nbytes > self.slot_bytes:
+                        yield {"sizes": sizes, "inline": joined}
+                        continue
+                    slot = next(slots)
+                    for name, _, _, offset in layout:
+                        start = slot * self.slot_bytes + offset
+                        np.frombuffer(self.ring, np.uint8, joined[name].nbytes, start)[:] = \
+                            joined[name].reshape(-1).view(np.uint8)
+                    yield {"sizes": sizes, "slot": slot, "layout": layout}
         except StillError as exc:  # a user's error: its message alone, not a worker traceback
             yield {ERROR: str(exc)}
 
@@ -57,13 +87,16 @@ class EpochPrefetcher:
         make_epoch: The epoch's batches (numpy) from its number; called in the reader process.
         steps: Batches in every epoch.
         group: Batches a transfer carries (:func:`group_batches`).
+        slot_bytes: Bytes of one ring slot (:func:`slot_bytes`).
         seed: Seeds the DataLoader's own generator, so that starting the reader draws
             nothing from torch's global generator (the training's dropout stream).
     """
 
-    def __init__(self, make_epoch: Callable[[int], Iterable[Mapping[str, np.ndarray]]], steps: int, group: int,
+    def __init__(self, make_epoch: Callable[[int], Iterable[Batch]], steps: int, group: int, slot_bytes: int,
                  seed: int) -> None:
         self.make_epoch, self.steps, self.group, self.seed = make_epoch, steps, max(1, group), seed
+        self.slot_bytes = -(-max(1, slot_bytes) // ALIGN) * ALIGN
+        self._ring: mmap.mmap | None = None
         self._groups: Iterator[dict] | None = None
         self._next_epoch = -1
 
@@ -74,10 +107,7 @@ class EpochPrefetcher:
         given = 0
         try:
             while given < self.steps:
-                group = next(self._groups)
-                if ERROR in group:
-                    raise StillError(group[ERROR])
-                sizes = group.pop(SIZES).tolist()
+                group, sizes = self._receive()
                 start = 0
                 for size in sizes:
                     yield {k: v[start:start + size] for k, v in group.items()}
@@ -92,16 +122,50 @@ class EpochPrefetcher:
     def close(self) -> None:
         """Stops the reader process (it is started again by the next :meth:`epoch`)."""
         self._groups = None  # the DataLoader iterator's finaliser stops its worker
+        self._ring = None  # unmapped once nothing refers to it
 
     def _start(self, epoch: int) -> None:
         self.close()
-        loader = DataLoader(_Epochs(self.make_epoch, epoch, self.group), batch_size=None, num_workers=1,
-                            prefetch_factor=6, generator=torch.Generator().manual_seed(self.seed))
+        self._ring = mmap.mmap(-1, SLOTS * self.slot_bytes)  # anonymous and shared: the fork sees the same pages
+        loader = DataLoader(_Epochs(self.make_epoch, epoch, self.group, self._ring, self.slot_bytes), batch_size=None,
+                            num_workers=1, prefetch_factor=PREFETCH, generator=torch.Generator().manual_seed(self.seed))
         self._groups = iter(loader)
         self._next_epoch = epoch
+
+    def _receive(self) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The next group, copied out of its slot (which the worker may then fill again)."""
+        message = next(self._groups)
+        if ERROR in message:
+            raise StillError(message[ERROR])
+        if "inline" in message:
+            return dict(message["inline"]), message["sizes"]
+        base = message["slot"] * self.slot_bytes
+        group = {name: torch.from_numpy(_copy_out(self._ring, base + offset, dtype, shape))
+                 for name, dtype, shape, offset in message["layout"]}
+        return group, message["sizes"]
+
+
+def _copy_out(ring: mmap.mmap, offset: int, dtype: str, shape: Sequence[int]) -> np.ndarray:
+    """A column of a slot, copied into the trainer's own memory."""
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(ring, np.dtype(dtype), count, offset).reshape(shape).copy()
+
+
+def pack_layout(arrays: Mapping[str, np.ndarray]) -> Layout:
+    """Where each column of a group lies in a slot: one after another, each ``ALIGN``-aligned."""
+    layout, offset = [], 0
+    for name, values in arrays.items():
+        layout.append((name, values.dtype.str, tuple(values.shape), offset))
+        offset += -(-values.nbytes // ALIGN) * ALIGN
+    return layout
 
 
 def group_batches(sizes: Sequence[int], row_bytes: int) -> int:
     """Batches a transfer carries: about ``GROUP_BYTES`` of rows, at least one batch."""
     batch = max(1, max(sizes, default=1) * max(1, row_bytes))
     return max(1, GROUP_BYTES // batch)
+
+
+def slot_bytes(sizes: Sequence[int], row_bytes: int, group: int) -> int:
+    """A ring slot: a group's estimated bytes, with room for the estimate to be short by half."""
+    return group * max(sizes, default=1) * max(1, row_bytes) * 3 // 2

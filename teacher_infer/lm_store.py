@@ -39,6 +39,7 @@ import torch
 
 from still.errors import StillError
 from still.storage import Location, resolve
+from teacher_infer.encodings import column_encodings
 from teacher_infer.soft_labels import SoftLabelSpec
 
 FORMAT = "still-lm-store/1"
@@ -227,11 +228,9 @@ def write_shard(table: pa.Table, location: Location) -> int:
     zstd with byte-stream-split float columns: the fp16 log-probabilities of neighbouring
     positions share their high bytes, which then compress.
     """
-    floats = [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)
-              and pa.types.is_floating(f.type.value_type)]
     partial = location.path + ".partial"
     with location.fs.open(partial, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd", use_byte_stream_split=floats, row_group_size=64,
+        pq.write_table(table, handle, compression="zstd", row_group_size=64, **column_encodings(table.schema),
                        write_statistics=["id", "split"])
     location.fs.mv(partial, location.path)
     return int(location.fs.size(location.path))

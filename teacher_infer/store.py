@@ -53,6 +53,7 @@ from still.augment import AugmentConfig
 from still.datasets.arrays import column_matrix, flat_values
 from still.errors import StillError
 from still.storage import Location, resolve
+from teacher_infer.encodings import column_encodings
 from teacher_infer.soft_labels import MODE_COLUMNS, Ragged, SoftLabelSpec
 from teacher_infer.targets import prepare
 
@@ -585,7 +586,8 @@ def shard_bytes(table: pa.Table, stats: Mapping[str, Any]) -> bytes:
     group_rows = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes))
     # In the file's key-value metadata only (schema metadata would be written twice, once more inside
     # the serialised Arrow schema), zlib-compressed: on small shards these bytes are much of the file.
-    with pq.ParquetWriter(sink, table.schema, compression="zstd", compression_level=1) as writer:
+    with pq.ParquetWriter(sink, table.schema, compression="zstd", compression_level=1,
+                          **column_encodings(table.schema)) as writer:
         writer.write_table(table, row_group_size=group_rows)
         writer.add_key_value_metadata({STATS_METADATA_KEY: zlib.compress(json.dumps(stats).encode(), 9)})
     return sink.getvalue()
