@@ -100,6 +100,9 @@ def test_stored_targets_equal_the_teachers_full_softmax(lm):
     values = _positions(columns["topk_logit"], n).astype(np.float64)
     tail_lognorm = _positions(columns["tail_lognorm"], n).astype(np.float64)
     assert columns["topk_idx"].type.value_type == "uint16" and columns["topk_logit"].type.value_type == "halffloat"
+    group = pq.ParquetFile(min(Path(lm["topk"]["store"]).glob("part-*.parquet"))).metadata.row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in encodings["topk_logit.list.element"]  # fp16 high bytes together: they compress
     top = torch.topk(log_p, 8, dim=1)
     assert (np.sort(idx, axis=1) == np.sort(top.indices.numpy(), axis=1)).mean() > 0.999  # ties may swap
     # fp16 log-probabilities: within half an ulp of fp16 of the exact values

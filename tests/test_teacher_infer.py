@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -30,6 +31,22 @@ def _config(teacher, root, *overrides):
 
 
 @pytest.mark.timeout(240)
+def _assert_shard_encodings(store_dir: Path, schema: pa.Schema) -> None:
+    """Float leaves byte-stream-split without a dictionary (fast to decode, small), ids plain, split codes
+    dictionary-encoded (``teacher_infer.encodings``)."""
+    import pyarrow.parquet as pq
+
+    group = pq.ParquetFile(min(store_dir.glob("part-*.parquet"))).metadata.row_group(0)
+    encodings = {group.column(i).path_in_schema.split(".")[0]: group.column(i).encodings
+                 for i in range(group.num_columns)}
+    for field in schema:
+        value = getattr(field.type, "value_type", field.type)
+        if pa.types.is_floating(value):
+            assert "BYTE_STREAM_SPLIT" in encodings[field.name], (field.name, encodings[field.name])
+            assert "RLE_DICTIONARY" not in encodings[field.name], (field.name, encodings[field.name])
+    assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" in encodings["split"]
+
+
 def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp_path, mlflow_sqlite, monkeypatch):
     root = tmp_path / "stores"
     cases = [
@@ -50,6 +67,7 @@ def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp
         assert store.uri == str(root / summary["key"])
         table = store.read_table()
         assert table.column_names == ["id", "view", "label", "split", "input", *out_columns]
+        _assert_shard_encodings(Path(store.uri), table.schema)
         assert table.num_rows == 1797 and len(np.unique(table["id"].to_numpy())) == 1797
         assert table.schema.field("input").type == pa.list_(pa.uint8(), 64)
         value_column = {"dense": "logits", "topk": "topk_logit", "sampled": "sample_logit"}[store.mode]

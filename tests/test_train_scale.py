@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from _console import CHATTER, console_lines
 
 from still.config import DataConfig, load_config
@@ -46,6 +47,40 @@ def _digits_parquet(path: Path, *, sort_by_label: bool) -> Path:
                              "features": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])}),
                    path)
     return path
+
+
+def _numbered_epoch(epoch: int, fail_at: int = -1):
+    """40 batches whose values say their epoch and position; the 11th is wider, and one dtype is odd."""
+    for i in range(40):
+        if i == fail_at:
+            raise StillError("shard part-00007.parquet cannot be read")
+        rows = 9 if i == 10 else 4
+        yield {"x": np.full((rows, 3), epoch * 100 + i, np.float32), "y": np.full(rows, i, np.int16)}
+
+
+@pytest.mark.timeout(60)
+def test_the_reader_ring_hands_over_every_batch_intact_and_restarts_an_unfinished_epoch():
+    from student_train.prefetch import EpochPrefetcher
+
+    def expected(epoch):
+        return [epoch * 100 + i for i in range(40)]
+
+    # a slot holds 3 batches of 4 rows: groups cycle the ring many times; the group with the
+    # 9-row batch does not fit a slot and travels the DataLoader's way
+    prefetcher = EpochPrefetcher(_numbered_epoch, steps=40, group=3, slot_bytes=3 * 4 * (12 + 2) + 128, seed=0)
+    for epoch in (0, 1, 2):
+        batches = list(prefetcher.epoch(epoch))
+        assert [int(b["x"][0, 0]) for b in batches] == expected(epoch)
+        assert all((b["x"] == b["x"][0, 0]).all() and (b["y"] == i).all() for i, b in enumerate(batches))
+        assert [len(b["y"]) for b in batches] == [9 if i == 10 else 4 for i in range(40)]
+        assert batches[0]["y"].dtype == torch.int16
+    for batch in prefetcher.epoch(3):  # left after one batch: the next asks for epoch 3 again
+        break
+    assert [int(b["x"][0, 0]) for b in prefetcher.epoch(3)] == expected(3)
+    prefetcher.close()
+    failing = EpochPrefetcher(lambda e: _numbered_epoch(e, fail_at=25), steps=40, group=3, slot_bytes=1 << 12, seed=0)
+    with pytest.raises(StillError, match="part-00007.parquet cannot be read"):
+        list(failing.epoch(0))
 
 
 def test_the_shuffle_pool_yields_every_row_once_and_mixes_a_sorted_stream():
