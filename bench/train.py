@@ -1,6 +1,6 @@
 """Student training: still against plain PyTorch loops with the same KD loss, in memory and streamed.
 
-    python bench/train.py            # full run, ~25 min on 2 CPUs (plus ~5 min writing data and stores once)
+    python bench/train.py            # full run, ~15 min on 2 CPUs (plus ~5 min writing data and stores once)
     python bench/train.py --quick    # smoke run: 200k/20k-row stores, 1 epoch; saved to bench/results/train-quick.json
     python bench/train.py --cache DIR --keep # where the synthetic data, teachers and stores live; keep run folders
 
@@ -35,7 +35,10 @@ one Ray Train worker (``scaling.num_workers=1 scaling.cpus_per_worker=1``,
 mixed and batched in the worker's reader process (``student_train.prefetch``). ``stream_fixed_s`` (goal ≤ 2 s) is the
 fixed cost of a streamed epoch: the time its first batch took to arrive plus its
 validation pass (``first_batch_s`` + ``val_s`` of the epoch). The plain loops run over
-the same training rows.
+the same training rows. The large store's still run and the plain KD loop run
+``--stream-repeats`` (3) times, interleaved, and the run of median throughput of each
+counts (this machine's speed drifts by ±20% from one minute to the next);
+``pair_ratios`` are the ratios of each adjacent pair.
 
 **3. Memory** (``rss_private_ratio_10x``, goal ≤ 1.2): the peak private memory
 (``RssAnon``) of the Ray Train worker streaming the ``--rows`` store ÷ streaming the
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-rows", type=int, default=0, help="rows of the small store (default 1M; quick 20k)")
     parser.add_argument("--epochs", type=int, default=0, help="epochs of part 1 (default 5; quick 1)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of part 1 (median taken)")
+    parser.add_argument("--stream-repeats", type=int, default=3,
+                        help="interleaved repeats of part 2's large store, still and the plain KD loop (median taken)")
     parser.add_argument("--cache", default=str(Path("~/.cache/still-bench/train").expanduser()),
                         help="synthetic data, teachers and stores: written once, reused by later runs")
     parser.add_argument("--keep", action="store_true", help="keep this run's folder (runs, sweep) afterwards")
@@ -293,17 +298,27 @@ def main(argv: list[str] | None = None) -> int:
     # 2-3. Streamed from labels-only stores; peak memory at two sizes.
     stores = {n: timed(f"store_{n}", lambda n=n: labels_only_store(cache, n, STREAM, timeout=3600))
               for n in (small, big)}
-    streams = {}
-    for n in (small, big):
-        if stores[n]:
-            streams[n] = timed(f"stream_{n}", lambda n=n: still_train(
-                stores[n]["store"], STREAM, work, f"stream-{n}", "scaling.num_workers=1", "train.ingest=stream",
-                f"train.epochs={STREAM['epochs']}", f"kd.weight={KD['weight']}"))
+
+    def stream(n: int, name: str) -> dict | None:
+        return timed(name, lambda: still_train(
+            stores[n]["store"], STREAM, work, f"stream-{n}", "scaling.num_workers=1", "train.ingest=stream",
+            f"train.epochs={STREAM['epochs']}", f"kd.weight={KD['weight']}"))
+
+    streams = {small: stream(small, f"stream_{small}")} if stores[small] else {}
     plain_stream: dict[str, Any] = {}
     if stores[big]:
         rows = timed("stream_rows", lambda: train_rows(stores[big]["store"], KD["temperature"]))
+        big_runs: dict[str, list] = {"still": [], "plain_kd": []}
+        for repeat in range(args.stream_repeats):  # interleaved: a slow minute of the machine hits both sides
+            big_runs["still"].append(stream(big, f"stream_{big}_{repeat}"))
+            if rows is not None:
+                big_runs["plain_kd"].append(timed(f"stream_plain_kd_{repeat}",
+                                                  lambda: plain_loop(rows, STREAM, 1, kd=True)))
+        streams[big] = _median_run(big_runs["still"])
+        plain_stream["plain_kd"] = _median_run(big_runs["plain_kd"])
+        plain_stream["pair_ratios"] = [_ratio(_get(a, "samples_per_s"), _get(b, "samples_per_s"))
+                                       for a, b in zip(big_runs["still"], big_runs["plain_kd"])]
         if rows is not None:
-            plain_stream["plain_kd"] = timed("stream_plain_kd", lambda: plain_loop(rows, STREAM, 1, kd=True))
             plain_stream["plain_ce"] = timed("stream_plain_ce", lambda: plain_loop(rows, STREAM, 1, kd=False))
             del rows
 
