@@ -1,6 +1,6 @@
 """Student training: still against plain PyTorch loops with the same KD loss, in memory and streamed.
 
-    python bench/train.py            # full run, ~15 min on 2 CPUs (plus ~5 min writing data and stores once)
+    python bench/train.py            # full run, ~16 min on 2 CPUs (plus ~5 min writing data and stores once)
     python bench/train.py --quick    # smoke run: 200k/20k-row stores, 1 epoch; saved to bench/results/train-quick.json
     python bench/train.py --cache DIR --keep # where the synthetic data, teachers and stores live; keep run folders
 
@@ -35,10 +35,13 @@ one Ray Train worker (``scaling.num_workers=1 scaling.cpus_per_worker=1``,
 mixed and batched in the worker's reader process (``student_train.prefetch``). ``stream_fixed_s`` (goal ≤ 2 s) is the
 fixed cost of a streamed epoch: the time its first batch took to arrive plus its
 validation pass (``first_batch_s`` + ``val_s`` of the epoch). The plain loops run over
-the same training rows. The large store's still run and the plain KD loop run
-``--stream-repeats`` (3) times, interleaved, and the run of median throughput of each
-counts (this machine's speed drifts by ±20% from one minute to the next);
-``pair_ratios`` are the ratios of each adjacent pair.
+the same training rows. This machine's speed drifts by ±20% from one minute to the
+next, so the large store's still run is repeated ``--stream-repeats`` (5) times, each
+between two runs of the plain KD loop (plain, still, plain, …, still, plain): a still
+run's ratio is its throughput ÷ the mean of the two plain runs around it
+(``bracketed_ratios``), which cancels a drift over those minutes, and
+``ratio_stream_vs_plain_kd`` is the median of these ratios. The figures reported under
+``still`` and ``plain_kd`` are each side's run of median throughput.
 
 **3. Memory** (``rss_private_ratio_10x``, goal ≤ 1.2): the peak private memory
 (``RssAnon``) of the Ray Train worker streaming the ``--rows`` store ÷ streaming the
@@ -233,6 +236,22 @@ def _median_run(results: list[dict | None]) -> dict | None:
     return done[len(done) // 2] if done else None
 
 
+def bracketed_ratios(still: list[dict | None], plain: list[dict | None]) -> list[float | None]:
+    """Each still run's throughput ÷ the mean of the plain runs just before and after it (``plain[i]``,
+    ``plain[i + 1]``); None where a run failed."""
+    ratios = []
+    for i, run in enumerate(still):
+        around = [_get(p, "samples_per_s") for p in plain[i:i + 2]]
+        ratios.append(_ratio(_get(run, "samples_per_s"), sum(around) / 2)
+                      if len(around) == 2 and None not in around else None)
+    return ratios
+
+
+def _median(values: list[float | None]) -> float | None:
+    done = sorted(v for v in values if v is not None)
+    return done[len(done) // 2] if done else None
+
+
 def _get(result: dict | None, key: str) -> Any:
     return result.get(key) if result else None
 
@@ -251,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-rows", type=int, default=0, help="rows of the small store (default 1M; quick 20k)")
     parser.add_argument("--epochs", type=int, default=0, help="epochs of part 1 (default 5; quick 1)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of part 1 (median taken)")
-    parser.add_argument("--stream-repeats", type=int, default=3,
-                        help="interleaved repeats of part 2's large store, still and the plain KD loop (median taken)")
+    parser.add_argument("--stream-repeats", type=int, default=5,
+                        help="still runs of part 2's large store, each between two plain KD loops (median ratio)")
     parser.add_argument("--cache", default=str(Path("~/.cache/still-bench/train").expanduser()),
                         help="synthetic data, teachers and stores: written once, reused by later runs")
     parser.add_argument("--keep", action="store_true", help="keep this run's folder (runs, sweep) afterwards")
@@ -309,15 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     if stores[big]:
         rows = timed("stream_rows", lambda: train_rows(stores[big]["store"], KD["temperature"]))
         big_runs: dict[str, list] = {"still": [], "plain_kd": []}
-        for repeat in range(args.stream_repeats):  # interleaved: a slow minute of the machine hits both sides
-            big_runs["still"].append(stream(big, f"stream_{big}_{repeat}"))
+
+        def plain_kd(repeat: int) -> None:
             if rows is not None:
                 big_runs["plain_kd"].append(timed(f"stream_plain_kd_{repeat}",
                                                   lambda: plain_loop(rows, STREAM, 1, kd=True)))
+
+        # plain, still, plain, ..., still, plain: every still run is bracketed by the plain runs just
+        # before and after it, so that the machine's drift over those minutes cancels out of its ratio
+        for repeat in range(args.stream_repeats):
+            plain_kd(repeat)
+            big_runs["still"].append(stream(big, f"stream_{big}_{repeat}"))
+        plain_kd(args.stream_repeats)
         streams[big] = _median_run(big_runs["still"])
         plain_stream["plain_kd"] = _median_run(big_runs["plain_kd"])
-        plain_stream["pair_ratios"] = [_ratio(_get(a, "samples_per_s"), _get(b, "samples_per_s"))
-                                       for a, b in zip(big_runs["still"], big_runs["plain_kd"])]
+        plain_stream["bracketed_ratios"] = bracketed_ratios(big_runs["still"], big_runs["plain_kd"])
         if rows is not None:
             plain_stream["plain_ce"] = timed("stream_plain_ce", lambda: plain_loop(rows, STREAM, 1, kd=False))
             del rows
@@ -333,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = lambda r: _get(r, "samples_per_s")  # noqa: E731
     result = {
         "bench": "train", "quick": args.quick,
-        "ratio_stream_vs_plain_kd": _ratio(rate(stream_big), rate(plain_stream.get("plain_kd"))),
+        "ratio_stream_vs_plain_kd": _median(plain_stream.get("bracketed_ratios", [])),
         "ratio_memory_vs_plain_kd": _ratio(rate(memory.get("still_kd")), rate(memory.get("plain_kd"))),
         "ratio_stream_vs_plain": _ratio(rate(stream_big), rate(plain_stream.get("plain_ce"))),
         "ratio_kd_vs_ce": _ratio(rate(memory.get("still_kd")), rate(memory.get("still_ce"))),
