@@ -321,29 +321,32 @@ def place_model(spec: LoopSpec, session: Any) -> Model:
 
 
 class Targets:
-    """Builds a batch's teacher targets on the batch's device: one per store, or the online teacher's."""
+    """Builds a batch's teacher targets on the batch's device: one per store, or the online teacher's.
+
+    Attributes:
+        present: True when the loss has a teacher signal (a store's columns or an online teacher).
+    """
 
     def __init__(self, spec: LoopSpec, device: torch.device) -> None:
-        self.source = spec.source
+        self.task = spec.source.task
         self.temperature = spec.temperature
+        # the stores' specs once, not every step: Source builds them from the manifests on each access
+        self.stores = [(teacher_prefix(i), spec, self.temperature if spec.mode != "dense" else None)
+                       for i, spec in enumerate(spec.source.teachers)]
         self.teacher = spec.teacher.load() if spec.teacher is not None else None
         if isinstance(self.teacher, nn.Module):  # TorchScript modules are Modules too
             self.teacher = self.teacher.to(device)
-
-    @property
-    def present(self) -> bool:
-        """True when the loss has a teacher signal."""
-        return self.source.has_teacher or self.teacher is not None
+        self.present = bool(self.stores) or self.teacher is not None
 
     def __call__(self, batch: Mapping[str, Any]) -> list[Any] | None:
         if self.teacher is not None:
             with torch.no_grad():
-                return [DenseTarget(self.teacher(batch["x"]), self.source.task)]
-        if not self.source.has_teacher:
+                return [DenseTarget(self.teacher(batch["x"]), self.task)]
+        if not self.stores:
             return None
-        return [target_from_columns(batch, spec, prefix=teacher_prefix(i), device=batch["x"].device,
-                                    temperature=self.temperature if spec.mode != "dense" else None)
-                for i, spec in enumerate(self.source.teachers)]
+        device = batch["x"].device
+        return [target_from_columns(batch, spec, prefix=prefix, device=device, temperature=temperature)
+                for prefix, spec, temperature in self.stores]
 
 
 def train_epoch(spec: LoopSpec, placed: Model, feed: Feed, targets: Targets, augmenter: Augmenter,
@@ -379,8 +382,8 @@ def train_epoch(spec: LoopSpec, placed: Model, feed: Feed, targets: Targets, aug
         placed.optimizer.step()
         kl = terms["kl"]
         kl_computed = kl is not None
-        sums += torch.stack([loss.detach(), terms["ce"].detach(), zero if kl is None else kl.detach(),
-                             hint.detach(), *(term.detach() for term in hints)]).double()
+        with torch.no_grad():  # float32 terms summed into float64 in place: one stack, one add
+            sums += torch.stack([loss, terms["ce"], zero if kl is None else kl, hint, *hints])
         steps += 1
         samples += len(y)
     mean = (sums / max(1, steps)).tolist()

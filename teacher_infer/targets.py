@@ -466,7 +466,10 @@ def target_from_columns(columns: Mapping[str, Any], spec: SoftLabelSpec, *, pref
         if key not in columns:
             raise StillError(f"batch has no teacher column {key!r} (a {spec.mode} store's training columns: "
                              f"{', '.join(prefix + c for c in names[spec.mode])})")
-        return torch.as_tensor(columns[key]).to(device, non_blocking=True).to(kind)
+        values = columns[key]
+        if isinstance(values, torch.Tensor) and values.dtype == kind and values.device == device:
+            return values  # what the training loop hands over every step: nothing to convert
+        return torch.as_tensor(values).to(device, non_blocking=True).to(kind)
 
     if spec.mode == "dense":
         return DenseTarget(get("logits", dtype), spec.task)
