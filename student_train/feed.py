@@ -169,14 +169,14 @@ class Feed:
 
     def streamed_epoch(self, epoch: int) -> StreamedEpoch:
         """Epoch ``epoch`` of streamed ingest as numpy batches: the rank's units in a fresh seeded order,
-        mixed in the shuffle pool (what the reader process runs)."""
+        mixed in the shuffle pool (what the reader process runs, in its one thread)."""
         s = self.settings
         order = unit_order(self.source.units, derive_seed(s.seed, epoch, UNIT_ORDER))
         return StreamedEpoch(self.reader, share(self.counts, order, self.world, self.rank), self.codes, self.sizes,
                              pool_rows=s.pool_rows, seed=derive_seed(s.seed, epoch, self.rank, POOL_MIX),
                              temperature=s.temperature,
                              one_view_seed=derive_seed(s.seed, epoch, VIEW_DRAW) if self.one_view else None,
-                             drop=("view", "sample"), keep_teacher=s.teacher_in_loss)
+                             drop=("view", "sample"), keep_teacher=s.teacher_in_loss, threads=False)
 
     def close(self) -> None:
         """Stops the streaming reader process, if one runs."""
