@@ -331,8 +331,8 @@ class Targets:
         self.task = spec.source.task
         self.temperature = spec.temperature
         # the stores' specs once, not every step: Source builds them from the manifests on each access
-        self.stores = [(teacher_prefix(i), spec, self.temperature if spec.mode != "dense" else None)
-                       for i, spec in enumerate(spec.source.teachers)]
+        self.stores = [(teacher_prefix(i), store, self.temperature if store.mode != "dense" else None)
+                       for i, store in enumerate(spec.source.teachers)]
         self.teacher = spec.teacher.load() if spec.teacher is not None else None
         if isinstance(self.teacher, nn.Module):  # TorchScript modules are Modules too
             self.teacher = self.teacher.to(device)
