@@ -103,6 +103,7 @@ def test_stored_targets_equal_the_teachers_full_softmax(lm):
     group = pq.ParquetFile(min(Path(lm["topk"]["store"]).glob("part-*.parquet"))).metadata.row_group(0)
     encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
     assert "BYTE_STREAM_SPLIT" in encodings["topk_logit.list.element"]  # fp16 high bytes together: they compress
+    assert "RLE_DICTIONARY" in encodings["topk_idx.list.element"]  # 16-bit codes, not 32-bit plain integers
     top = torch.topk(log_p, 8, dim=1)
     assert (np.sort(idx, axis=1) == np.sort(top.indices.numpy(), axis=1)).mean() > 0.999  # ties may swap
     # fp16 log-probabilities: within half an ulp of fp16 of the exact values

@@ -32,8 +32,8 @@ def _config(teacher, root, *overrides):
 
 @pytest.mark.timeout(240)
 def _assert_shard_encodings(store_dir: Path, schema: pa.Schema) -> None:
-    """Float leaves byte-stream-split without a dictionary (fast to decode, small), ids plain, split codes
-    dictionary-encoded (``teacher_infer.encodings``)."""
+    """Float leaves byte-stream-split without a dictionary (fast to decode, small), ids plain, every other
+    column dictionary-encoded, lists of uint8 inputs and class ids included (``teacher_infer.encodings``)."""
     import pyarrow.parquet as pq
 
     group = pq.ParquetFile(min(store_dir.glob("part-*.parquet"))).metadata.row_group(0)
@@ -44,6 +44,8 @@ def _assert_shard_encodings(store_dir: Path, schema: pa.Schema) -> None:
         if pa.types.is_floating(value):
             assert "BYTE_STREAM_SPLIT" in encodings[field.name], (field.name, encodings[field.name])
             assert "RLE_DICTIONARY" not in encodings[field.name], (field.name, encodings[field.name])
+        elif field.name != "id":
+            assert "RLE_DICTIONARY" in encodings[field.name], (field.name, encodings[field.name])
     assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" in encodings["split"]
 
 
