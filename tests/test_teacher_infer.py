@@ -30,7 +30,6 @@ def _config(teacher, root, *overrides):
                                            *overrides])
 
 
-@pytest.mark.timeout(240)
 def _assert_shard_encodings(store_dir: Path, schema: pa.Schema) -> None:
     """Float leaves byte-stream-split without a dictionary (fast to decode, small), ids plain, every other
     column dictionary-encoded, lists of uint8 inputs and class ids included (``teacher_infer.encodings``)."""
@@ -49,6 +48,7 @@ def _assert_shard_encodings(store_dir: Path, schema: pa.Schema) -> None:
     assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" in encodings["split"]
 
 
+@pytest.mark.timeout(240)
 def test_infer_modes_schema_metrics_and_cache_hit(ray_cluster, teacher_ckpt, tmp_path, mlflow_sqlite, monkeypatch):
     root = tmp_path / "stores"
     cases = [
