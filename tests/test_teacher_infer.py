@@ -45,7 +45,7 @@ def _assert_shard_encodings(store_dir: Path, schema: pa.Schema) -> None:
             assert "RLE_DICTIONARY" not in encodings[field.name], (field.name, encodings[field.name])
         elif field.name != "id":
             assert "RLE_DICTIONARY" in encodings[field.name], (field.name, encodings[field.name])
-    assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" in encodings["split"]
+    assert "RLE_DICTIONARY" not in encodings["id"]
 
 
 @pytest.mark.timeout(240)
