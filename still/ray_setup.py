@@ -10,8 +10,9 @@ from several processes, each set up apart:
 - this process (the driver, or a Tune trial that builds a ``TorchTrainer``):
   :func:`apply_console_settings`, which :func:`init_ray` calls;
 - every other Ray process of the job (Train controller and workers, Ray Data's tasks
-  and actors in still infer): the environment of :func:`console_env`, which
-  :func:`init_ray` hands to ``ray.init(runtime_env={"env_vars": ...})``;
+  and actors in still infer): the environment of :func:`console_env`, which an
+  embedded cluster's processes inherit from :func:`init_ray` and a joined cluster's get
+  from ``ray.init(runtime_env={"env_vars": ...})``;
 - Ray Train's ``ray.train`` loggers: :func:`train_logging_config` in the ``RunConfig``;
 - a Train worker: :func:`quiet_worker_console`, first thing in the worker function;
 - a Tune trial, a Train worker: :func:`quiet_termination` (Ray's SIGTERM at their end).
@@ -23,10 +24,12 @@ from several processes, each set up apart:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from still.config import RayConfig
 
@@ -87,6 +90,22 @@ def _unset(variables: Mapping[str, str]) -> dict[str, str]:
     and on a Ray Jobs driver the job's own ``runtime_env`` carries them (``ray.init``
     refuses a second value for a key the job sets)."""
     return {key: value for key, value in variables.items() if key not in os.environ}
+
+
+@contextlib.contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Sets ``variables`` in this process's environment for the block, then removes them.
+
+    What an embedded cluster's processes are started with; this process itself checks
+    its cluster's address instead (:func:`connected_to_embedded_cluster`), so that it
+    does not claim the next cluster it may join.
+    """
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key in variables:
+            os.environ.pop(key, None)
 
 
 def console_env(verbose: bool) -> dict[str, str]:
@@ -213,25 +232,22 @@ def init_ray(config: RayConfig | None = None, *, address: str = "", dashboard: b
     # this console (log_to_driver): the epoch lines and workers' errors are printed there.
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     env = console_env(config.verbose)
-    if not target:
-        env.update(_unset(_EMBEDDED_CLUSTER_ENV))
-    if env:
-        kwargs["runtime_env"] = {"env_vars": env}
     if target:
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address=target, **kwargs)
         apply_console_settings(config.verbose)
         return target
     if config.num_cpus:
         kwargs["num_cpus"] = config.num_cpus
+    # The embedded cluster's processes inherit this process's environment: every worker of
+    # the job gets these variables without a job runtime_env. With one, Ray starts new
+    # workers for the job's first tasks instead of using the ones it prestarts (2 CPUs,
+    # 2026-12-07: two first tasks took 2.0 s after ray.init instead of 0.6).
     # address="local": start our own; a bare ray.init() would join the newest Ray instance
     # it finds on this machine (another user's or another test run's).
-    os.environ[EMBEDDED_ENV] = "1"
-    try:
+    with _environment({**env, **_unset(_EMBEDDED_CLUSTER_ENV), EMBEDDED_ENV: "1"}):
         ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs)
-    finally:
-        # The cluster's processes have it; this one checks the address instead, so that
-        # it does not claim the next cluster it may join.
-        os.environ.pop(EMBEDDED_ENV, None)
     global _embedded_gcs_address
     _embedded_gcs_address = ray.get_runtime_context().gcs_address
     apply_console_settings(config.verbose)

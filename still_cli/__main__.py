@@ -1,7 +1,5 @@
 """``python -m still_cli``: the ``still`` command."""
 
-import sys
+from still_cli.main import console_main
 
-from still_cli.main import main
-
-sys.exit(main())
+console_main()

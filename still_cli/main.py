@@ -12,11 +12,12 @@ and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from still.errors import StillError
 from still_cli.verbs import VERBS
@@ -242,6 +243,19 @@ def _print_summary(summary: dict[str, Any], as_json: bool, verb: str) -> None:
         if isinstance(value, (dict, list)) or (keys is not None and (key not in keys or value is None)):
             continue
         print(f"{key}: {value}")
+
+
+def console_main() -> NoReturn:
+    """The ``still`` executable and ``python -m still_cli``: :func:`main`, then exit.
+
+    The garbage collector is frozen first: the interpreter's last collections would walk
+    every object torch, Ray and MLflow made, to free memory the process gives back as
+    it ends anyway (0.75 s of a cold ``still infer`` on 2 CPUs, 2026-12-07). Exit
+    handlers (Ray's shutdown) still run; tests call :func:`main`.
+    """
+    exit_code = main()
+    gc.freeze()
+    sys.exit(exit_code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

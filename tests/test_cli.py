@@ -26,15 +26,17 @@ def still(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_console_script_is_the_cli():
-    """``pip install`` makes ``still`` call what pyproject.toml names: the CLI's main."""
+    """``pip install`` makes ``still`` call what pyproject.toml names: the entry that
+    ``python -m still_cli`` (what these tests run) calls too."""
     import importlib
     import tomllib
 
-    from still_cli.main import main
+    from still_cli.main import console_main
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, name = scripts["still"].partition(":")
-    assert getattr(importlib.import_module(module), name) is main
+    assert getattr(importlib.import_module(module), name) is console_main
+    assert "console_main()" in (REPO / "still_cli" / "__main__.py").read_text()
 
 
 def test_help_lists_every_verb_with_an_example():

@@ -9,7 +9,9 @@ run in tests/test_train_scale.py. The unit tests check the settings of
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -99,6 +101,40 @@ def test_console_env_leaves_the_users_variables_alone(monkeypatch):
     assert console_env(verbose=True) == {}
     monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "INFO")
     assert "RAY_DATA_LOG_LEVEL" not in console_env(verbose=False)
+
+
+@pytest.mark.timeout(120)
+def test_an_embedded_clusters_workers_inherit_the_quiet_environment_without_a_runtime_env(tmp_path):
+    """A job runtime_env would make Ray start new workers for the first tasks instead of
+    using the prestarted ones; the variables reach the workers through the environment
+    the cluster's processes start with, and leave this process's environment as it was."""
+    script = textwrap.dedent("""
+        import json, os
+        import ray
+        from still.ray_setup import init_ray
+
+        for key in ("RAY_DATA_LOG_LEVEL", "RAY_TRAIN_ENABLE_PRINT_PATCH", "STILL_EMBEDDED_RAY_CLUSTER"):
+            os.environ.pop(key, None)
+        init_ray(dashboard=False)
+
+        @ray.remote(num_cpus=1)
+        def worker_env():
+            return {key: os.environ.get(key) for key in ("RAY_DATA_LOG_LEVEL", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+                                                         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                                                         "STILL_EMBEDDED_RAY_CLUSTER")}
+
+        print(json.dumps({"worker": ray.get(worker_env.remote()),
+                          "driver": sorted(k for k in os.environ if k.startswith(("RAY_DATA", "RAY_TRAIN", "STILL_"))),
+                          "runtime_env": dict(ray.get_runtime_context().runtime_env)}))
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, cwd=tmp_path,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["worker"] == {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "STILL_EMBEDDED_RAY_CLUSTER": "1"}
+    assert seen["driver"] == [] and seen["runtime_env"] == {}
 
 
 def test_train_logging_config_level():
