@@ -7,11 +7,11 @@ of the training process it holds the GIL against the training step; in its own p
 it runs beside the step on another core. :class:`EpochPrefetcher` runs it in one PyTorch
 ``DataLoader`` worker (forked, so nothing is pickled and nothing is imported anew) for
 the whole run: the worker makes epoch after epoch, so the next epoch's pool fills while
-the current one's validation runs.
+the current one's validation runs. It runs at the lowest CPU priority (:func:`yield_the_core`).
 
 The two processes share a ring of slots of anonymous shared memory, mapped once before
-the fork. The worker packs a group of whole batches (about ``GROUP_BYTES``) into the
-next slot and hands the ``DataLoader`` only the slot's number and layout; the trainer
+the fork. The worker concatenates a group of whole batches (about ``GROUP_BYTES``) straight
+into the next slot and hands the ``DataLoader`` only the slot's number and layout; the trainer
 copies the group out and cuts it into the epoch's exact batches. A slot is written again
 only after the trainer has copied it: the ``DataLoader`` lets its worker run at most
 ``PREFETCH`` groups ahead of the group the trainer last received, and the ring has more
@@ -28,7 +28,9 @@ rank as when read in a thread.
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -57,27 +59,37 @@ class _Epochs(IterableDataset):
         self.ring, self.slot_bytes = ring, slot_bytes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield_the_core()
         slots = itertools.cycle(range(SLOTS))
         try:
             for epoch in itertools.count(self.first):
                 batches = iter(self.make_epoch(epoch))
                 while chunk := list(itertools.islice(batches, self.group)):
-                    joined = {k: np.ascontiguousarray(np.concatenate([b[k] for b in chunk]) if len(chunk) > 1
-                                                      else chunk[0][k]) for k in chunk[0]}
                     sizes = [len(next(iter(b.values()))) for b in chunk]
-                    layout = pack_layout(joined)
-                    name, _, _, offset = layout[-1]
-                    if offset + joined[name].nbytes > self.slot_bytes:
-                        yield {"sizes": sizes, "inline": joined}
+                    layout = pack_layout({k: (v.dtype, (sum(sizes), *v.shape[1:])) for k, v in chunk[0].items()})
+                    name, dtype, shape, offset = layout[-1]
+                    if offset + np.dtype(dtype).itemsize * math.prod(shape) > self.slot_bytes:
+                        yield {"sizes": sizes, "inline": {k: np.concatenate([b[k] for b in chunk]) for k in chunk[0]}}
                         continue
                     slot = next(slots)
-                    for name, _, _, offset in layout:
-                        start = slot * self.slot_bytes + offset
-                        np.frombuffer(self.ring, np.uint8, joined[name].nbytes, start)[:] = \
-                            joined[name].reshape(-1).view(np.uint8)
+                    for name, dtype, shape, offset in layout:  # each column concatenated straight into the slot
+                        into = np.frombuffer(self.ring, np.dtype(dtype), math.prod(shape),
+                                             slot * self.slot_bytes + offset).reshape(shape)
+                        np.concatenate([b[name] for b in chunk], out=into)
                     yield {"sizes": sizes, "slot": slot, "layout": layout}
         except StillError as exc:  # a user's error: its message alone, not a worker traceback
             yield {ERROR: str(exc)}
+
+
+def yield_the_core() -> None:
+    """Lowers the reader process to the lowest CPU priority (niceness 19).
+
+    The reader makes batches ahead into the ring; the training step is what the run waits
+    for. On a machine with every core busy (the reader, the step and Ray's own processes
+    on two cores) the step then keeps its core when they meet on one, and the ring absorbs
+    the reader's delays; with a core to spare nothing changes.
+    """
+    os.nice(max(0, 19 - os.nice(0)))
 
 
 class EpochPrefetcher:
@@ -151,12 +163,13 @@ def _copy_out(ring: mmap.mmap, offset: int, dtype: str, shape: Sequence[int]) ->
     return np.frombuffer(ring, np.dtype(dtype), count, offset).reshape(shape).copy()
 
 
-def pack_layout(arrays: Mapping[str, np.ndarray]) -> Layout:
-    """Where each column of a group lies in a slot: one after another, each ``ALIGN``-aligned."""
+def pack_layout(columns: Mapping[str, tuple[np.dtype, Sequence[int]]]) -> Layout:
+    """Where each column of a group (its dtype and shape) lies in a slot: one after another, each
+    ``ALIGN``-aligned."""
     layout, offset = [], 0
-    for name, values in arrays.items():
-        layout.append((name, values.dtype.str, tuple(values.shape), offset))
-        offset += -(-values.nbytes // ALIGN) * ALIGN
+    for name, (dtype, shape) in columns.items():
+        layout.append((name, np.dtype(dtype).str, tuple(shape), offset))
+        offset += -(-np.dtype(dtype).itemsize * math.prod(shape) // ALIGN) * ALIGN
     return layout
 
 

@@ -62,6 +62,8 @@ TRAINING_COLUMNS = {
 }
 """The training columns :func:`prepare` returns for each storage mode."""
 
+_NARROW = 16  # rows up to this wide take their peak column by column (row_logsumexp)
+
 
 def prepare(columns: Mapping[str, Any], spec: SoftLabelSpec) -> dict[str, np.ndarray]:
     """Stored teacher columns → training columns (module docstring).
@@ -89,8 +91,7 @@ def prepare(columns: Mapping[str, Any], spec: SoftLabelSpec) -> dict[str, np.nda
         tail = np.asarray(columns["tail_lognorm"], dtype=np.float64)
         tail_at_1 = tail[:, spec.temperatures.index(1.0)] - lse
         top_mass = np.log(-np.expm1(tail_at_1)) if spec.k < spec.num_classes else np.zeros_like(lse)
-        v_peak = v.max(axis=1, keepdims=True)
-        top_norm = v_peak[:, 0] + np.log(np.exp(v - v_peak).sum(axis=1))
+        top_norm = row_logsumexp(v)
         with np.errstate(invalid="ignore"):  # an empty tail (k = C) is −inf at every temperature
             tail_weight = tail - betas[None, :] * lse[:, None]
         return {
@@ -110,6 +111,25 @@ def prepare(columns: Mapping[str, Any], spec: SoftLabelSpec) -> dict[str, np.nda
         "sample_log_inclusion": np.where(drawn, log_inclusion, np.inf).astype(np.float32),  # padding: weight 0
         "sample_norm": (norm - betas[None, :] * lse[:, None]).astype(np.float32),
     }
+
+
+def row_logsumexp(values: np.ndarray) -> np.ndarray:
+    """``log Σ_j exp(values[i, j])`` of each row of an ``(n, k)`` array, shifted by the row's peak.
+
+    A store's rows are narrow (k of 5 to 64) and numpy reduces a short last axis
+    slowly (``max(axis=1)`` took 4.7 ms on 65,536 × 5, six times a maximum over the k
+    columns): the peak is taken column by column and the sum by ``einsum``.
+    """
+    width = values.shape[1]
+    if width > _NARROW:
+        peak = values.max(axis=1)
+    else:
+        peak = values[:, 0].copy()
+        for column in range(1, width):
+            np.maximum(peak, values[:, column], out=peak)
+    peak[np.isneginf(peak)] = 0.0  # a row without mass: log 0 = −inf below, not −inf − (−inf)
+    with np.errstate(divide="ignore"):
+        return peak + np.log(np.einsum("ij->i", np.exp(values - peak[:, None])))
 
 
 def lognorm_at(values: np.ndarray, temperatures: Sequence[float], temperature: float,
@@ -239,9 +259,7 @@ def topk_parts(log_p: np.ndarray, tail: np.ndarray, spec: SoftLabelSpec,
     scaled = np.asarray(log_p, dtype=np.float64) / temperature
     at_infinity = math.log(tail_classes) if tail_classes else -math.inf
     log_tail = lognorm_at(tail, spec.temperatures, temperature, at_infinity)
-    peak = scaled.max(axis=1)
-    top = peak + np.log(np.exp(scaled - peak[:, None]).sum(axis=1))
-    log_z = np.logaddexp(top, log_tail)
+    log_z = np.logaddexp(row_logsumexp(scaled), log_tail)
     return scaled - log_z[:, None], log_tail - log_z
 
 

@@ -21,7 +21,8 @@ from student_train.losses import kd_loss, soft_kl
 from teacher_infer.config import InferConfig
 from teacher_infer.fidelity import measure_rows
 from teacher_infer.soft_labels import Ragged, SoftLabelSpec, compress
-from teacher_infer.targets import SampledTarget, TopKTarget, at_temperature, lognorm_at, prepare, target_from_columns
+from teacher_infer.targets import (SampledTarget, TopKTarget, at_temperature, lognorm_at, prepare, row_logsumexp,
+                                   target_from_columns)
 
 C = 1000
 
@@ -199,6 +200,24 @@ def test_bad_storage_and_loss_settings_fail_naming_the_key():
         SoftLabelSpec.create("topk", 10, k=11)
     with pytest.raises(StillError, match="multi-label"):
         SoftLabelSpec.create("topk", 10, k=3, task="multilabel")
+
+
+@pytest.mark.parametrize("width", [1, 5, 16, 17, 64])
+def test_row_logsumexp_matches_the_definition_on_confident_rows(width):
+    rng = np.random.default_rng(width)
+    values = rng.normal(0, 30, (200, width))  # peaks hundreds of nats apart: a naive sum overflows
+    values[::7, 0] = -np.inf  # a class with no mass
+    values[3] = 700.0  # a row of equal maxima, each beyond float64's exp
+    values[5] = -np.inf  # a row without mass
+
+    def logsumexp(row):
+        peak = max(row)
+        return peak if peak == -math.inf else peak + math.log(sum(math.exp(v - peak) for v in row))
+
+    expected = [logsumexp(row) for row in values.tolist()]
+    with np.errstate(all="raise"):
+        np.testing.assert_allclose(row_logsumexp(values), expected, rtol=1e-13, atol=0, equal_nan=False)
+    assert row_logsumexp(values[:0]).shape == (0,)
 
 
 def test_a_tail_without_finite_mass_gives_no_nan_between_grid_temperatures():

@@ -7,6 +7,7 @@ a real MLflow server process for tracking. Shared fixtures: tests/conftest.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -81,6 +82,21 @@ def test_the_reader_ring_hands_over_every_batch_intact_and_restarts_an_unfinishe
     failing = EpochPrefetcher(lambda e: _numbered_epoch(e, fail_at=25), steps=40, group=3, slot_bytes=1 << 12, seed=0)
     with pytest.raises(StillError, match="part-00007.parquet cannot be read"):
         list(failing.epoch(0))
+
+
+def _niceness_epoch(epoch: int):
+    yield {"nice": np.array([os.nice(0)], np.int64)}
+
+
+@pytest.mark.timeout(60)
+def test_the_reader_process_yields_its_core_to_the_training_step():
+    from student_train.prefetch import EpochPrefetcher
+
+    before = os.nice(0)
+    prefetcher = EpochPrefetcher(_niceness_epoch, steps=1, group=1, slot_bytes=1 << 10, seed=0)
+    assert [int(b["nice"][0]) for b in prefetcher.epoch(0)] == [19]
+    prefetcher.close()
+    assert os.nice(0) == before  # the training process keeps its own priority
 
 
 def test_the_shuffle_pool_yields_every_row_once_and_mixes_a_sorted_stream():
