@@ -69,7 +69,7 @@ class _Epochs(IterableDataset):
                     sizes = [len(next(iter(b.values()))) for b in chunk]
                     layout = pack_layout({k: (v.dtype, (sum(sizes), *v.shape[1:])) for k, v in chunk[0].items()})
                     name, dtype, shape, offset = layout[-1]
-                    if offset + np.dtype(dtype).itemsize * math.prod(shape) > self.slot_bytes:
+                    if offset + _nbytes(dtype, shape) > self.slot_bytes:
                         yield {"sizes": sizes, "inline": {k: np.concatenate([b[k] for b in chunk]) for k in chunk[0]}}
                         continue
                     slot = next(slots)
@@ -170,8 +170,12 @@ def pack_layout(columns: Mapping[str, tuple[np.dtype, Sequence[int]]]) -> Layout
     layout, offset = [], 0
     for name, (dtype, shape) in columns.items():
         layout.append((name, np.dtype(dtype).str, tuple(shape), offset))
-        offset += -(-np.dtype(dtype).itemsize * math.prod(shape) // ALIGN) * ALIGN
+        offset += -(-_nbytes(dtype, shape) // ALIGN) * ALIGN
     return layout
+
+
+def _nbytes(dtype: Any, shape: Sequence[int]) -> int:
+    return np.dtype(dtype).itemsize * math.prod(shape)
 
 
 def group_batches(sizes: Sequence[int], row_bytes: int) -> int:
